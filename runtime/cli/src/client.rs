@@ -1,0 +1,110 @@
+//! The HTTP client side of the CLI: deploy, list, delete, invoke, models.
+
+use std::io::{Read, Write};
+use std::path::Path;
+
+use anyhow::{bail, Context};
+
+use crate::Remote;
+
+fn request(remote: &Remote, method: &str, path: &str) -> ureq::Request {
+    let req = ureq::request(method, &format!("{}{path}", remote.url.trim_end_matches('/')));
+    match &remote.token {
+        Some(t) => req.set("authorization", &format!("Bearer {t}")),
+        None => req,
+    }
+}
+
+/// Turns an HTTP error status into an error carrying the server's message.
+fn check(result: Result<ureq::Response, ureq::Error>) -> anyhow::Result<ureq::Response> {
+    match result {
+        Ok(r) => Ok(r),
+        Err(ureq::Error::Status(code, r)) => {
+            let body = r.into_string().unwrap_or_default();
+            let message = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+                .unwrap_or(body);
+            bail!("server answered {code}: {}", message.trim())
+        }
+        Err(e) => Err(e).context("could not reach the kindling server (is `kindling serve` running? see --url)"),
+    }
+}
+
+pub fn print_json(remote: &Remote, method: &str, path: &str, body: Option<serde_json::Value>) -> anyhow::Result<()> {
+    let req = request(remote, method, path);
+    let resp = check(match body {
+        Some(b) => req.send_json(b),
+        None => req.call(),
+    })?;
+    println!("{}", resp.into_string()?.trim_end());
+    Ok(())
+}
+
+pub fn delete(remote: &Remote, name: &str) -> anyhow::Result<()> {
+    check(request(remote, "DELETE", &format!("/admin/deployments/{name}")).call())?;
+    println!("deleted {name}");
+    Ok(())
+}
+
+pub fn deploy(remote: &Remote, manifest: &Path, component: &Path) -> anyhow::Result<()> {
+    let manifest_text = std::fs::read(manifest).with_context(|| format!("reading {}", manifest.display()))?;
+    let wasm = std::fs::read(component).with_context(|| format!("reading {}", component.display()))?;
+    let boundary = format!("kindling-{:016x}", rand::random::<u64>());
+    let mut body = Vec::with_capacity(wasm.len() + manifest_text.len() + 512);
+    for (name, filename, content_type, bytes) in [
+        ("manifest", "kindling.toml", "application/toml", &manifest_text),
+        ("component", "handler.wasm", "application/wasm", &wasm),
+    ] {
+        write!(
+            body,
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{filename}\"\r\nContent-Type: {content_type}\r\n\r\n"
+        )?;
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    write!(body, "--{boundary}--\r\n")?;
+    eprintln!("deploying {} ({} bytes) ...", component.display(), wasm.len());
+    let resp = check(
+        request(remote, "POST", "/admin/deployments")
+            .set("content-type", &format!("multipart/form-data; boundary={boundary}"))
+            .send_bytes(&body),
+    )?;
+    println!("{}", resp.into_string()?.trim_end());
+    Ok(())
+}
+
+pub fn invoke(remote: &Remote, path: &str, data: Option<String>, include: bool) -> anyhow::Result<()> {
+    let result = match data {
+        Some(d) => request(remote, "POST", path).set("content-type", "application/json").send_string(&d),
+        None => request(remote, "GET", path).call(),
+    };
+    let (resp, failed) = match result {
+        Ok(r) => (r, false),
+        Err(ureq::Error::Status(_, r)) => (r, true),
+        Err(e) => return Err(e).context("could not reach the kindling server"),
+    };
+    if include || failed {
+        eprintln!("HTTP {} {}", resp.status(), resp.status_text());
+        for name in resp.headers_names() {
+            eprintln!("{name}: {}", resp.header(&name).unwrap_or_default());
+        }
+    }
+    let status = resp.status();
+    // Copy as it arrives, so streamed tokens show up as they are generated.
+    let mut reader = resp.into_reader();
+    let mut stdout = std::io::stdout();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        stdout.write_all(&buf[..n])?;
+        stdout.flush()?;
+    }
+    if failed {
+        bail!("request failed with status {status}");
+    }
+    Ok(())
+}

@@ -1,0 +1,138 @@
+//! `kindling`: run the server and talk to it.
+
+mod client;
+mod serve;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use kindling_engine::tiny_model::{make_tiny_model, TinySpec};
+use kindling_engine::Architecture;
+
+#[derive(Parser)]
+#[command(name = "kindling", version, about = "Serverless LLM functions: Wasm handlers, warm models.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct Remote {
+    /// Server base URL.
+    #[arg(long, env = "KINDLING_URL", default_value = "http://127.0.0.1:7070", global = true)]
+    url: String,
+    /// Admin token, when the server requires one.
+    #[arg(long, env = "KINDLING_ADMIN_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server: invocations at deployment routes, the admin API under /admin.
+    Serve(serve::ServeArgs),
+    /// Deploy (or redeploy) a handler component with its manifest.
+    Deploy {
+        /// The deployment manifest (kindling.toml).
+        #[arg(long, short, default_value = "kindling.toml")]
+        manifest: PathBuf,
+        /// The handler component (.wasm).
+        #[arg(long, short)]
+        component: PathBuf,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List deployments.
+    List {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Delete a deployment.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Send a request to a deployment's route and print the response body as it streams.
+    Invoke {
+        /// Path to call, e.g. /hello.
+        path: String,
+        /// Request body (sent as POST); without it a GET is sent.
+        #[arg(long, short)]
+        data: Option<String>,
+        /// Print the status line and headers too.
+        #[arg(long, short = 'i')]
+        include: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Manage models.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ArchArg {
+    Llama,
+    Qwen2,
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Register a model directory (HF format: config.json, tokenizer.json, safetensors) with a running server.
+    Add {
+        name: String,
+        path: PathBuf,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List the models a running server knows.
+    List {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Write a deterministic tiny model of a real architecture (for tests and offline demos).
+    MakeTiny {
+        /// Directory to write.
+        dir: PathBuf,
+        #[arg(long, value_enum, default_value = "qwen2")]
+        arch: ArchArg,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Deploy { manifest, component, remote } => client::deploy(&remote, &manifest, &component),
+        Command::List { remote } => client::print_json(&remote, "GET", "/admin/deployments", None),
+        Command::Delete { name, remote } => client::delete(&remote, &name),
+        Command::Invoke { path, data, include, remote } => client::invoke(&remote, &path, data, include),
+        Command::Models { command } => match command {
+            ModelsCommand::Add { name, path, remote } => {
+                let path = std::fs::canonicalize(&path).with_context(|| format!("{}", path.display()))?;
+                let body = serde_json::json!({ "name": name, "path": path });
+                client::print_json(&remote, "POST", "/admin/models", Some(body))
+            }
+            ModelsCommand::List { remote } => client::print_json(&remote, "GET", "/admin/models", None),
+            ModelsCommand::MakeTiny { dir, arch } => {
+                let arch = match arch {
+                    ArchArg::Llama => Architecture::Llama,
+                    ArchArg::Qwen2 => Architecture::Qwen2,
+                };
+                let config = make_tiny_model(&dir, &TinySpec::new(arch))?;
+                println!(
+                    "wrote tiny {} model to {} (vocab {}, hidden {}, {} layers)",
+                    arch.name(),
+                    dir.display(),
+                    config.vocab_size,
+                    config.hidden_size,
+                    config.num_hidden_layers
+                );
+                Ok(())
+            }
+        },
+    }
+}

@@ -1,0 +1,302 @@
+//! An HF-format model directory, opened and checked before any weights are touched.
+//!
+//! `Checkpoint::open` reads `config.json`, finds the safetensors files (single file or sharded
+//! index), parses every header and checks each tensor the architecture needs against the shape the
+//! config implies. A truncated file, a corrupt header or a config that lies about shapes is
+//! reported here with the file and tensor named, instead of as a panic deep inside a model loader.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use safetensors::{Dtype, SafeTensors};
+use serde::Deserialize;
+
+use crate::error::{EngineError, Result};
+
+/// The model families this engine can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    Llama,
+    Qwen2,
+}
+
+impl Architecture {
+    fn from_model_type(model_type: &str) -> Result<Self> {
+        match model_type {
+            "llama" => Ok(Self::Llama),
+            "qwen2" => Ok(Self::Qwen2),
+            other => Err(EngineError::Load(format!(
+                "unsupported model_type {other:?} in config.json (supported: llama, qwen2)"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+        }
+    }
+}
+
+/// The subset of `config.json` that determines tensor shapes; shared by both families.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ShapeConfig {
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub eos_token_id: Option<serde_json::Value>,
+}
+
+impl ShapeConfig {
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(EngineError::Load(format!("config.json: {m}")));
+        let fields = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.kv_heads()),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        if let Some((name, _)) = fields.iter().find(|(_, v)| *v == 0) {
+            return bad(format!("{name} must be positive"));
+        }
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return bad(format!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.num_attention_heads % self.kv_heads() != 0 {
+            return bad(format!(
+                "num_attention_heads {} is not divisible by num_key_value_heads {}",
+                self.num_attention_heads,
+                self.kv_heads()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every tensor the loader will read, with the shape the config implies.
+    pub fn expected_tensors(&self, arch: Architecture) -> BTreeMap<String, Vec<usize>> {
+        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let head_dim = h / self.num_attention_heads;
+        let q = self.num_attention_heads * head_dim;
+        let kv = self.kv_heads() * head_dim;
+        let mut t = BTreeMap::new();
+        t.insert("model.embed_tokens.weight".to_string(), vec![v, h]);
+        t.insert("model.norm.weight".to_string(), vec![h]);
+        // Both loaders read a separate head exactly when the embeddings are not tied.
+        if !self.tie_word_embeddings {
+            t.insert("lm_head.weight".to_string(), vec![v, h]);
+        }
+        for l in 0..self.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            for (name, shape) in [
+                ("input_layernorm.weight", vec![h]),
+                ("post_attention_layernorm.weight", vec![h]),
+                ("self_attn.q_proj.weight", vec![q, h]),
+                ("self_attn.k_proj.weight", vec![kv, h]),
+                ("self_attn.v_proj.weight", vec![kv, h]),
+                ("self_attn.o_proj.weight", vec![h, q]),
+                ("mlp.gate_proj.weight", vec![i, h]),
+                ("mlp.up_proj.weight", vec![i, h]),
+                ("mlp.down_proj.weight", vec![h, i]),
+            ] {
+                t.insert(format!("{p}.{name}"), shape);
+            }
+            if arch == Architecture::Qwen2 {
+                t.insert(format!("{p}.self_attn.q_proj.bias"), vec![q]);
+                t.insert(format!("{p}.self_attn.k_proj.bias"), vec![kv]);
+                t.insert(format!("{p}.self_attn.v_proj.bias"), vec![kv]);
+            }
+        }
+        t
+    }
+}
+
+/// One tensor as its safetensors header describes it.
+#[derive(Debug, Clone)]
+pub struct TensorEntry {
+    pub file: usize,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Byte range inside the file (absolute, header included).
+    pub offsets: (usize, usize),
+}
+
+/// A checked, not yet loaded, model directory.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub arch: Architecture,
+    pub config: ShapeConfig,
+    /// The raw config.json text, for the architecture-specific loader.
+    pub config_json: String,
+    pub weight_files: Vec<PathBuf>,
+    pub tensors: HashMap<String, TensorEntry>,
+    pub tokenizer_path: PathBuf,
+    pub eos_token_ids: BTreeSet<u32>,
+    /// Sum of the weight files' sizes.
+    pub weight_bytes: u64,
+}
+
+fn read_to_string(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))
+}
+
+fn collect_ids(value: &serde_json::Value, into: &mut BTreeSet<u32>) {
+    match value {
+        serde_json::Value::Number(n) => {
+            if let Some(id) = n.as_u64().and_then(|n| u32::try_from(n).ok()) {
+                into.insert(id);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| collect_ids(v, into)),
+        _ => {}
+    }
+}
+
+impl Checkpoint {
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        if !dir.is_dir() {
+            return Err(EngineError::Load(format!("{} is not a directory", dir.display())));
+        }
+        let config_json = read_to_string(&dir.join("config.json"))?;
+        let config: ShapeConfig = serde_json::from_str(&config_json)
+            .map_err(|e| EngineError::Load(format!("config.json: {e}")))?;
+        let arch = Architecture::from_model_type(&config.model_type)?;
+        config.check()?;
+
+        let tokenizer_path = dir.join("tokenizer.json");
+        if !tokenizer_path.is_file() {
+            return Err(EngineError::Load(format!("{} is missing", tokenizer_path.display())));
+        }
+
+        let weight_files = Self::find_weight_files(&dir)?;
+        let mut tensors = HashMap::new();
+        let mut weight_bytes = 0;
+        for (index, path) in weight_files.iter().enumerate() {
+            weight_bytes += Self::read_header(index, path, &mut tensors)?;
+        }
+        Self::check_shapes(arch, &config, &tensors)?;
+
+        let mut eos_token_ids = BTreeSet::new();
+        if let Some(v) = &config.eos_token_id {
+            collect_ids(v, &mut eos_token_ids);
+        }
+        if let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                collect_ids(&v["eos_token_id"], &mut eos_token_ids);
+            }
+        }
+
+        Ok(Self {
+            dir,
+            arch,
+            config,
+            config_json,
+            weight_files,
+            tensors,
+            tokenizer_path,
+            eos_token_ids,
+            weight_bytes,
+        })
+    }
+
+    fn find_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+        let single = dir.join("model.safetensors");
+        if single.is_file() {
+            return Ok(vec![single]);
+        }
+        let index_path = dir.join("model.safetensors.index.json");
+        if !index_path.is_file() {
+            return Err(EngineError::Load(format!(
+                "{} has neither model.safetensors nor model.safetensors.index.json",
+                dir.display()
+            )));
+        }
+        #[derive(Deserialize)]
+        struct Index {
+            weight_map: BTreeMap<String, String>,
+        }
+        let index: Index = serde_json::from_str(&read_to_string(&index_path)?)
+            .map_err(|e| EngineError::Load(format!("{}: {e}", index_path.display())))?;
+        let names: BTreeSet<&String> = index.weight_map.values().collect();
+        let mut files = Vec::new();
+        for name in names {
+            if name.contains('/') || name.contains("..") {
+                return Err(EngineError::Load(format!("shard name {name:?} escapes the model directory")));
+            }
+            files.push(dir.join(name));
+        }
+        if files.is_empty() {
+            return Err(EngineError::Load(format!("{} lists no shards", index_path.display())));
+        }
+        Ok(files)
+    }
+
+    /// Parses one file's header and records its tensors; returns the file's size.
+    fn read_header(index: usize, path: &Path, tensors: &mut HashMap<String, TensorEntry>) -> Result<u64> {
+        let file = File::open(path).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
+        // SAFETY: read-only map; a concurrent truncation would fault, which we accept for model files
+        // the operator registered (the same contract as every mmap-based loader).
+        let mmap = unsafe { memmap2::Mmap::map(&file) }
+            .map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
+        let parsed = SafeTensors::deserialize(&mmap).map_err(|e| {
+            EngineError::Load(format!("{}: corrupt or truncated safetensors: {e}", path.display()))
+        })?;
+        let header_len = 8 + u64::from_le_bytes(mmap[..8].try_into().expect("deserialize checked length")) as usize;
+        for (name, view) in parsed.tensors() {
+            let start = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
+            debug_assert!(start >= header_len);
+            let entry = TensorEntry {
+                file: index,
+                dtype: view.dtype(),
+                shape: view.shape().to_vec(),
+                offsets: (start, start + view.data().len()),
+            };
+            if tensors.insert(name.clone(), entry).is_some() {
+                return Err(EngineError::Load(format!("tensor {name} appears in more than one shard")));
+            }
+        }
+        Ok(mmap.len() as u64)
+    }
+
+    fn check_shapes(arch: Architecture, config: &ShapeConfig, tensors: &HashMap<String, TensorEntry>) -> Result<()> {
+        for (name, expected) in config.expected_tensors(arch) {
+            let Some(entry) = tensors.get(&name) else {
+                return Err(EngineError::Load(format!("checkpoint has no tensor {name}")));
+            };
+            if entry.shape != expected {
+                return Err(EngineError::Load(format!(
+                    "tensor {name} has shape {:?} but config.json implies {expected:?}",
+                    entry.shape
+                )));
+            }
+            if !matches!(entry.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+                return Err(EngineError::Load(format!(
+                    "tensor {name} has dtype {:?}; only f32, f16 and bf16 are supported",
+                    entry.dtype
+                )));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,212 @@
+//! The `kindling:llm/llm` host capability: what a handler may load and how generation reaches
+//! the engine actors. Domain errors (a model the manifest does not allow, an overloaded engine)
+//! go back to the guest as `llm.error`; only host bugs (a stale resource handle) trap.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kindling_engine::{
+    ChatMessage, ColdStart, EngineError, EngineHandle, Finish, FinishReason, GenerationStream, ModelRegistry,
+    SamplingParams, StreamItem, Usage,
+};
+use wasmtime::component::{HasData, Resource, ResourceTable};
+
+use crate::bindings::llm;
+
+/// A model handle given to the guest.
+pub struct ModelResource {
+    engine: EngineHandle,
+}
+
+/// A generation the guest pulls from.
+pub struct TokenStreamResource {
+    stream: GenerationStream,
+    finish: Option<Finish>,
+}
+
+/// What the handler did with models during one invocation, for headers, metrics and billing.
+#[derive(Debug, Default, Clone)]
+pub struct LlmReport {
+    pub cold_starts: Vec<(String, ColdStart)>,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub generations: u32,
+    /// Time from the first generation request to its first token, when one was made.
+    pub first_token: Option<Duration>,
+}
+
+impl LlmReport {
+    fn record(&mut self, finish: &Finish) {
+        self.prompt_tokens += u64::from(finish.usage.prompt_tokens);
+        self.completion_tokens += u64::from(finish.usage.completion_tokens);
+        self.generations += 1;
+        self.first_token.get_or_insert(finish.timing.queue + finish.timing.first_token);
+    }
+}
+
+/// Per-invocation state of the capability.
+pub struct LlmCtx {
+    registry: Arc<ModelRegistry>,
+    /// The models this deployment's manifest allows.
+    allowed: Arc<BTreeSet<String>>,
+    /// The deployment's cap on tokens per generation.
+    max_tokens: u32,
+    pub report: Arc<std::sync::Mutex<LlmReport>>,
+}
+
+impl LlmCtx {
+    pub fn new(registry: Arc<ModelRegistry>, allowed: Arc<BTreeSet<String>>, max_tokens: u32) -> Self {
+        Self { registry, allowed, max_tokens, report: Default::default() }
+    }
+
+    fn params(&self, p: llm::Params) -> SamplingParams {
+        SamplingParams {
+            max_tokens: p.max_tokens.min(self.max_tokens),
+            temperature: p.temperature,
+            top_p: p.top_p,
+            seed: p.seed,
+            stop: p.stop,
+        }
+    }
+}
+
+/// The view the generated `Host` traits are implemented on (the wasmtime-wasi pattern).
+pub struct LlmView<'a> {
+    pub ctx: &'a mut LlmCtx,
+    pub table: &'a mut ResourceTable,
+}
+
+/// Marker naming `LlmView` as the data `add_to_linker` hands to the host functions.
+pub struct Llm;
+
+impl HasData for Llm {
+    type Data<'a> = LlmView<'a>;
+}
+
+fn to_wit(err: EngineError) -> llm::Error {
+    match err {
+        EngineError::ModelNotFound(m) => llm::Error::ModelNotFound(m),
+        EngineError::InvalidParams(m) => llm::Error::InvalidParams(m),
+        EngineError::PromptTooLong(m) => llm::Error::PromptTooLong(m),
+        EngineError::Overloaded(m) => llm::Error::Overloaded(m),
+        e @ (EngineError::Load(_) | EngineError::Runtime(_)) => llm::Error::RuntimeError(e.to_string()),
+    }
+}
+
+fn finish_to_wit(finish: &Finish) -> (llm::FinishReason, llm::Usage) {
+    let reason = match finish.reason {
+        FinishReason::Stop => llm::FinishReason::Stop,
+        FinishReason::Length => llm::FinishReason::Length,
+    };
+    let Usage { prompt_tokens, completion_tokens } = finish.usage;
+    (reason, llm::Usage { prompt_tokens, completion_tokens })
+}
+
+impl llm::Host for LlmView<'_> {
+    async fn load(&mut self, name: String) -> wasmtime::Result<Result<Resource<ModelResource>, llm::Error>> {
+        if !self.ctx.allowed.contains(&name) {
+            return Ok(Err(llm::Error::ModelNotAllowed(format!(
+                "this deployment's manifest does not list model {name:?} (allowed: {:?})",
+                self.ctx.allowed
+            ))));
+        }
+        let acquired = match self.ctx.registry.acquire(&name).await {
+            Ok(a) => a,
+            Err(e) => return Ok(Err(to_wit(e))),
+        };
+        if let Some(cold) = acquired.cold_start {
+            self.ctx.report.lock().expect("poisoned").cold_starts.push((name, cold));
+        }
+        Ok(Ok(self.table.push(ModelResource { engine: acquired.engine })?))
+    }
+}
+
+impl llm::HostModel for LlmView<'_> {
+    async fn name(&mut self, model: Resource<ModelResource>) -> wasmtime::Result<String> {
+        Ok(self.table.get(&model)?.engine.info.name.clone())
+    }
+
+    async fn generate(
+        &mut self,
+        model: Resource<ModelResource>,
+        prompt: String,
+        params: llm::Params,
+    ) -> wasmtime::Result<Result<llm::Completion, llm::Error>> {
+        let params = self.ctx.params(params);
+        let engine = self.table.get(&model)?.engine.clone();
+        match engine.generate(prompt, params).await {
+            Ok((text, finish)) => {
+                self.ctx.report.lock().expect("poisoned").record(&finish);
+                let (finish_reason, usage) = finish_to_wit(&finish);
+                Ok(Ok(llm::Completion { text, finish_reason, usage }))
+            }
+            Err(e) => Ok(Err(to_wit(e))),
+        }
+    }
+
+    async fn generate_stream(
+        &mut self,
+        model: Resource<ModelResource>,
+        prompt: String,
+        params: llm::Params,
+    ) -> wasmtime::Result<Result<Resource<TokenStreamResource>, llm::Error>> {
+        let params = self.ctx.params(params);
+        let engine = self.table.get(&model)?.engine.clone();
+        match engine.submit(prompt, params) {
+            Ok(stream) => Ok(Ok(self.table.push(TokenStreamResource { stream, finish: None })?)),
+            Err(e) => Ok(Err(to_wit(e))),
+        }
+    }
+
+    async fn apply_chat_template(
+        &mut self,
+        model: Resource<ModelResource>,
+        messages: Vec<llm::Message>,
+    ) -> wasmtime::Result<Result<String, llm::Error>> {
+        let messages: Vec<ChatMessage> =
+            messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect();
+        Ok(self.table.get(&model)?.engine.apply_chat_template(&messages).map_err(to_wit))
+    }
+
+    async fn drop(&mut self, model: Resource<ModelResource>) -> wasmtime::Result<()> {
+        self.table.delete(model)?;
+        Ok(())
+    }
+}
+
+impl llm::HostTokenStream for LlmView<'_> {
+    async fn next(&mut self, stream: Resource<TokenStreamResource>) -> wasmtime::Result<Result<Option<String>, llm::Error>> {
+        let s = self.table.get_mut(&stream)?;
+        match s.stream.next().await {
+            Some(Ok(StreamItem::Text(text))) => Ok(Ok(Some(text))),
+            Some(Ok(StreamItem::Done(finish))) => {
+                s.finish = Some(finish);
+                self.ctx.report.lock().expect("poisoned").record(&finish);
+                Ok(Ok(None))
+            }
+            Some(Err(e)) => Ok(Err(to_wit(e))),
+            None => Ok(Ok(None)),
+        }
+    }
+
+    async fn finish(
+        &mut self,
+        stream: Resource<TokenStreamResource>,
+    ) -> wasmtime::Result<Option<(llm::FinishReason, llm::Usage)>> {
+        Ok(self.table.get(&stream)?.finish.as_ref().map(finish_to_wit))
+    }
+
+    async fn drop(&mut self, stream: Resource<TokenStreamResource>) -> wasmtime::Result<()> {
+        self.table.delete(stream)?;
+        Ok(())
+    }
+}
+
+/// Adds `kindling:llm/llm` to a linker whose store data can lend an `LlmView`.
+pub fn add_to_linker<T: Send + 'static>(
+    linker: &mut wasmtime::component::Linker<T>,
+    view: fn(&mut T) -> LlmView<'_>,
+) -> wasmtime::Result<()> {
+    llm::add_to_linker::<T, Llm>(linker, view)
+}

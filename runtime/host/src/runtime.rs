@@ -1,0 +1,248 @@
+//! The handler runtime: one wasmtime `Engine` (pooling allocator, epoch interruption), one
+//! `Linker` with WASI, wasi:http and `kindling:llm`, components prepared once per deployment
+//! (`InstancePre`) and a fresh `Store` per request.
+
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+use wasmtime_wasi_http::WasiHttpView;
+
+use crate::component_cache::{content_hash, ComponentCache};
+use crate::limits::HandlerLimits;
+use crate::llm::{LlmCtx, LlmReport};
+use crate::state::InvocationState;
+
+/// Epoch tick: the granularity of wall-clock deadlines for guest code.
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Where compiled components are cached; `None` compiles every time.
+    pub cache_dir: Option<PathBuf>,
+    /// Instances that may exist at once across all deployments (pooling allocator slots).
+    pub max_instances: u32,
+    /// The largest linear memory any handler may have; per-deployment limits are below this.
+    pub max_memory_bytes: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self { cache_dir: None, max_instances: 128, max_memory_bytes: 1 << 30 }
+    }
+}
+
+/// Why a component cannot be deployed. Each message says what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("not a WebAssembly binary (missing the \\0asm magic number)")]
+    NotWasm,
+    #[error("this is a core WebAssembly module, not a component; build a component (componentize-py, jco componentize, or `wasm-tools component new`)")]
+    CoreModule,
+    #[error("invalid component: {0}")]
+    Invalid(String),
+    #[error("component imports something Kindling does not provide: {0}")]
+    UnknownImport(String),
+    #[error("component does not export wasi:http/incoming-handler@0.2.x: {0}")]
+    MissingExport(String),
+}
+
+/// Why an invocation produced no response. The server maps each to a status code.
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    #[error("handler exceeded its {0:?} deadline")]
+    Timeout(Duration),
+    #[error("handler trapped: {0}")]
+    Trap(String),
+    #[error("handler returned without sending a response")]
+    NoResponse,
+    #[error("handler sent an error response: {0}")]
+    ErrorResponse(String),
+    #[error("no instance slot free: {0}")]
+    Capacity(String),
+}
+
+/// A deployment's component, compiled and pre-linked; cheap to instantiate per request.
+#[derive(Clone)]
+pub struct PreparedHandler {
+    pre: ProxyPre<InvocationState>,
+    pub hash: String,
+}
+
+/// What the caller gets back from an invocation that produced a response.
+pub struct Invocation {
+    pub response: hyper::Response<HyperOutgoingBody>,
+    /// Filled in as the handler runs; final once the response body has ended.
+    pub report: Arc<Mutex<LlmReport>>,
+}
+
+pub struct HandlerRuntime {
+    engine: Engine,
+    linker: Linker<InvocationState>,
+    cache: ComponentCache,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Drop for HandlerRuntime {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn pooling(cfg: &RuntimeConfig) -> PoolingAllocationConfig {
+    // Interpreter-based components (componentize-py, jco) hold ~10 core instances, several
+    // memories and large tables; size the slots for them.
+    let mut p = PoolingAllocationConfig::default();
+    let n = cfg.max_instances;
+    p.total_component_instances(n)
+        .total_core_instances(n * 16)
+        .total_memories(n * 4)
+        .total_tables(n * 8)
+        .max_core_instances_per_component(32)
+        .max_memories_per_component(8)
+        .max_tables_per_component(16)
+        .max_memory_size(cfg.max_memory_bytes)
+        .table_elements(100_000)
+        .max_component_instance_size(1 << 20)
+        .max_core_instance_size(4 << 20);
+    p
+}
+
+fn is_capacity_error(e: &wasmtime::Error) -> bool {
+    let msg = format!("{e:#}");
+    msg.contains("maximum concurrent") || msg.contains("pooling allocator")
+}
+
+impl HandlerRuntime {
+    pub fn new(cfg: RuntimeConfig) -> anyhow::Result<Self> {
+        let mut config = Config::new();
+        config
+            .wasm_component_model(true)
+            .epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pooling(&cfg)));
+        let engine = Engine::new(&config)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+        crate::llm::add_to_linker(&mut linker, InvocationState::llm_view)?;
+
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let (weak, stop) = (engine.weak(), ticker_stop.clone());
+        std::thread::Builder::new().name("epoch-ticker".into()).spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(EPOCH_TICK);
+                match weak.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => break,
+                }
+            }
+        })?;
+        Ok(Self { engine, linker, cache: ComponentCache::new(cfg.cache_dir)?, ticker_stop })
+    }
+
+    /// Compiles (or loads from cache) and links a component. Blocking: compilation can take
+    /// seconds, so call it from a blocking context.
+    pub fn prepare(&self, wasm: &[u8]) -> Result<PreparedHandler, PrepareError> {
+        match wasm.get(..8) {
+            Some([0, b'a', b's', b'm', 1, 0, 0, 0]) => return Err(PrepareError::CoreModule),
+            Some([0, b'a', b's', b'm', _, _, 1, 0]) => {}
+            Some([0, b'a', b's', b'm', ..]) => {
+                return Err(PrepareError::Invalid("unknown WebAssembly version or layer".into()))
+            }
+            _ => return Err(PrepareError::NotWasm),
+        }
+        let hash = content_hash(wasm);
+        let component = self
+            .cache
+            .load_or_compile(&self.engine, &hash, wasm)
+            .map_err(|e| PrepareError::Invalid(format!("{e:#}")))?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| PrepareError::UnknownImport(format!("{e:#}")))?;
+        let pre = ProxyPre::new(pre).map_err(|e| PrepareError::MissingExport(format!("{e:#}")))?;
+        Ok(PreparedHandler { pre, hash })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Compiles without linking, e.g. to check a component in tests.
+    pub fn compile(&self, wasm: &[u8]) -> wasmtime::Result<Component> {
+        Component::new(&self.engine, wasm)
+    }
+
+    /// Runs one request through a handler, in a fresh store with the deployment's limits.
+    pub async fn invoke(
+        &self,
+        handler: &PreparedHandler,
+        request: hyper::Request<Full<Bytes>>,
+        llm: LlmCtx,
+        limits: &HandlerLimits,
+    ) -> Result<Invocation, InvokeError> {
+        let report = llm.report.clone();
+        let mut store = Store::new(&self.engine, InvocationState::new(llm, limits));
+        store.limiter(|s| &mut s.limits);
+        let ticks = limits.timeout.as_millis().div_ceil(EPOCH_TICK.as_millis()).max(1) as u64;
+        store.set_epoch_deadline(ticks);
+        store.epoch_deadline_trap();
+
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let internal = |e: wasmtime::Error| InvokeError::Trap(format!("{e:#}"));
+        let request = request.map(|body| {
+            http_body_util::BodyExt::map_err(body, |never: Infallible| -> wasmtime_wasi_http::Error { match never {} })
+        });
+        let req = store.data_mut().http().new_incoming_request(Scheme::Http, request).map_err(internal)?;
+        let out = store.data_mut().http().new_response_outparam(sender).map_err(internal)?;
+        let pre = handler.pre.clone();
+        let timeout = limits.timeout;
+
+        // The handler runs in its own task so it can keep streaming the body after `set`.
+        let task = tokio::spawn(async move {
+            let run = async {
+                let proxy = pre.instantiate_async(&mut store).await.map_err(|e| {
+                    if is_capacity_error(&e) {
+                        InvokeError::Capacity(format!("{e:#}"))
+                    } else {
+                        InvokeError::Trap(format!("instantiation failed: {e:#}"))
+                    }
+                })?;
+                proxy
+                    .wasi_http_incoming_handler()
+                    .call_handle(&mut store, req, out)
+                    .await
+                    .map_err(|e| match e.downcast_ref::<Trap>() {
+                        Some(Trap::Interrupt) => InvokeError::Timeout(timeout),
+                        _ => InvokeError::Trap(format!("{e:#}")),
+                    })
+            };
+            let result = tokio::time::timeout(timeout, run).await.unwrap_or(Err(InvokeError::Timeout(timeout)));
+            if let Err(e) = &result {
+                let output = store.data().stderr.contents();
+                let tail = String::from_utf8_lossy(&output[output.len().saturating_sub(4096)..]);
+                tracing::warn!(error = %e, guest_output = %tail, "handler failed");
+            }
+            result
+        });
+
+        match receiver.await {
+            Ok(Ok(response)) => Ok(Invocation { response, report }),
+            Ok(Err(code)) => Err(InvokeError::ErrorResponse(format!("{code:?}"))),
+            Err(_) => match task.await {
+                Ok(Ok(())) => Err(InvokeError::NoResponse),
+                Ok(Err(e)) => Err(e),
+                Err(join) => Err(InvokeError::Trap(format!("handler task failed: {join}"))),
+            },
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! The admin API: deployments and models. Guarded by the admin token when one is configured.
+
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde::Deserialize;
+
+use crate::app::{App, DeployError};
+use crate::body::read_limited;
+use crate::http_util::{empty, error, json, Body};
+
+const DEPLOY_USAGE: &str =
+    "expected multipart/form-data with a 'manifest' part (kindling.toml) and a 'component' part (the .wasm)";
+
+fn authorized(app: &App, req: &Request<Incoming>) -> bool {
+    let Some(token) = &app.config.admin_token else {
+        return true;
+    };
+    let presented = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Constant-time comparison: the token is a secret.
+    presented.is_some_and(|p| {
+        p.len() == token.len() && p.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    })
+}
+
+pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    if !authorized(app, &req) {
+        return error(StatusCode::UNAUTHORIZED, "unauthorized", "admin API requires 'Authorization: Bearer <admin token>'");
+    }
+    let path = req.uri().path().trim_end_matches('/').to_string();
+    let segments: Vec<&str> = path.split('/').skip(2).collect(); // after "/admin"
+    match (req.method().clone(), segments.as_slice()) {
+        (Method::GET, ["deployments"]) => {
+            let list: Vec<_> = app.list().iter().map(|d| d.summary()).collect();
+            json(StatusCode::OK, &list)
+        }
+        (Method::POST, ["deployments"]) => deploy(app, req).await,
+        (Method::GET, ["deployments", name]) => match app.get(name) {
+            Some(d) => json(StatusCode::OK, &d.summary()),
+            None => error(StatusCode::NOT_FOUND, "not_found", format!("no deployment named {name}")),
+        },
+        (Method::DELETE, ["deployments", name]) => match app.delete(name).await {
+            Ok(true) => empty(StatusCode::NO_CONTENT),
+            Ok(false) => error(StatusCode::NOT_FOUND, "not_found", format!("no deployment named {name}")),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+        },
+        (Method::GET, ["models"]) => json(StatusCode::OK, &app.registry.list()),
+        (Method::POST, ["models"]) => add_model(app, req).await,
+        (Method::DELETE, ["models", name]) => {
+            if app.registry.remove(name) {
+                empty(StatusCode::NO_CONTENT)
+            } else {
+                error(StatusCode::NOT_FOUND, "not_found", format!("no model named {name}"))
+            }
+        }
+        (Method::POST, ["models", name, "unload"]) => {
+            let unloaded = app.registry.unload(name);
+            json(StatusCode::OK, &serde_json::json!({ "model": name, "unloaded": unloaded }))
+        }
+        _ => error(StatusCode::NOT_FOUND, "not_found", format!("no admin endpoint {} {path}", req.method())),
+    }
+}
+
+async fn deploy(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    let boundary = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|ct| multer::parse_boundary(ct).ok());
+    let Some(boundary) = boundary else {
+        return error(StatusCode::BAD_REQUEST, "bad_request", DEPLOY_USAGE);
+    };
+    let (parts, body) = req.into_parts();
+    let bytes = match read_limited(&parts.headers, body, app.config.max_deploy_bytes as u64).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    let (manifest, component) = match read_parts(bytes, boundary).await {
+        Ok(p) => p,
+        Err(msg) => return error(StatusCode::BAD_REQUEST, "bad_request", msg),
+    };
+    match app.deploy(&manifest, component).await {
+        Ok((deployment, replaced)) => {
+            tracing::info!(deployment = %deployment.manifest.name, replaced, "deployed");
+            let status = if replaced { StatusCode::OK } else { StatusCode::CREATED };
+            json(status, &deployment.summary())
+        }
+        Err(e) => {
+            let (status, code) = match &e {
+                DeployError::Manifest(_) => (StatusCode::BAD_REQUEST, "invalid_manifest"),
+                DeployError::Component(_) => (StatusCode::BAD_REQUEST, "invalid_component"),
+                DeployError::UnknownModel(_) => (StatusCode::BAD_REQUEST, "unknown_model"),
+                DeployError::RouteConflict { .. } => (StatusCode::CONFLICT, "route_conflict"),
+                DeployError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage"),
+            };
+            error(status, code, e.to_string())
+        }
+    }
+}
+
+async fn read_parts(bytes: Bytes, boundary: String) -> Result<(String, Vec<u8>), String> {
+    let stream = futures_util::stream::once(async move { Ok::<Bytes, Infallible>(bytes) });
+    let mut multipart = multer::Multipart::new(stream, boundary);
+    let (mut manifest, mut component) = (None, None);
+    while let Some(field) = multipart.next_field().await.map_err(|e| format!("malformed multipart body: {e}"))? {
+        match field.name() {
+            Some("manifest") => {
+                let text = field.bytes().await.map_err(|e| e.to_string())?;
+                manifest = Some(String::from_utf8(text.to_vec()).map_err(|_| "manifest is not UTF-8".to_string())?);
+            }
+            Some("component") => component = Some(field.bytes().await.map_err(|e| e.to_string())?.to_vec()),
+            _ => {}
+        }
+    }
+    match (manifest, component) {
+        (Some(m), Some(c)) => Ok((m, c)),
+        _ => Err(DEPLOY_USAGE.into()),
+    }
+}
+
+#[derive(Deserialize)]
+struct AddModel {
+    name: String,
+    path: PathBuf,
+}
+
+async fn add_model(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let bytes = match read_limited(&parts.headers, body, 64 << 10).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    let add: AddModel = match serde_json::from_slice(&bytes) {
+        Ok(a) => a,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", format!("expected {{\"name\", \"path\"}}: {e}")),
+    };
+    let registry = app.registry.clone();
+    let result = tokio::task::spawn_blocking(move || registry.register(&add.name, &add.path)).await;
+    match result {
+        Ok(Ok(entry)) => json(StatusCode::CREATED, &entry),
+        Ok(Err(e)) => error(StatusCode::BAD_REQUEST, "invalid_model", e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}

@@ -1,0 +1,92 @@
+//! Invocation: route a request to its deployment, admit it, run the handler, and report.
+
+use std::sync::Arc;
+
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use kindling_host::{InvokeError, LlmCtx, LlmReport};
+
+use crate::app::App;
+use crate::body::{boxed, read_limited, GuardedBody};
+use crate::http_util::{error, with_retry_after, Body};
+
+/// `model=tiny;wait_ms=12;load_ms=11` for each model this request had to start.
+fn cold_start_header(report: &LlmReport) -> Option<HeaderValue> {
+    if report.cold_starts.is_empty() {
+        return None;
+    }
+    let value = report
+        .cold_starts
+        .iter()
+        .map(|(model, c)| format!("model={model};wait_ms={};load_ms={}", c.waited.as_millis(), c.load.as_millis()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    HeaderValue::from_str(&value).ok()
+}
+
+pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let Some(deployment) = app.route(&path) else {
+        return error(StatusCode::NOT_FOUND, "no_route", format!("no deployment serves {path}"));
+    };
+    let Ok(permit) = deployment.in_flight.clone().try_acquire_owned() else {
+        let resp = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_requests",
+            format!(
+                "deployment {} is at its limit of {} concurrent invocations",
+                deployment.manifest.name, deployment.manifest.limits.max_concurrency
+            ),
+        );
+        return with_retry_after(resp, 1);
+    };
+
+    let (mut parts, body) = req.into_parts();
+    let bytes = match read_limited(&parts.headers, body, deployment.manifest.limits.max_request_bytes).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    if !parts.headers.contains_key(http::header::HOST) {
+        parts.headers.insert(http::header::HOST, HeaderValue::from_static("localhost"));
+    }
+    let request = Request::from_parts(parts, Full::new(bytes));
+    let llm = LlmCtx::new(app.registry.clone(), deployment.allowed_models.clone(), deployment.limits.max_tokens);
+
+    let name = deployment.manifest.name.clone();
+    match app.runtime.invoke(&deployment.handler, request, llm, &deployment.limits).await {
+        Ok(invocation) => {
+            let (mut parts, body) = invocation.response.into_parts();
+            if let Some(v) = cold_start_header(&invocation.report.lock().expect("poisoned")) {
+                parts.headers.insert("x-kindling-cold-start", v);
+            }
+            parts.headers.insert("x-kindling-deployment", HeaderValue::from_str(&name).expect("validated name"));
+            let report = invocation.report.clone();
+            let on_end = Box::new(move || {
+                let r = report.lock().expect("poisoned");
+                tracing::info!(
+                    deployment = %name,
+                    generations = r.generations,
+                    prompt_tokens = r.prompt_tokens,
+                    completion_tokens = r.completion_tokens,
+                    "invocation finished"
+                );
+            });
+            let limit = deployment.manifest.limits.max_response_bytes;
+            Response::from_parts(parts, boxed(GuardedBody::new(body, limit, permit, on_end)))
+        }
+        Err(e) => invoke_error(&deployment.manifest.name, e),
+    }
+}
+
+fn invoke_error(deployment: &str, e: InvokeError) -> Response<Body> {
+    let message = format!("deployment {deployment}: {e}");
+    match e {
+        InvokeError::Timeout(_) => error(StatusCode::GATEWAY_TIMEOUT, "handler_timeout", message),
+        InvokeError::Capacity(_) => with_retry_after(error(StatusCode::SERVICE_UNAVAILABLE, "no_capacity", message), 1),
+        InvokeError::Trap(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "handler_trapped", message),
+        InvokeError::NoResponse | InvokeError::ErrorResponse(_) => {
+            error(StatusCode::BAD_GATEWAY, "handler_no_response", message)
+        }
+    }
+}

@@ -1,0 +1,110 @@
+"""Independent reference for Kindling's generations: greedy decoding of an HF-format llama or
+qwen2 checkpoint with a plain numpy forward pass (HF semantics), reading safetensors by hand.
+
+usage: reference_generate.py MODEL_DIR MAX_TOKENS PROMPT [PROMPT ...]
+prints one JSON object per prompt: {"prompt", "ids", "text", "finish_reason"}
+"""
+
+import json
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+DTYPES = {"F32": np.float32, "F16": np.float16}
+
+
+def load_safetensors(path: Path) -> dict:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    data = raw[8 + n:]
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = meta["data_offsets"]
+        buf = data[start:end]
+        if meta["dtype"] == "BF16":  # numpy has no bf16: widen the bits to f32
+            arr = (np.frombuffer(buf, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:
+            arr = np.frombuffer(buf, dtype=DTYPES[meta["dtype"]]).astype(np.float32)
+        out[name] = arr.reshape(meta["shape"])
+    return out
+
+
+def rms_norm(x, w, eps):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def forward(w, cfg, ids):
+    h, nh = cfg["hidden_size"], cfg["num_attention_heads"]
+    nkv = cfg.get("num_key_value_heads") or nh
+    hd, eps = h // nh, cfg["rms_norm_eps"]
+    theta = cfg.get("rope_theta", 10000.0)
+    t = len(ids)
+    x = w["model.embed_tokens.weight"][ids]
+    inv_freq = 1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float32) / hd)
+    freqs = np.outer(np.arange(t, dtype=np.float32), inv_freq)
+    cos = np.cos(np.concatenate([freqs, freqs], axis=-1))[:, None, :]
+    sin = np.sin(np.concatenate([freqs, freqs], axis=-1))[:, None, :]
+    mask = np.triu(np.full((t, t), -np.inf, dtype=np.float32), k=1)
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        y = rms_norm(x, w[p + "input_layernorm.weight"], eps)
+
+        def proj(name):
+            out = y @ w[p + f"self_attn.{name}.weight"].T
+            bias = w.get(p + f"self_attn.{name}.bias")
+            return out if bias is None else out + bias
+
+        q = proj("q_proj").reshape(t, nh, hd)
+        k = proj("k_proj").reshape(t, nkv, hd)
+        v = proj("v_proj").reshape(t, nkv, hd)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k = np.repeat(k, nh // nkv, axis=1)
+        v = np.repeat(v, nh // nkv, axis=1)
+        scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd) + mask
+        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        probs = scores / scores.sum(axis=-1, keepdims=True)
+        attn = np.einsum("hqk,khd->qhd", probs, v).reshape(t, nh * hd)
+        x = x + attn @ w[p + "self_attn.o_proj.weight"].T
+        y = rms_norm(x, w[p + "post_attention_layernorm.weight"], eps)
+        gate = y @ w[p + "mlp.gate_proj.weight"].T
+        up = y @ w[p + "mlp.up_proj.weight"].T
+        x = x + ((gate / (1.0 + np.exp(-gate))) * up) @ w[p + "mlp.down_proj.weight"].T
+    x = rms_norm(x, w["model.norm.weight"], eps)
+    head = w.get("lm_head.weight", w["model.embed_tokens.weight"])
+    return x[-1] @ head.T
+
+
+def main():
+    model_dir, max_tokens, prompts = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+    cfg = json.loads((model_dir / "config.json").read_text())
+    eos = cfg.get("eos_token_id")
+    eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    weights = load_safetensors(model_dir / "model.safetensors")
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt).ids
+        out, reason = [], "length"
+        for _ in range(max_tokens):
+            nxt = int(np.argmax(forward(weights, cfg, ids + out)))
+            if nxt in eos:
+                reason = "stop"
+                break
+            out.append(nxt)
+        text = tokenizer.decode(out, skip_special_tokens=True)
+        print(json.dumps({"prompt": prompt, "ids": out, "text": text, "finish_reason": reason}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+//! Test support: the real `kindling` binary, tiny models, guest components built from source
+//! with componentize-py, and a server process per test on a loopback port.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the workspace").to_path_buf()
+}
+
+/// `target/<profile>`, derived from this test binary's own path (`target/<profile>/deps/e2e-*`).
+fn target_profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent().and_then(Path::parent).expect("target/<profile>/deps").to_path_buf()
+}
+
+/// A directory shared by every test of this run (models, compiled components).
+pub fn shared_dir(name: &str) -> PathBuf {
+    let dir = target_profile_dir().join("kindling-test").join(name);
+    std::fs::create_dir_all(&dir).expect("create shared test dir");
+    dir
+}
+
+pub fn kindling_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let bin = target_profile_dir().join("kindling");
+        if !bin.is_file() {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = Command::new(cargo)
+                .args(["build", "-p", "kindling", "--bin", "kindling"])
+                .current_dir(workspace_root())
+                .status()
+                .expect("run cargo build");
+            assert!(status.success(), "building the kindling binary failed");
+        }
+        bin
+    })
+    .clone()
+}
+
+/// A tiny model directory of the given architecture ("qwen2" or "llama"), made once per run.
+pub fn tiny_model(arch: &str) -> PathBuf {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = shared_dir("models").join(format!("tiny-{arch}"));
+    if !dir.join("model.safetensors").is_file() {
+        let out = Command::new(kindling_bin())
+            .args(["models", "make-tiny", "--arch", arch])
+            .arg(&dir)
+            .output()
+            .expect("run kindling models make-tiny");
+        assert!(out.status.success(), "make-tiny failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    dir
+}
+
+fn newest_mtime(paths: &[PathBuf]) -> SystemTime {
+    let mut newest = SystemTime::UNIX_EPOCH;
+    let mut stack: Vec<PathBuf> = paths.to_vec();
+    while let Some(p) = stack.pop() {
+        let Ok(meta) = std::fs::metadata(&p) else { continue };
+        if meta.is_dir() {
+            if p.file_name().is_some_and(|n| n == "__pycache__") {
+                continue;
+            }
+            stack.extend(std::fs::read_dir(&p).into_iter().flatten().flatten().map(|e| e.path()));
+        } else if let Ok(m) = meta.modified() {
+            newest = newest.max(m);
+        }
+    }
+    newest
+}
+
+/// Builds a Python guest (a directory with app.py) into a component with componentize-py, once
+/// per run and only when its sources, the SDK or the WIT changed since the last build.
+pub fn python_guest(source_dir: &Path) -> PathBuf {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let root = workspace_root();
+    let source_dir = root.join(source_dir);
+    let name = source_dir.file_name().expect("guest dir name").to_string_lossy().to_string();
+    let out = shared_dir("guests").join(format!("{name}.wasm"));
+    let sources = [source_dir.clone(), root.join("sdk/python"), root.join("wit")];
+    let fresh = std::fs::metadata(&out)
+        .and_then(|m| m.modified())
+        .is_ok_and(|built| built > newest_mtime(&sources));
+    if !fresh {
+        let status = Command::new("componentize-py")
+            .arg("-d")
+            .arg(root.join("wit"))
+            .args(["-w", "kindling:llm/handler", "componentize", "-p"])
+            .arg(&source_dir)
+            .arg("-p")
+            .arg(root.join("sdk/python"))
+            .args(["app", "-o"])
+            .arg(&out)
+            .status()
+            .expect("componentize-py is installed (pip install componentize-py)");
+        assert!(status.success(), "componentize-py failed for {}", source_dir.display());
+    }
+    out
+}
+
+pub struct Server {
+    child: Child,
+    pub url: String,
+    pub data_dir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+    pub admin_token: Option<String>,
+}
+
+#[derive(Default, Clone)]
+pub struct ServerOptions {
+    /// Reuse this data dir (for restart tests) instead of a fresh temporary one.
+    pub data_dir: Option<PathBuf>,
+    pub admin_token: Option<String>,
+    pub extra_args: Vec<String>,
+}
+
+/// An HTTP answer, whatever its status.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+fn answer(result: Result<ureq::Response, ureq::Error>) -> Answer {
+    let resp = match result {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("request failed: {e}"),
+    };
+    let status = resp.status();
+    let headers = resp.headers_names().into_iter().map(|n| {
+        let v = resp.header(&n).unwrap_or_default().to_string();
+        (n, v)
+    });
+    let headers = headers.collect();
+    let mut body = String::new();
+    resp.into_reader().read_to_string(&mut body).expect("read body");
+    Answer { status, headers, body }
+}
+
+impl Server {
+    pub fn start(models: &[(&str, &Path)]) -> Server {
+        Self::start_with(models, ServerOptions::default())
+    }
+
+    pub fn start_with(models: &[(&str, &Path)], opts: ServerOptions) -> Server {
+        let (temp, data_dir) = match opts.data_dir {
+            Some(d) => (None, d),
+            None => {
+                let t = tempfile::tempdir().expect("tempdir");
+                let d = t.path().to_path_buf();
+                (Some(t), d)
+            }
+        };
+        let mut cmd = Command::new(kindling_bin());
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--idle-unload-secs", "0", "--data-dir"])
+            .arg(&data_dir)
+            .arg("--compile-cache")
+            .arg(shared_dir("compiled"))
+            .args(&opts.extra_args)
+            .env("KINDLING_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (name, path) in models {
+            cmd.arg("--model").arg(format!("{name}={}", path.display()));
+        }
+        if let Some(t) = &opts.admin_token {
+            cmd.arg("--admin-token").arg(t);
+        }
+        let mut child = cmd.spawn().expect("spawn kindling serve");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let url = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(addr) = line.strip_prefix("kindling listening on ") {
+                        break addr.trim().to_string();
+                    }
+                }
+                _ => {
+                    let status = child.wait().expect("wait");
+                    panic!("kindling serve exited before listening: {status}");
+                }
+            }
+        };
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Server { child, url, data_dir, _temp: temp, admin_token: opts.admin_token }
+    }
+
+    fn admin(&self, method: &str, path: &str) -> ureq::Request {
+        let req = ureq::request(method, &format!("{}{path}", self.url)).timeout(Duration::from_secs(300));
+        match &self.admin_token {
+            Some(t) => req.set("authorization", &format!("Bearer {t}")),
+            None => req,
+        }
+    }
+
+    /// Deploys raw component bytes with a manifest, as `kindling deploy` does.
+    pub fn deploy_bytes(&self, manifest: &str, wasm: &[u8]) -> Answer {
+        let boundary = "kindling-test-boundary-7d1f";
+        let mut body = Vec::new();
+        for (name, bytes) in [("manifest", manifest.as_bytes()), ("component", wasm)] {
+            body.extend_from_slice(
+                format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes(),
+            );
+            body.extend_from_slice(bytes);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+        answer(
+            self.admin("POST", "/admin/deployments")
+                .set("content-type", &format!("multipart/form-data; boundary={boundary}"))
+                .send_bytes(&body),
+        )
+    }
+
+    pub fn deploy(&self, manifest: &str, component: &Path) -> Answer {
+        let wasm = std::fs::read(component).expect("read component");
+        self.deploy_bytes(manifest, &wasm)
+    }
+
+    pub fn admin_call(&self, method: &str, path: &str) -> Answer {
+        answer(self.admin(method, path).call())
+    }
+
+    pub fn get(&self, path: &str) -> Answer {
+        answer(ureq::get(&format!("{}{path}", self.url)).timeout(Duration::from_secs(120)).call())
+    }
+
+    pub fn post_json(&self, path: &str, body: &serde_json::Value) -> Answer {
+        answer(ureq::post(&format!("{}{path}", self.url)).timeout(Duration::from_secs(120)).send_json(body.clone()))
+    }
+
+    pub fn post_raw(&self, path: &str, body: &[u8]) -> Answer {
+        answer(ureq::post(&format!("{}{path}", self.url)).timeout(Duration::from_secs(120)).send_bytes(body))
+    }
+
+    /// Sends SIGTERM and waits for the process to exit, returning whether it exited cleanly.
+    pub fn stop(mut self) -> bool {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Greedy generations from the independent numpy implementation (tests/reference).
+pub fn reference_generations(model_dir: &Path, max_tokens: u32, prompts: &[&str]) -> Vec<serde_json::Value> {
+    let script = workspace_root().join("tests/reference/reference_generate.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(model_dir)
+        .arg(max_tokens.to_string())
+        .args(prompts)
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "reference failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect()
+}
