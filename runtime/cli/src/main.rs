@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use kindling_engine::tiny_model::{make_tiny_model, TinySpec};
-use kindling_engine::Architecture;
+use kindling_engine::{Architecture, Worker};
 
 #[derive(Parser)]
 #[command(name = "kindling", version, about = "Serverless LLM functions: Wasm handlers, warm models.")]
@@ -100,6 +100,35 @@ enum ModelsCommand {
         #[arg(long, value_enum, default_value = "qwen2")]
         arch: ArchArg,
     },
+}
+
+/// Makes the worker `--device` names, warm, off the async runtime (GPU boot takes a while).
+pub async fn worker_from_args(device: &str, engine_memory_gib: f64, arena_fraction: f64) -> anyhow::Result<Worker> {
+    let device = device.to_string();
+    let budget = serve::gib(engine_memory_gib);
+    let worker = tokio::task::spawn_blocking(move || -> anyhow::Result<Worker> {
+        if device == "cpu" {
+            return Ok(kindling_engine::worker::warm_cpu(budget)?);
+        }
+        let ordinal: usize = match device.strip_prefix("cuda") {
+            Some("") => 0,
+            Some(n) => n.trim_start_matches(':').parse().with_context(|| format!("--device {device}"))?,
+            None => anyhow::bail!("--device must be cpu, cuda or cuda:N, got {device:?}"),
+        };
+        cuda_worker(ordinal, arena_fraction)
+    })
+    .await??;
+    Ok(worker)
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_worker(ordinal: usize, arena_fraction: f64) -> anyhow::Result<Worker> {
+    Ok(Worker::cuda(ordinal, arena_fraction)?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_worker(_: usize, _: f64) -> anyhow::Result<Worker> {
+    anyhow::bail!("this kindling was built without CUDA; rebuild with `cargo build --release --features cuda`")
 }
 
 fn main() -> anyhow::Result<()> {

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use kindling_engine::{Device, ModelRegistry};
+use kindling_engine::autoscaler;
+use kindling_engine::{CheckpointPool, ModelRegistry};
 use kindling_server::{App, ServerConfig};
 use tracing_subscriber::EnvFilter;
 
@@ -30,9 +31,25 @@ pub struct ServeArgs {
     /// Drop a model's engine after this many seconds without requests (scale to zero); 0 keeps engines.
     #[arg(long, default_value_t = 300)]
     idle_unload_secs: u64,
+    /// Where engines run: "cpu", or "cuda" / "cuda:N" (needs a build with --features cuda).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Checkpoint pool capacity in GiB: model files kept resident (and pinned on GPU hosts).
+    #[arg(long, default_value_t = 64.0)]
+    pool_gib: f64,
+    /// On CPU: GiB of weights the engines may hold at once (least recently used are dropped past it).
+    #[arg(long, default_value_t = 16.0)]
+    engine_memory_gib: f64,
+    /// On CUDA: fraction of free GPU memory reserved at boot as the engines' arena.
+    #[arg(long, default_value_t = 0.8)]
+    arena_fraction: f64,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+}
+
+pub fn gib(v: f64) -> u64 {
+    (v.max(0.0) * (1u64 << 30) as f64) as u64
 }
 
 fn init_logging(json: bool) {
@@ -49,7 +66,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(args.log_json);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let registry = Arc::new(ModelRegistry::new(Device::Cpu));
+        let worker = crate::worker_from_args(&args.device, args.engine_memory_gib, args.arena_fraction).await?;
+        tracing::info!(worker = %worker.label, boot_ms = worker.boot_time.as_millis() as u64, "worker ready");
+        let pool = Arc::new(CheckpointPool::new(gib(args.pool_gib), worker.pinner()));
+        let registry = Arc::new(ModelRegistry::new(Arc::new(worker), pool));
         for spec in &args.models {
             let (name, path) = spec.split_once('=').with_context(|| format!("--model {spec:?}: expected NAME=PATH"))?;
             let entry = registry.register(name, path.as_ref()).with_context(|| format!("--model {spec}"))?;
@@ -63,17 +83,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let app = App::open(config, registry.clone()).await?;
 
         if args.idle_unload_secs > 0 {
-            let idle = Duration::from_secs(args.idle_unload_secs);
-            let registry = registry.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(idle.min(Duration::from_secs(5)));
-                loop {
-                    tick.tick().await;
-                    for name in registry.unload_idle(idle) {
-                        tracing::info!(model = %name, "scaled to zero after idle timeout");
-                    }
-                }
-            });
+            autoscaler::spawn_idle_reaper(registry.clone(), Duration::from_secs(args.idle_unload_secs));
         }
 
         let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("bind {}", args.listen))?;

@@ -13,10 +13,13 @@ use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
 
 use crate::chat_template::{ChatMessage, ChatTemplate};
-use crate::checkpoint::{Architecture, Checkpoint};
+use candle_nn::VarBuilder;
+
+use crate::checkpoint::Architecture;
+use crate::checkpoint_pool::PooledCheckpoint;
 use crate::error::{EngineError, Result};
 use crate::generate::{generate, Finish, Flow};
-use crate::model::LoadedModel;
+use crate::model::{LoadedModel, compute_dtype};
 use crate::params::SamplingParams;
 
 /// How many jobs may wait for one engine before new ones are refused as overloaded.
@@ -29,7 +32,26 @@ pub struct ModelInfo {
     pub arch: Architecture,
     pub weight_bytes: u64,
     pub max_positions: usize,
-    pub load_time: Duration,
+    pub load: LoadBreakdown,
+}
+
+/// Where the time of one engine start went.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadBreakdown {
+    /// The checkpoint was already resident in the pool.
+    pub pool_hit: bool,
+    /// Pool admission on a miss: mmap, page-in, pinning.
+    pub admit: Duration,
+    /// Weights from pool pages into device tensors.
+    pub h2d: Duration,
+    /// Tokenizer, chat template and building the network.
+    pub init: Duration,
+}
+
+impl LoadBreakdown {
+    pub fn total(&self) -> Duration {
+        self.admit + self.h2d + self.init
+    }
 }
 
 /// One item of a generation's output stream.
@@ -137,19 +159,32 @@ impl EngineHandle {
     }
 }
 
-/// Loads `ckpt` onto `device` and starts its engine thread. Blocking: call from a blocking context.
-pub fn start_engine(name: &str, ckpt: &Checkpoint, device: &Device, queue_depth: usize) -> Result<EngineHandle> {
+/// Builds an engine from a pooled checkpoint on `device` and starts its thread. Blocking.
+pub fn start_engine(
+    name: &str,
+    pooled: &PooledCheckpoint,
+    pool_hit: bool,
+    device: &Device,
+    queue_depth: usize,
+) -> Result<EngineHandle> {
+    let ckpt = &pooled.ckpt;
+    let started = Instant::now();
+    let dtype = compute_dtype(device);
+    let tensors = pooled.load_tensors(device, dtype)?;
+    let h2d = started.elapsed();
+
     let started = Instant::now();
     let tokenizer = Tokenizer::from_file(&ckpt.tokenizer_path)
         .map_err(|e| EngineError::Load(format!("{}: {e}", ckpt.tokenizer_path.display())))?;
     let chat_template = ChatTemplate::from_model_dir(&ckpt.dir)?;
-    let model = LoadedModel::load_mmapped(ckpt, device)?;
+    let model = LoadedModel::from_var_builder(ckpt, VarBuilder::from_tensors(tensors, dtype, device), device)?;
+    let load = LoadBreakdown { pool_hit, admit: if pool_hit { Duration::ZERO } else { pooled.admit_time }, h2d, init: started.elapsed() };
     let info = ModelInfo {
         name: name.to_string(),
         arch: ckpt.arch,
         weight_bytes: ckpt.weight_bytes,
         max_positions: model.max_positions,
-        load_time: started.elapsed(),
+        load,
     };
     spawn_engine(info, model, tokenizer, ckpt.eos_token_ids.clone(), chat_template, queue_depth)
 }

@@ -1,26 +1,30 @@
 //! Named models and their engines. A model is registered by name with a checkpoint directory;
-//! its engine is started by the first request that needs it (scale from zero), concurrent first
-//! requests share one load, and `unload` / `unload_idle` drop engines (scale to zero).
+//! its engine is started on the warm worker by the first request that needs it (scale from zero),
+//! from the checkpoint pool; concurrent first requests share one load; `unload` / `unload_idle`
+//! and memory pressure drop engines (scale to zero) while their checkpoints stay pooled.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use candle_core::Device;
 use tokio::sync::OnceCell;
 
+use crate::autoscaler::{evictions, Resident};
 use crate::checkpoint::Checkpoint;
-use crate::engine::{start_engine, EngineHandle, DEFAULT_QUEUE_DEPTH};
+use crate::checkpoint_pool::{AdmitProgress, CheckpointPool, PoolStats};
+use crate::engine::{start_engine, EngineHandle, LoadBreakdown, DEFAULT_QUEUE_DEPTH};
 use crate::error::{EngineError, Result};
+use crate::worker::Worker;
 
 /// How a request came by its engine.
 #[derive(Debug, Clone, Copy)]
 pub struct ColdStart {
-    /// How long this request waited for the engine to become ready.
+    /// How long this request waited for the engine to become ready (includes `load`, or part of
+    /// it when another request had started the load).
     pub waited: Duration,
-    /// How long the load itself took (checkpoint open, weights, engine start).
-    pub load: Duration,
+    /// The phases of the load itself.
+    pub load: LoadBreakdown,
 }
 
 pub struct Acquired {
@@ -46,7 +50,8 @@ struct Registered {
 }
 
 pub struct ModelRegistry {
-    device: Device,
+    worker: Arc<Worker>,
+    pool: Arc<CheckpointPool>,
     queue_depth: usize,
     sources: RwLock<BTreeMap<String, Registered>>,
     engines: Mutex<HashMap<String, Arc<OnceCell<EngineHandle>>>>,
@@ -68,9 +73,10 @@ pub fn validate_model_name(name: &str) -> Result<()> {
 }
 
 impl ModelRegistry {
-    pub fn new(device: Device) -> Self {
+    pub fn new(worker: Arc<Worker>, pool: Arc<CheckpointPool>) -> Self {
         Self {
-            device,
+            worker,
+            pool,
             queue_depth: DEFAULT_QUEUE_DEPTH,
             sources: RwLock::default(),
             engines: Mutex::default(),
@@ -125,8 +131,8 @@ impl ModelRegistry {
 
     /// The engine for `name`, starting it if needed. Concurrent callers share one load.
     pub async fn acquire(&self, name: &str) -> Result<Acquired> {
-        let path = match self.sources.read().expect("poisoned").get(name) {
-            Some(r) => r.path.clone(),
+        let (path, weight_bytes) = match self.sources.read().expect("poisoned").get(name) {
+            Some(r) => (r.path.clone(), r.weight_bytes),
             None => return Err(EngineError::ModelNotFound(name.to_string())),
         };
         let cell = self.engines.lock().expect("poisoned").entry(name.to_string()).or_default().clone();
@@ -136,21 +142,72 @@ impl ModelRegistry {
         let waiting_since = Instant::now();
         let engine = cell
             .get_or_try_init(|| async {
-                let (device, depth, name) = (self.device.clone(), self.queue_depth, name.to_string());
-                tracing::info!(model = %name, path = %path.display(), "cold start: loading model");
+                self.make_room(name, weight_bytes)?;
+                let (worker, pool, depth, name) =
+                    (self.worker.clone(), self.pool.clone(), self.queue_depth, name.to_string());
+                tracing::info!(model = %name, path = %path.display(), worker = %worker.label, "cold start: loading model");
                 let handle = tokio::task::spawn_blocking(move || {
                     let ckpt = Checkpoint::open(&path)?;
-                    start_engine(&name, &ckpt, &device, depth)
+                    let log_progress = |p: AdmitProgress| {
+                        tracing::info!(model = %name, resident = p.resident_bytes, total = p.total_bytes, "admitting checkpoint to the pool");
+                    };
+                    let (pooled, hit) = pool.checkout(ckpt, &log_progress)?;
+                    start_engine(&name, &pooled, hit, &worker.device, depth)
                 })
                 .await
                 .map_err(|e| EngineError::Load(format!("loader task failed: {e}")))??;
-                tracing::info!(model = %handle.info.name, load_ms = handle.info.load_time.as_millis() as u64, "model loaded");
+                let load = handle.info.load;
+                tracing::info!(
+                    model = %handle.info.name,
+                    pool_hit = load.pool_hit,
+                    admit_ms = load.admit.as_millis() as u64,
+                    h2d_ms = load.h2d.as_millis() as u64,
+                    init_ms = load.init.as_millis() as u64,
+                    "model loaded"
+                );
                 Ok::<_, EngineError>(handle)
             })
             .await?
             .clone();
-        let cold_start = ColdStart { waited: waiting_since.elapsed(), load: engine.info.load_time };
+        let cold_start = ColdStart { waited: waiting_since.elapsed(), load: engine.info.load };
         Ok(Acquired { engine, cold_start: Some(cold_start) })
+    }
+
+    /// Drops least recently used idle engines until `bytes` more fit in the worker's budget.
+    fn make_room(&self, loading: &str, bytes: u64) -> Result<()> {
+        let resident: Vec<Resident> = {
+            let engines = self.engines.lock().expect("poisoned");
+            engines
+                .iter()
+                .filter(|(n, _)| n.as_str() != loading)
+                .filter_map(|(n, c)| c.get().map(|e| (n, e)))
+                .map(|(n, e)| Resident {
+                    name: n.clone(),
+                    bytes: e.info.weight_bytes,
+                    idle_for: e.idle_for(),
+                    busy: e.queued() > 0,
+                })
+                .collect()
+        };
+        for victim in evictions(bytes, self.worker.memory_budget, &resident)? {
+            tracing::info!(model = %victim, for_model = %loading, "evicting engine to make room");
+            self.unload(&victim);
+        }
+        Ok(())
+    }
+
+    pub fn pool_stats(&self) -> PoolStats {
+        self.pool.stats()
+    }
+
+    pub fn worker(&self) -> &Worker {
+        &self.worker
+    }
+
+    /// Names and sizes of the engines running now.
+    pub fn loaded_engines(&self) -> Vec<(String, u64)> {
+        let engines = self.engines.lock().expect("poisoned");
+        engines.iter().filter_map(|(n, c)| c.get().map(|e| (n.clone(), e.info.weight_bytes))).collect()
     }
 
     /// Drops the engine for `name`; in-flight generations finish first (they hold handles).

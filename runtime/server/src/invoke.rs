@@ -11,15 +11,32 @@ use crate::app::App;
 use crate::body::{boxed, read_limited, GuardedBody};
 use crate::http_util::{error, with_retry_after, Body};
 
-/// `model=tiny;wait_ms=12;load_ms=11` for each model this request had to start.
+/// One entry per model this request had to start, e.g.
+/// `model=tiny;wait_ms=12;pool=hit;admit_ms=0;h2d_ms=3;init_ms=8;first_token_ms=15`.
+/// `first_token_ms` (from the generation request to its first token) is there when the handler
+/// generated before it sent its response headers.
 fn cold_start_header(report: &LlmReport) -> Option<HeaderValue> {
     if report.cold_starts.is_empty() {
         return None;
     }
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
     let value = report
         .cold_starts
         .iter()
-        .map(|(model, c)| format!("model={model};wait_ms={};load_ms={}", c.waited.as_millis(), c.load.as_millis()))
+        .map(|(model, c)| {
+            let mut v = format!(
+                "model={model};wait_ms={:.1};pool={};admit_ms={:.1};h2d_ms={:.1};init_ms={:.1}",
+                ms(c.waited),
+                if c.load.pool_hit { "hit" } else { "miss" },
+                ms(c.load.admit),
+                ms(c.load.h2d),
+                ms(c.load.init)
+            );
+            if let Some(t) = report.first_token {
+                v.push_str(&format!(";first_token_ms={:.1}", ms(t)));
+            }
+            v
+        })
         .collect::<Vec<_>>()
         .join(", ");
     HeaderValue::from_str(&value).ok()

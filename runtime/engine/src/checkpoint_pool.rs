@@ -1,0 +1,387 @@
+//! The page-cached checkpoint pool: model files mmapped, their pages made resident, and (on a GPU
+//! host) registered as pinned memory so loading a model is DMA from these pages straight into the
+//! engine's device tensors, with no extra host copy. Engines come and go (scale to zero); their
+//! checkpoints stay here until the pool's byte capacity forces the least recently used out.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use candle_core::{DType, Device, Tensor};
+use memmap2::{Advice, Mmap};
+use safetensors::Dtype;
+
+use crate::checkpoint::{Checkpoint, TensorEntry};
+use crate::error::{EngineError, Result};
+
+/// Makes host memory DMA-able by an accelerator (cuMemHostRegister on CUDA).
+pub trait HostPinner: Send + Sync {
+    /// Pins `bytes` read-only; `unpin` is called with the same slice before it is unmapped.
+    fn pin(&self, bytes: &[u8]) -> Result<()>;
+    fn unpin(&self, bytes: &[u8]);
+}
+
+/// Progress of a long admission, for logs and progress bars.
+#[derive(Debug, Clone, Copy)]
+pub struct AdmitProgress {
+    pub resident_bytes: u64,
+    pub total_bytes: u64,
+}
+
+/// How much is read per step of making pages resident (and per progress report).
+const RESIDENCY_CHUNK: usize = 256 << 20;
+
+struct FileStamp {
+    len: u64,
+    modified: Option<SystemTime>,
+}
+
+fn stamp(path: &std::path::Path) -> Result<FileStamp> {
+    let meta = std::fs::metadata(path).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
+    Ok(FileStamp { len: meta.len(), modified: meta.modified().ok() })
+}
+
+/// One checkpoint held by the pool (or, when it does not fit, held only while it loads).
+pub struct PooledCheckpoint {
+    pub ckpt: Checkpoint,
+    maps: Vec<Mmap>,
+    stamps: Vec<FileStamp>,
+    pinner: Option<Arc<dyn HostPinner>>,
+    pub pinned: bool,
+    pub admit_time: Duration,
+}
+
+impl Drop for PooledCheckpoint {
+    fn drop(&mut self) {
+        if let (true, Some(p)) = (self.pinned, &self.pinner) {
+            self.maps.iter().for_each(|m| p.unpin(m));
+        }
+    }
+}
+
+fn typed<'a, T: bytemuck_free::Pod>(bytes: &'a [u8]) -> Option<&'a [T]> {
+    bytemuck_free::cast_slice(bytes)
+}
+
+/// The two casts this module needs, without a dependency for them.
+mod bytemuck_free {
+    /// Plain-old-data element types whose every bit pattern is valid.
+    pub trait Pod: Copy {}
+    impl Pod for f32 {}
+    impl Pod for half::bf16 {}
+    impl Pod for half::f16 {}
+
+    pub fn cast_slice<T: Pod>(bytes: &[u8]) -> Option<&[T]> {
+        let size = std::mem::size_of::<T>();
+        if bytes.len() % size != 0 || (bytes.as_ptr() as usize) % std::mem::align_of::<T>() != 0 {
+            return None;
+        }
+        // SAFETY: length and alignment checked above; T is Pod so any bytes are a valid T.
+        Some(unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), bytes.len() / size) })
+    }
+}
+
+impl PooledCheckpoint {
+    fn still_current(&self) -> bool {
+        self.ckpt.weight_files.iter().zip(&self.stamps).all(|(p, s)| {
+            stamp(p).is_ok_and(|now| now.len == s.len && now.modified == s.modified)
+        })
+    }
+
+    fn bytes(&self, entry: &TensorEntry) -> &[u8] {
+        &self.maps[entry.file][entry.offsets.0..entry.offsets.1]
+    }
+
+    /// Copies every tensor onto `device` as `dtype`. From pinned pages each copy is a DMA straight
+    /// into the tensor's device allocation; the copies are queued on the device's stream and this
+    /// returns once all of them have landed.
+    pub fn load_tensors(&self, device: &Device, dtype: DType) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::with_capacity(self.ckpt.tensors.len());
+        for (name, entry) in &self.ckpt.tensors {
+            let bytes = self.bytes(entry);
+            let shape = entry.shape.as_slice();
+            let tensor = match entry.dtype {
+                Dtype::BF16 => Self::from_bytes::<half::bf16>(bytes, shape, device),
+                Dtype::F16 => Self::from_bytes::<half::f16>(bytes, shape, device),
+                Dtype::F32 => Self::from_bytes::<f32>(bytes, shape, device),
+                // Non-float tensors (e.g. quantization metadata) are not read by our networks.
+                _ => continue,
+            }
+            .and_then(|t| t.to_dtype(dtype))
+            .map_err(|e| EngineError::Load(format!("tensor {name}: {e}")))?;
+            out.insert(name.clone(), tensor);
+        }
+        device.synchronize().map_err(EngineError::load)?;
+        Ok(out)
+    }
+
+    fn from_bytes<T: bytemuck_free::Pod + candle_core::WithDType>(
+        bytes: &[u8],
+        shape: &[usize],
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        match typed::<T>(bytes) {
+            Some(values) => Tensor::from_slice(values, shape, device),
+            // Misaligned data (legal in safetensors, rare in practice): copy to an aligned buffer.
+            None => {
+                let size = std::mem::size_of::<T>();
+                let values: Vec<T> = bytes
+                    .chunks_exact(size)
+                    .map(|c| {
+                        // SAFETY: c has exactly size_of::<T>() bytes and T is Pod.
+                        unsafe { std::ptr::read_unaligned(c.as_ptr().cast::<T>()) }
+                    })
+                    .collect();
+                Tensor::from_slice(&values, shape, device)
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct PoolStats {
+    pub entries: usize,
+    pub resident_bytes: u64,
+    pub pinned_bytes: u64,
+    pub capacity_bytes: u64,
+}
+
+struct Entry {
+    pooled: Arc<PooledCheckpoint>,
+    last_used: Instant,
+}
+
+pub struct CheckpointPool {
+    capacity_bytes: u64,
+    pinner: Option<Arc<dyn HostPinner>>,
+    entries: Mutex<HashMap<PathBuf, Entry>>,
+    /// Admissions read whole files; one at a time keeps them from fighting over the disk.
+    admit_lock: Mutex<()>,
+}
+
+impl CheckpointPool {
+    pub fn new(capacity_bytes: u64, pinner: Option<Arc<dyn HostPinner>>) -> Self {
+        Self { capacity_bytes, pinner, entries: Mutex::default(), admit_lock: Mutex::new(()) }
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let entries = self.entries.lock().expect("poisoned");
+        let resident: u64 = entries.values().map(|e| e.pooled.ckpt.weight_bytes).sum();
+        let pinned: u64 = entries.values().filter(|e| e.pooled.pinned).map(|e| e.pooled.ckpt.weight_bytes).sum();
+        PoolStats { entries: entries.len(), resident_bytes: resident, pinned_bytes: pinned, capacity_bytes: self.capacity_bytes }
+    }
+
+    pub fn contains(&self, ckpt: &Checkpoint) -> bool {
+        self.entries.lock().expect("poisoned").contains_key(&ckpt.dir)
+    }
+
+    /// The pooled checkpoint for `ckpt`, admitting it on a miss. Returns whether it was a hit.
+    pub fn checkout(&self, ckpt: Checkpoint, progress: &dyn Fn(AdmitProgress)) -> Result<(Arc<PooledCheckpoint>, bool)> {
+        if let Some(hit) = self.lookup(&ckpt) {
+            return Ok((hit, true));
+        }
+        let _admitting = self.admit_lock.lock().expect("poisoned");
+        if let Some(hit) = self.lookup(&ckpt) {
+            return Ok((hit, true));
+        }
+        let fits = ckpt.weight_bytes <= self.capacity_bytes;
+        let pooled = Arc::new(self.admit(ckpt, fits, progress)?);
+        if fits {
+            let mut entries = self.entries.lock().expect("poisoned");
+            entries.insert(pooled.ckpt.dir.clone(), Entry { pooled: pooled.clone(), last_used: Instant::now() });
+            Self::evict_over_capacity(&mut entries, self.capacity_bytes, &pooled.ckpt.dir);
+        } else {
+            tracing::warn!(
+                model = %pooled.ckpt.dir.display(),
+                bytes = pooled.ckpt.weight_bytes,
+                capacity = self.capacity_bytes,
+                "checkpoint is larger than the pool; loading it without pooling"
+            );
+        }
+        Ok((pooled, false))
+    }
+
+    /// Drops `dir` from the pool (its pages stay in the OS page cache).
+    pub fn evict(&self, dir: &std::path::Path) -> bool {
+        self.entries.lock().expect("poisoned").remove(dir).is_some()
+    }
+
+    fn lookup(&self, ckpt: &Checkpoint) -> Option<Arc<PooledCheckpoint>> {
+        let mut entries = self.entries.lock().expect("poisoned");
+        let entry = entries.get_mut(&ckpt.dir)?;
+        if !entry.pooled.still_current() {
+            tracing::info!(model = %ckpt.dir.display(), "checkpoint files changed on disk; re-admitting");
+            entries.remove(&ckpt.dir);
+            return None;
+        }
+        entry.last_used = Instant::now();
+        Some(entry.pooled.clone())
+    }
+
+    fn evict_over_capacity(entries: &mut HashMap<PathBuf, Entry>, capacity: u64, keep: &PathBuf) {
+        loop {
+            let total: u64 = entries.values().map(|e| e.pooled.ckpt.weight_bytes).sum();
+            if total <= capacity {
+                return;
+            }
+            // Least recently used first; a checkpoint an engine is loading from stays.
+            let victim = entries
+                .iter()
+                .filter(|(dir, e)| *dir != keep && Arc::strong_count(&e.pooled) == 1)
+                .min_by_key(|(_, e)| e.last_used)
+                .map(|(dir, _)| dir.clone());
+            match victim {
+                Some(dir) => {
+                    tracing::info!(model = %dir.display(), "evicting checkpoint from the pool");
+                    entries.remove(&dir);
+                }
+                None => return,
+            }
+        }
+    }
+
+    fn admit(&self, ckpt: Checkpoint, pin: bool, progress: &dyn Fn(AdmitProgress)) -> Result<PooledCheckpoint> {
+        let started = Instant::now();
+        let mut maps = Vec::new();
+        let mut stamps = Vec::new();
+        let total = ckpt.weight_bytes;
+        let mut resident = 0u64;
+        for path in &ckpt.weight_files {
+            let err = |e: std::io::Error| EngineError::Load(format!("{}: {e}", path.display()));
+            stamps.push(stamp(path)?);
+            let file = File::open(path).map_err(err)?;
+            // SAFETY: read-only map of a model file; see `Checkpoint::read_header`.
+            let map = unsafe { Mmap::map(&file) }.map_err(err)?;
+            let _ = map.advise(Advice::WillNeed);
+            for chunk in map.chunks(RESIDENCY_CHUNK) {
+                touch_pages(chunk);
+                resident += chunk.len() as u64;
+                progress(AdmitProgress { resident_bytes: resident, total_bytes: total });
+            }
+            maps.push(map);
+        }
+        let mut pinned = false;
+        if let (true, Some(pinner)) = (pin, &self.pinner) {
+            let mut done = Vec::new();
+            for map in &maps {
+                match pinner.pin(map) {
+                    Ok(()) => done.push(map),
+                    Err(e) => {
+                        done.iter().for_each(|m| pinner.unpin(m));
+                        tracing::warn!(error = %e, "could not pin checkpoint pages; loads will use pageable copies");
+                        done.clear();
+                        break;
+                    }
+                }
+            }
+            pinned = !done.is_empty();
+        }
+        Ok(PooledCheckpoint { ckpt, maps, stamps, pinner: self.pinner.clone(), pinned, admit_time: started.elapsed() })
+    }
+}
+
+/// Reads one byte of every page so the mapping is backed by resident page-cache pages.
+fn touch_pages(bytes: &[u8]) {
+    const PAGE: usize = 4096;
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
+    let per = bytes.len().div_ceil(threads).next_multiple_of(PAGE).max(PAGE);
+    std::thread::scope(|s| {
+        for part in bytes.chunks(per) {
+            s.spawn(move || {
+                let mut acc = 0u8;
+                for i in (0..part.len()).step_by(PAGE) {
+                    // SAFETY: i < part.len(); volatile so the read is not optimised away.
+                    acc ^= unsafe { std::ptr::read_volatile(part.as_ptr().add(i)) };
+                }
+                std::hint::black_box(acc);
+            });
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tiny_model::{make_tiny_model, TinySpec};
+    use crate::Architecture;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    struct CountingPinner(AtomicUsize, AtomicUsize);
+
+    impl HostPinner for CountingPinner {
+        fn pin(&self, _: &[u8]) -> Result<()> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn unpin(&self, _: &[u8]) {
+            self.1.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn tiny(arch: Architecture) -> (tempfile::TempDir, Checkpoint) {
+        let dir = tempfile::tempdir().unwrap();
+        make_tiny_model(dir.path(), &TinySpec::new(arch)).unwrap();
+        let ckpt = Checkpoint::open(dir.path()).unwrap();
+        (dir, ckpt)
+    }
+
+    #[test]
+    fn second_checkout_is_a_hit_and_tensors_match_the_files() {
+        let (_d, ckpt) = tiny(Architecture::Qwen2);
+        let pool = CheckpointPool::new(1 << 30, None);
+        let reports = AtomicUsize::new(0);
+        let (a, hit) = pool.checkout(ckpt.clone(), &|_| { reports.fetch_add(1, Ordering::SeqCst); }).unwrap();
+        assert!(!hit);
+        assert!(reports.load(Ordering::SeqCst) >= 1, "admission reports progress");
+        let (_, hit) = pool.checkout(ckpt.clone(), &|_| {}).unwrap();
+        assert!(hit);
+        let tensors = a.load_tensors(&Device::Cpu, DType::F32).unwrap();
+        assert_eq!(tensors.len(), ckpt.tensors.len());
+        // Compare against candle's own safetensors reader on the same file.
+        let reference = candle_core::safetensors::load(&ckpt.weight_files[0], &Device::Cpu).unwrap();
+        for (name, t) in &reference {
+            let ours = &tensors[name];
+            let diff = (ours - t.to_dtype(DType::F32).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name}");
+        }
+        assert_eq!(pool.stats().entries, 1);
+    }
+
+    #[test]
+    fn least_recently_used_idle_checkpoint_is_evicted_and_pins_are_released() {
+        let (_d1, a) = tiny(Architecture::Qwen2);
+        let (_d2, b) = tiny(Architecture::Llama);
+        let pinner = Arc::new(CountingPinner(AtomicUsize::new(0), AtomicUsize::new(0)));
+        // Room for one tiny model, not two.
+        let pool = CheckpointPool::new(a.weight_bytes.max(b.weight_bytes) + 1, Some(pinner.clone()));
+        drop(pool.checkout(a.clone(), &|_| {}).unwrap());
+        assert!(pool.contains(&a));
+        drop(pool.checkout(b.clone(), &|_| {}).unwrap());
+        assert!(pool.contains(&b) && !pool.contains(&a), "a was least recently used");
+        assert_eq!(pinner.0.load(Ordering::SeqCst), 2);
+        assert_eq!(pinner.1.load(Ordering::SeqCst), 1, "evicting a unpins its pages");
+    }
+
+    #[test]
+    fn a_checkpoint_larger_than_the_pool_loads_without_being_kept() {
+        let (_d, ckpt) = tiny(Architecture::Qwen2);
+        let pool = CheckpointPool::new(1, None);
+        let (p, hit) = pool.checkout(ckpt.clone(), &|_| {}).unwrap();
+        assert!(!hit && !p.pinned);
+        assert_eq!(pool.stats().entries, 0);
+        assert!(p.load_tensors(&Device::Cpu, DType::F32).is_ok());
+    }
+
+    #[test]
+    fn changed_files_are_readmitted() {
+        let (dir, ckpt) = tiny(Architecture::Qwen2);
+        let pool = CheckpointPool::new(1 << 30, None);
+        drop(pool.checkout(ckpt.clone(), &|_| {}).unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+        make_tiny_model(dir.path(), &TinySpec { seed: 1, ..TinySpec::new(Architecture::Qwen2) }).unwrap();
+        let (_, hit) = pool.checkout(ckpt, &|_| {}).unwrap();
+        assert!(!hit, "a rewritten checkpoint must not be served from stale pages");
+    }
+}

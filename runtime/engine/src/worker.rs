@@ -1,0 +1,165 @@
+//! Warm workers: a device made ready at boot so no request pays for it. On CUDA that means the
+//! context and stream, a device memory arena (the stream-ordered pool grown once and never
+//! trimmed) and every kernel the networks use already loaded, by running a tiny model of each
+//! supported architecture through one forward pass.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+
+use crate::checkpoint_pool::HostPinner;
+use crate::error::{EngineError, Result};
+
+pub struct Worker {
+    pub device: Device,
+    /// "cpu" or "cuda:N".
+    pub label: String,
+    /// Bytes of weights the engines on this worker may hold at once.
+    pub memory_budget: u64,
+    /// How long making this worker ready took (paid once, at boot).
+    pub boot_time: Duration,
+    pinner: Option<Arc<dyn HostPinner>>,
+}
+
+impl Worker {
+    pub fn cpu(memory_budget: u64) -> Self {
+        Self { device: Device::Cpu, label: "cpu".into(), memory_budget, boot_time: Duration::ZERO, pinner: None }
+    }
+
+    /// Pins host pages for DMA from this worker's device, when it has one.
+    pub fn pinner(&self) -> Option<Arc<dyn HostPinner>> {
+        self.pinner.clone()
+    }
+
+    /// Runs a tiny model of each architecture once so every kernel is loaded (and, on CUDA,
+    /// JIT-compiled from PTX) before the first real request.
+    pub fn warm_up(&self) -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("kindling-warmup-{}", std::process::id()));
+        let result = (|| {
+            for arch in [crate::Architecture::Llama, crate::Architecture::Qwen2] {
+                let spec = crate::tiny_model::TinySpec::new(arch);
+                let model_dir = dir.join(arch.name());
+                crate::tiny_model::make_tiny_model(&model_dir, &spec)?;
+                let ckpt = crate::Checkpoint::open(&model_dir)?;
+                let mut model = crate::model::LoadedModel::load_mmapped(&ckpt, &self.device)?;
+                model.begin_sequence();
+                let logits = model.forward(&[1, 2, 3, 4], 0)?;
+                let _ = model.forward(&[5], 4)?;
+                logits.argmax(0).and_then(|t| t.to_scalar::<u32>()).map_err(EngineError::runtime)?;
+            }
+            Ok(())
+        })();
+        let _ = std::fs::remove_dir_all(&dir);
+        result
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use candle_core::Device;
+    use candle_core::cuda_backend::cudarc::driver::{CudaContext, sys};
+
+    use super::Worker;
+    use crate::checkpoint_pool::HostPinner;
+    use crate::error::{EngineError, Result};
+
+    fn check(what: &str, r: sys::CUresult) -> Result<()> {
+        if r == sys::CUresult::CUDA_SUCCESS {
+            Ok(())
+        } else {
+            Err(EngineError::Load(format!("{what} failed: {r:?}")))
+        }
+    }
+
+    /// Registers mmapped checkpoint pages with the driver (read-only), so copies from them are
+    /// DMA at full PCIe speed instead of going through a pageable staging buffer.
+    struct CudaPinner {
+        ctx: Arc<CudaContext>,
+    }
+
+    fn page_span(bytes: &[u8]) -> (*mut std::ffi::c_void, usize) {
+        (bytes.as_ptr() as *mut std::ffi::c_void, bytes.len().next_multiple_of(4096))
+    }
+
+    impl HostPinner for CudaPinner {
+        fn pin(&self, bytes: &[u8]) -> Result<()> {
+            self.ctx.bind_to_thread().map_err(EngineError::load)?;
+            let (ptr, len) = page_span(bytes);
+            let flags = sys::CU_MEMHOSTREGISTER_READ_ONLY | sys::CU_MEMHOSTREGISTER_PORTABLE;
+            // SAFETY: ptr/len cover a live mapping that outlives the registration (unpin runs
+            // before the map is dropped).
+            check("cuMemHostRegister", unsafe { sys::cuMemHostRegister_v2(ptr, len, flags) })
+        }
+
+        fn unpin(&self, bytes: &[u8]) {
+            if self.ctx.bind_to_thread().is_ok() {
+                // SAFETY: the same pointer `pin` registered.
+                let _ = unsafe { sys::cuMemHostUnregister(page_span(bytes).0) };
+            }
+        }
+    }
+
+    impl Worker {
+        /// Makes GPU `ordinal` ready: context, stream, cuBLAS handle, an arena of `arena_fraction`
+        /// of free memory reserved in the stream-ordered pool, and kernels warmed.
+        pub fn cuda(ordinal: usize, arena_fraction: f64) -> Result<Self> {
+            let started = Instant::now();
+            let device = Device::new_cuda(ordinal).map_err(EngineError::load)?;
+            let cuda = device.as_cuda_device().map_err(EngineError::load)?;
+            let stream = cuda.cuda_stream();
+            let ctx = stream.context().clone();
+            ctx.bind_to_thread().map_err(EngineError::load)?;
+            let (free, total) = ctx.mem_get_info().map_err(EngineError::load)?;
+
+            // Keep freed memory in the pool (threshold = max) and grow it once now: later engine
+            // loads allocate from reserved memory instead of calling into the driver's allocator.
+            let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+            check("cuDeviceGetDefaultMemPool", unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) })?;
+            let mut threshold = u64::MAX;
+            check("cuMemPoolSetAttribute", unsafe {
+                sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    (&mut threshold as *mut u64).cast(),
+                )
+            })?;
+            let arena = ((free as f64) * arena_fraction.clamp(0.0, 0.95)) as usize;
+            if arena > 0 {
+                // SAFETY: uninitialised device memory, freed again at once; only reserves it.
+                let reserve = unsafe { stream.alloc::<u8>(arena) }.map_err(EngineError::load)?;
+                drop(reserve);
+                stream.synchronize().map_err(EngineError::load)?;
+            }
+            let mut worker = Worker {
+                device,
+                label: format!("cuda:{ordinal}"),
+                memory_budget: (total as u64).saturating_sub(4 << 30),
+                boot_time: Default::default(),
+                pinner: Some(Arc::new(CudaPinner { ctx })),
+            };
+            worker.warm_up()?;
+            worker.boot_time = started.elapsed();
+            tracing::info!(
+                worker = %worker.label,
+                boot_ms = worker.boot_time.as_millis() as u64,
+                arena_bytes = arena,
+                total_bytes = total,
+                "warm GPU worker ready"
+            );
+            Ok(worker)
+        }
+    }
+}
+
+/// A CPU worker with its kernels warmed, timed like a GPU one.
+pub fn warm_cpu(memory_budget: u64) -> Result<Worker> {
+    let started = Instant::now();
+    let mut worker = Worker::cpu(memory_budget);
+    worker.warm_up()?;
+    worker.boot_time = started.elapsed();
+    Ok(worker)
+}
