@@ -8,13 +8,19 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is inside the workspace")
+        .to_path_buf()
 }
 
 /// `target/<profile>`, derived from this test binary's own path (`target/<profile>/deps/e2e-*`).
 fn target_profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    exe.parent().and_then(Path::parent).expect("target/<profile>/deps").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps")
+        .to_path_buf()
 }
 
 /// A directory shared by every test of this run (models, compiled components).
@@ -53,7 +59,11 @@ pub fn tiny_model(arch: &str) -> PathBuf {
             .arg(&dir)
             .output()
             .expect("run kindling models make-tiny");
-        assert!(out.status.success(), "make-tiny failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "make-tiny failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     dir
 }
@@ -62,12 +72,20 @@ fn newest_mtime(paths: &[PathBuf]) -> SystemTime {
     let mut newest = SystemTime::UNIX_EPOCH;
     let mut stack: Vec<PathBuf> = paths.to_vec();
     while let Some(p) = stack.pop() {
-        let Ok(meta) = std::fs::metadata(&p) else { continue };
+        let Ok(meta) = std::fs::metadata(&p) else {
+            continue;
+        };
         if meta.is_dir() {
             if p.file_name().is_some_and(|n| n == "__pycache__") {
                 continue;
             }
-            stack.extend(std::fs::read_dir(&p).into_iter().flatten().flatten().map(|e| e.path()));
+            stack.extend(
+                std::fs::read_dir(&p)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path()),
+            );
         } else if let Ok(m) = meta.modified() {
             newest = newest.max(m);
         }
@@ -82,9 +100,17 @@ pub fn python_guest(source_dir: &Path) -> PathBuf {
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let root = workspace_root();
     let source_dir = root.join(source_dir);
-    let name = source_dir.file_name().expect("guest dir name").to_string_lossy().to_string();
+    let name = source_dir
+        .file_name()
+        .expect("guest dir name")
+        .to_string_lossy()
+        .to_string();
     let out = shared_dir("guests").join(format!("{name}.wasm"));
-    let sources = [source_dir.clone(), root.join("sdk/python"), root.join("wit")];
+    let sources = [
+        source_dir.clone(),
+        root.join("sdk/python"),
+        root.join("wit"),
+    ];
     let fresh = std::fs::metadata(&out)
         .and_then(|m| m.modified())
         .is_ok_and(|built| built > newest_mtime(&sources));
@@ -100,7 +126,11 @@ pub fn python_guest(source_dir: &Path) -> PathBuf {
             .arg(&out)
             .status()
             .expect("componentize-py is installed (pip install componentize-py)");
-        assert!(status.success(), "componentize-py failed for {}", source_dir.display());
+        assert!(
+            status.success(),
+            "componentize-py failed for {}",
+            source_dir.display()
+        );
     }
     out
 }
@@ -135,7 +165,10 @@ impl Answer {
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -152,8 +185,14 @@ fn answer(result: Result<ureq::Response, ureq::Error>) -> Answer {
     });
     let headers = headers.collect();
     let mut body = String::new();
-    resp.into_reader().read_to_string(&mut body).expect("read body");
-    Answer { status, headers, body }
+    resp.into_reader()
+        .read_to_string(&mut body)
+        .expect("read body");
+    Answer {
+        status,
+        headers,
+        body,
+    }
 }
 
 impl Server {
@@ -171,14 +210,21 @@ impl Server {
             }
         };
         let mut cmd = Command::new(kindling_bin());
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--idle-unload-secs", "0", "--data-dir"])
-            .arg(&data_dir)
-            .arg("--compile-cache")
-            .arg(shared_dir("compiled"))
-            .args(&opts.extra_args)
-            .env("KINDLING_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--idle-unload-secs",
+            "0",
+            "--data-dir",
+        ])
+        .arg(&data_dir)
+        .arg("--compile-cache")
+        .arg(shared_dir("compiled"))
+        .args(&opts.extra_args)
+        .env("KINDLING_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
         for (name, path) in models {
             cmd.arg("--model").arg(format!("{name}={}", path.display()));
         }
@@ -203,11 +249,18 @@ impl Server {
         };
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Server { child, url, data_dir, _temp: temp, admin_token: opts.admin_token }
+        Server {
+            child,
+            url,
+            data_dir,
+            _temp: temp,
+            admin_token: opts.admin_token,
+        }
     }
 
     fn admin(&self, method: &str, path: &str) -> ureq::Request {
-        let req = ureq::request(method, &format!("{}{path}", self.url)).timeout(Duration::from_secs(300));
+        let req =
+            ureq::request(method, &format!("{}{path}", self.url)).timeout(Duration::from_secs(300));
         match &self.admin_token {
             Some(t) => req.set("authorization", &format!("Bearer {t}")),
             None => req,
@@ -220,7 +273,8 @@ impl Server {
         let mut body = Vec::new();
         for (name, bytes) in [("manifest", manifest.as_bytes()), ("component", wasm)] {
             body.extend_from_slice(
-                format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes(),
+                format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n")
+                    .as_bytes(),
             );
             body.extend_from_slice(bytes);
             body.extend_from_slice(b"\r\n");
@@ -228,7 +282,10 @@ impl Server {
         body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
         answer(
             self.admin("POST", "/admin/deployments")
-                .set("content-type", &format!("multipart/form-data; boundary={boundary}"))
+                .set(
+                    "content-type",
+                    &format!("multipart/form-data; boundary={boundary}"),
+                )
                 .send_bytes(&body),
         )
     }
@@ -243,20 +300,35 @@ impl Server {
     }
 
     pub fn get(&self, path: &str) -> Answer {
-        answer(ureq::get(&format!("{}{path}", self.url)).timeout(Duration::from_secs(120)).call())
+        answer(
+            ureq::get(&format!("{}{path}", self.url))
+                .timeout(Duration::from_secs(120))
+                .call(),
+        )
     }
 
     pub fn post_json(&self, path: &str, body: &serde_json::Value) -> Answer {
-        answer(ureq::post(&format!("{}{path}", self.url)).timeout(Duration::from_secs(120)).send_json(body.clone()))
+        answer(
+            ureq::post(&format!("{}{path}", self.url))
+                .timeout(Duration::from_secs(120))
+                .send_json(body.clone()),
+        )
     }
 
     pub fn post_raw(&self, path: &str, body: &[u8]) -> Answer {
-        answer(ureq::post(&format!("{}{path}", self.url)).timeout(Duration::from_secs(120)).send_bytes(body))
+        answer(
+            ureq::post(&format!("{}{path}", self.url))
+                .timeout(Duration::from_secs(120))
+                .send_bytes(body),
+        )
     }
 
     /// Sends SIGTERM and waits for the process to exit, returning whether it exited cleanly.
     pub fn stop(mut self) -> bool {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -280,7 +352,11 @@ impl Drop for Server {
 }
 
 /// Greedy generations from the independent numpy implementation (tests/reference).
-pub fn reference_generations(model_dir: &Path, max_tokens: u32, prompts: &[&str]) -> Vec<serde_json::Value> {
+pub fn reference_generations(
+    model_dir: &Path,
+    max_tokens: u32,
+    prompts: &[&str],
+) -> Vec<serde_json::Value> {
     let script = workspace_root().join("tests/reference/reference_generate.py");
     let out = Command::new("python3")
         .arg(script)
@@ -289,7 +365,11 @@ pub fn reference_generations(model_dir: &Path, max_tokens: u32, prompts: &[&str]
         .args(prompts)
         .output()
         .expect("python3 runs");
-    assert!(out.status.success(), "reference failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "reference failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout)
         .expect("utf-8")
         .lines()

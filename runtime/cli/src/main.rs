@@ -1,5 +1,6 @@
 //! `kindling`: run the server and talk to it.
 
+mod bench;
 mod client;
 mod serve;
 
@@ -7,11 +8,15 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use kindling_engine::tiny_model::{make_tiny_model, TinySpec};
+use kindling_engine::tiny_model::{TinySpec, make_tiny_model};
 use kindling_engine::{Architecture, Worker};
 
 #[derive(Parser)]
-#[command(name = "kindling", version, about = "Serverless LLM functions: Wasm handlers, warm models.")]
+#[command(
+    name = "kindling",
+    version,
+    about = "Serverless LLM functions: Wasm handlers, warm models."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -20,10 +25,20 @@ struct Cli {
 #[derive(clap::Args, Clone)]
 pub struct Remote {
     /// Server base URL.
-    #[arg(long, env = "KINDLING_URL", default_value = "http://127.0.0.1:7070", global = true)]
+    #[arg(
+        long,
+        env = "KINDLING_URL",
+        default_value = "http://127.0.0.1:7070",
+        global = true
+    )]
     url: String,
     /// Admin token, when the server requires one.
-    #[arg(long, env = "KINDLING_ADMIN_TOKEN", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "KINDLING_ADMIN_TOKEN",
+        global = true,
+        hide_env_values = true
+    )]
     token: Option<String>,
 }
 
@@ -66,11 +81,25 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Benchmarks (see BENCHMARKS.md).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Manage models.
     Models {
         #[command(subcommand)]
         command: ModelsCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Request to first token for a model with no engine: warm worker + pool vs fresh processes.
+    Coldstart(bench::ColdstartArgs),
+    /// One fresh-process cold start (used by `coldstart` as its baseline).
+    #[command(hide = true)]
+    Once(bench::OnceArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -103,7 +132,11 @@ enum ModelsCommand {
 }
 
 /// Makes the worker `--device` names, warm, off the async runtime (GPU boot takes a while).
-pub async fn worker_from_args(device: &str, engine_memory_gib: f64, arena_fraction: f64) -> anyhow::Result<Worker> {
+pub async fn worker_from_args(
+    device: &str,
+    engine_memory_gib: f64,
+    arena_fraction: f64,
+) -> anyhow::Result<Worker> {
     let device = device.to_string();
     let budget = serve::gib(engine_memory_gib);
     let worker = tokio::task::spawn_blocking(move || -> anyhow::Result<Worker> {
@@ -112,7 +145,10 @@ pub async fn worker_from_args(device: &str, engine_memory_gib: f64, arena_fracti
         }
         let ordinal: usize = match device.strip_prefix("cuda") {
             Some("") => 0,
-            Some(n) => n.trim_start_matches(':').parse().with_context(|| format!("--device {device}"))?,
+            Some(n) => n
+                .trim_start_matches(':')
+                .parse()
+                .with_context(|| format!("--device {device}"))?,
             None => anyhow::bail!("--device must be cpu, cuda or cuda:N, got {device:?}"),
         };
         cuda_worker(ordinal, arena_fraction)
@@ -128,24 +164,42 @@ fn cuda_worker(ordinal: usize, arena_fraction: f64) -> anyhow::Result<Worker> {
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_worker(_: usize, _: f64) -> anyhow::Result<Worker> {
-    anyhow::bail!("this kindling was built without CUDA; rebuild with `cargo build --release --features cuda`")
+    anyhow::bail!(
+        "this kindling was built without CUDA; rebuild with `cargo build --release --features cuda`"
+    )
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve::run(args),
-        Command::Deploy { manifest, component, remote } => client::deploy(&remote, &manifest, &component),
+        Command::Deploy {
+            manifest,
+            component,
+            remote,
+        } => client::deploy(&remote, &manifest, &component),
         Command::List { remote } => client::print_json(&remote, "GET", "/admin/deployments", None),
         Command::Delete { name, remote } => client::delete(&remote, &name),
-        Command::Invoke { path, data, include, remote } => client::invoke(&remote, &path, data, include),
+        Command::Invoke {
+            path,
+            data,
+            include,
+            remote,
+        } => client::invoke(&remote, &path, data, include),
+        Command::Bench { command } => match command {
+            BenchCommand::Coldstart(args) => bench::coldstart(args),
+            BenchCommand::Once(args) => bench::once(args),
+        },
         Command::Models { command } => match command {
             ModelsCommand::Add { name, path, remote } => {
-                let path = std::fs::canonicalize(&path).with_context(|| format!("{}", path.display()))?;
+                let path =
+                    std::fs::canonicalize(&path).with_context(|| format!("{}", path.display()))?;
                 let body = serde_json::json!({ "name": name, "path": path });
                 client::print_json(&remote, "POST", "/admin/models", Some(body))
             }
-            ModelsCommand::List { remote } => client::print_json(&remote, "GET", "/admin/models", None),
+            ModelsCommand::List { remote } => {
+                client::print_json(&remote, "GET", "/admin/models", None)
+            }
             ModelsCommand::MakeTiny { dir, arch } => {
                 let arch = match arch {
                     ArchArg::Llama => Architecture::Llama,

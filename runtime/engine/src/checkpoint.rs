@@ -176,7 +176,10 @@ impl Checkpoint {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         if !dir.is_dir() {
-            return Err(EngineError::Load(format!("{} is not a directory", dir.display())));
+            return Err(EngineError::Load(format!(
+                "{} is not a directory",
+                dir.display()
+            )));
         }
         let config_json = read_to_string(&dir.join("config.json"))?;
         let config: ShapeConfig = serde_json::from_str(&config_json)
@@ -186,7 +189,10 @@ impl Checkpoint {
 
         let tokenizer_path = dir.join("tokenizer.json");
         if !tokenizer_path.is_file() {
-            return Err(EngineError::Load(format!("{} is missing", tokenizer_path.display())));
+            return Err(EngineError::Load(format!(
+                "{} is missing",
+                tokenizer_path.display()
+            )));
         }
 
         let weight_files = Self::find_weight_files(&dir)?;
@@ -242,27 +248,42 @@ impl Checkpoint {
         let mut files = Vec::new();
         for name in names {
             if name.contains('/') || name.contains("..") {
-                return Err(EngineError::Load(format!("shard name {name:?} escapes the model directory")));
+                return Err(EngineError::Load(format!(
+                    "shard name {name:?} escapes the model directory"
+                )));
             }
             files.push(dir.join(name));
         }
         if files.is_empty() {
-            return Err(EngineError::Load(format!("{} lists no shards", index_path.display())));
+            return Err(EngineError::Load(format!(
+                "{} lists no shards",
+                index_path.display()
+            )));
         }
         Ok(files)
     }
 
     /// Parses one file's header and records its tensors; returns the file's size.
-    fn read_header(index: usize, path: &Path, tensors: &mut HashMap<String, TensorEntry>) -> Result<u64> {
-        let file = File::open(path).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
+    fn read_header(
+        index: usize,
+        path: &Path,
+        tensors: &mut HashMap<String, TensorEntry>,
+    ) -> Result<u64> {
+        let file =
+            File::open(path).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
         // SAFETY: read-only map; a concurrent truncation would fault, which we accept for model files
         // the operator registered (the same contract as every mmap-based loader).
         let mmap = unsafe { memmap2::Mmap::map(&file) }
             .map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
         let parsed = SafeTensors::deserialize(&mmap).map_err(|e| {
-            EngineError::Load(format!("{}: corrupt or truncated safetensors: {e}", path.display()))
+            EngineError::Load(format!(
+                "{}: corrupt or truncated safetensors: {e}",
+                path.display()
+            ))
         })?;
-        let header_len = 8 + u64::from_le_bytes(mmap[..8].try_into().expect("deserialize checked length")) as usize;
+        let header_len =
+            8 + u64::from_le_bytes(mmap[..8].try_into().expect("deserialize checked length"))
+                as usize;
         for (name, view) in parsed.tensors() {
             let start = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
             debug_assert!(start >= header_len);
@@ -273,16 +294,24 @@ impl Checkpoint {
                 offsets: (start, start + view.data().len()),
             };
             if tensors.insert(name.clone(), entry).is_some() {
-                return Err(EngineError::Load(format!("tensor {name} appears in more than one shard")));
+                return Err(EngineError::Load(format!(
+                    "tensor {name} appears in more than one shard"
+                )));
             }
         }
         Ok(mmap.len() as u64)
     }
 
-    fn check_shapes(arch: Architecture, config: &ShapeConfig, tensors: &HashMap<String, TensorEntry>) -> Result<()> {
+    fn check_shapes(
+        arch: Architecture,
+        config: &ShapeConfig,
+        tensors: &HashMap<String, TensorEntry>,
+    ) -> Result<()> {
         for (name, expected) in config.expected_tensors(arch) {
             let Some(entry) = tensors.get(&name) else {
-                return Err(EngineError::Load(format!("checkpoint has no tensor {name}")));
+                return Err(EngineError::Load(format!(
+                    "checkpoint has no tensor {name}"
+                )));
             };
             if entry.shape != expected {
                 return Err(EngineError::Load(format!(

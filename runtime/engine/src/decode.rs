@@ -21,7 +21,11 @@ impl Default for IncrementalDecoder {
 
 impl IncrementalDecoder {
     pub fn new() -> Self {
-        Self { ids: Vec::new(), prefix_offset: 0, read_offset: 0 }
+        Self {
+            ids: Vec::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+        }
     }
 
     /// Adds one token; returns the new text it completes, if any.
@@ -30,7 +34,10 @@ impl IncrementalDecoder {
         let decode = |ids: &[u32]| tokenizer.decode(ids, true).map_err(EngineError::runtime);
         let prefix = decode(&self.ids[self.prefix_offset..self.read_offset])?;
         let full = decode(&self.ids[self.prefix_offset..])?;
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
+        if full.len() > prefix.len()
+            && !full.ends_with('\u{FFFD}')
+            && full.is_char_boundary(prefix.len())
+        {
             let new = full[prefix.len()..].to_string();
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();
@@ -71,12 +78,19 @@ pub enum StopOutcome {
 
 impl StopMatcher {
     pub fn new(stops: Vec<String>) -> Self {
-        Self { stops, held: String::new() }
+        Self {
+            stops,
+            held: String::new(),
+        }
     }
 
     pub fn feed(&mut self, text: &str) -> StopOutcome {
         self.held.push_str(text);
-        let first_match = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min();
+        let first_match = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min();
         if let Some(at) = first_match {
             let out = self.held[..at].to_string();
             self.held.clear();
@@ -135,7 +149,10 @@ mod tests {
 
     #[test]
     fn stop_string_split_across_pieces_is_caught_and_not_emitted() {
-        assert_eq!(run(&["END"], &["hello E", "N", "D world"]), ("hello ".into(), true));
+        assert_eq!(
+            run(&["END"], &["hello E", "N", "D world"]),
+            ("hello ".into(), true)
+        );
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! model's memory is freed (scale to zero).
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
@@ -18,7 +18,7 @@ use candle_nn::VarBuilder;
 use crate::checkpoint::Architecture;
 use crate::checkpoint_pool::PooledCheckpoint;
 use crate::error::{EngineError, Result};
-use crate::generate::{generate, Finish, Flow};
+use crate::generate::{Finish, Flow, generate};
 use crate::model::{LoadedModel, compute_dtype};
 use crate::params::SamplingParams;
 
@@ -81,7 +81,9 @@ impl GenerationStream {
             return None;
         }
         let item = self.rx.recv().await.unwrap_or_else(|| {
-            Err(EngineError::Runtime("engine stopped before finishing the generation".into()))
+            Err(EngineError::Runtime(
+                "engine stopped before finishing the generation".into(),
+            ))
         });
         if !matches!(item, Ok(StreamItem::Text(_))) {
             self.finished = true;
@@ -118,7 +120,12 @@ impl EngineHandle {
         params.validate()?;
         self.touch();
         let (events, rx) = mpsc::unbounded_channel();
-        let job = Job { prompt, params, enqueued: Instant::now(), events };
+        let job = Job {
+            prompt,
+            params,
+            enqueued: Instant::now(),
+            events,
+        };
         self.jobs.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => EngineError::Overloaded(format!(
                 "model {} has {} requests queued",
@@ -129,17 +136,27 @@ impl EngineHandle {
                 EngineError::Runtime(format!("engine for {} has stopped", self.info.name))
             }
         })?;
-        Ok(GenerationStream { rx, finished: false })
+        Ok(GenerationStream {
+            rx,
+            finished: false,
+        })
     }
 
-    pub async fn generate(&self, prompt: String, params: SamplingParams) -> Result<(String, Finish)> {
+    pub async fn generate(
+        &self,
+        prompt: String,
+        params: SamplingParams,
+    ) -> Result<(String, Finish)> {
         self.submit(prompt, params)?.collect().await
     }
 
     pub fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String> {
         match self.chat_template.as_ref() {
             Some(t) => t.render(messages),
-            None => Err(EngineError::InvalidParams(format!("model {} has no chat template", self.info.name))),
+            None => Err(EngineError::InvalidParams(format!(
+                "model {} has no chat template",
+                self.info.name
+            ))),
         }
     }
 
@@ -155,7 +172,8 @@ impl EngineHandle {
     }
 
     fn touch(&self) {
-        self.last_used.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.last_used
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 }
 
@@ -177,8 +195,21 @@ pub fn start_engine(
     let tokenizer = Tokenizer::from_file(&ckpt.tokenizer_path)
         .map_err(|e| EngineError::Load(format!("{}: {e}", ckpt.tokenizer_path.display())))?;
     let chat_template = ChatTemplate::from_model_dir(&ckpt.dir)?;
-    let model = LoadedModel::from_var_builder(ckpt, VarBuilder::from_tensors(tensors, dtype, device), device)?;
-    let load = LoadBreakdown { pool_hit, admit: if pool_hit { Duration::ZERO } else { pooled.admit_time }, h2d, init: started.elapsed() };
+    let model = LoadedModel::from_var_builder(
+        ckpt,
+        VarBuilder::from_tensors(tensors, dtype, device),
+        device,
+    )?;
+    let load = LoadBreakdown {
+        pool_hit,
+        admit: if pool_hit {
+            Duration::ZERO
+        } else {
+            pooled.admit_time
+        },
+        h2d,
+        init: started.elapsed(),
+    };
     let info = ModelInfo {
         name: name.to_string(),
         arch: ckpt.arch,
@@ -186,7 +217,14 @@ pub fn start_engine(
         max_positions: model.max_positions,
         load,
     };
-    spawn_engine(info, model, tokenizer, ckpt.eos_token_ids.clone(), chat_template, queue_depth)
+    spawn_engine(
+        info,
+        model,
+        tokenizer,
+        ckpt.eos_token_ids.clone(),
+        chat_template,
+        queue_depth,
+    )
 }
 
 /// Starts the actor thread around an already-built model.
@@ -209,12 +247,17 @@ pub fn spawn_engine(
                 }
                 let queued = job.enqueued.elapsed();
                 let events = job.events.clone();
-                let result = generate(&mut model, &tokenizer, &eos, &job.prompt, &job.params, |text| {
-                    match events.send(Ok(StreamItem::Text(text))) {
+                let result = generate(
+                    &mut model,
+                    &tokenizer,
+                    &eos,
+                    &job.prompt,
+                    &job.params,
+                    |text| match events.send(Ok(StreamItem::Text(text))) {
                         Ok(()) => Flow::Continue,
                         Err(_) => Flow::Stop,
-                    }
-                });
+                    },
+                );
                 let _ = job.events.send(result.map(|mut finish| {
                     finish.timing.queue = queued;
                     StreamItem::Done(finish)

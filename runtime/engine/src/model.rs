@@ -1,6 +1,6 @@
 //! A loaded network of one of the supported families, driven one sequence at a time.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -36,8 +36,8 @@ pub fn compute_dtype(device: &Device) -> DType {
 
 /// Fills the optional Qwen2 fields that some exported configs leave out with HF's defaults.
 fn qwen2_config(config_json: &str) -> Result<qwen2::Config> {
-    let mut v: serde_json::Value =
-        serde_json::from_str(config_json).map_err(|e| EngineError::Load(format!("config.json: {e}")))?;
+    let mut v: serde_json::Value = serde_json::from_str(config_json)
+        .map_err(|e| EngineError::Load(format!("config.json: {e}")))?;
     let layers = v["num_hidden_layers"].clone();
     let max_pos = v["max_position_embeddings"].clone();
     let obj = v
@@ -77,12 +77,18 @@ impl LoadedModel {
                         .map_err(|e| EngineError::Load(format!("config.json: {e}")))?;
                     let cfg = cfg.into_config(false);
                     let model = llama::Llama::load(vb, &cfg).map_err(EngineError::load)?;
-                    let empty_cache = llama::Cache::new(true, dtype, &cfg, device).map_err(EngineError::load)?;
-                    Ok(Network::Llama { model, empty_cache, cache: None })
+                    let empty_cache =
+                        llama::Cache::new(true, dtype, &cfg, device).map_err(EngineError::load)?;
+                    Ok(Network::Llama {
+                        model,
+                        empty_cache,
+                        cache: None,
+                    })
                 }
                 Architecture::Qwen2 => {
                     let cfg = qwen2_config(&ckpt.config_json)?;
-                    let model = qwen2::ModelForCausalLM::new(&cfg, vb).map_err(EngineError::load)?;
+                    let model =
+                        qwen2::ModelForCausalLM::new(&cfg, vb).map_err(EngineError::load)?;
                     Ok(Network::Qwen2(model))
                 }
             }
@@ -95,21 +101,29 @@ impl LoadedModel {
                 .unwrap_or_else(|| "loader panicked".into());
             EngineError::Load(msg)
         })??;
-        Ok(Self { network: built, device: device.clone(), max_positions: ckpt.config.max_position_embeddings })
+        Ok(Self {
+            network: built,
+            device: device.clone(),
+            max_positions: ckpt.config.max_position_embeddings,
+        })
     }
 
     /// Loads straight from the checkpoint's mmapped safetensors files.
     pub fn load_mmapped(ckpt: &Checkpoint, device: &Device) -> Result<Self> {
         // SAFETY: the files were opened and validated by `Checkpoint::open`; see its note on mmap.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&ckpt.weight_files, compute_dtype(device), device) }
-            .map_err(EngineError::load)?;
+        let vb = unsafe {
+            VarBuilder::from_mmaped_safetensors(&ckpt.weight_files, compute_dtype(device), device)
+        }
+        .map_err(EngineError::load)?;
         Self::from_var_builder(ckpt, vb, device)
     }
 
     /// Forgets the previous sequence's KV cache.
     pub fn begin_sequence(&mut self) {
         match &mut self.network {
-            Network::Llama { empty_cache, cache, .. } => *cache = Some(empty_cache.clone()),
+            Network::Llama {
+                empty_cache, cache, ..
+            } => *cache = Some(empty_cache.clone()),
             Network::Qwen2(model) => model.clear_kv_cache(),
         }
     }
@@ -120,7 +134,11 @@ impl LoadedModel {
             .and_then(|t| t.unsqueeze(0))
             .map_err(EngineError::runtime)?;
         let logits = match &mut self.network {
-            Network::Llama { model, empty_cache, cache } => {
+            Network::Llama {
+                model,
+                empty_cache,
+                cache,
+            } => {
                 let cache = cache.get_or_insert_with(|| empty_cache.clone());
                 model.forward(&input, pos, cache)
             }

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
-use wasmtime::component::Component;
 use wasmtime::Engine;
+use wasmtime::component::Component;
 
 pub fn content_hash(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
@@ -28,7 +28,12 @@ impl ComponentCache {
     }
 
     /// The compiled component for `wasm`, from the cache when possible.
-    pub fn load_or_compile(&self, engine: &Engine, hash: &str, wasm: &[u8]) -> wasmtime::Result<Component> {
+    pub fn load_or_compile(
+        &self,
+        engine: &Engine,
+        hash: &str,
+        wasm: &[u8],
+    ) -> wasmtime::Result<Component> {
         let Some(path) = self.path(hash) else {
             return Component::new(engine, wasm);
         };
@@ -37,7 +42,9 @@ impl ComponentCache {
             // compilation; wasmtime checks the engine-compatibility header before using them.
             match unsafe { Component::deserialize_file(engine, &path) } {
                 Ok(c) => return Ok(c),
-                Err(e) => tracing::warn!(path = %path.display(), error = %e, "stale compiled component; recompiling"),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "stale compiled component; recompiling")
+                }
             }
         }
         let component = Component::new(engine, wasm)?;

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kindling_engine::{
-    ChatMessage, ColdStart, EngineError, EngineHandle, Finish, FinishReason, GenerationStream, ModelRegistry,
-    SamplingParams, StreamItem, Usage,
+    ChatMessage, ColdStart, EngineError, EngineHandle, Finish, FinishReason, GenerationStream,
+    ModelRegistry, SamplingParams, StreamItem, Usage,
 };
 use wasmtime::component::{HasData, Resource, ResourceTable};
 
@@ -41,7 +41,8 @@ impl LlmReport {
         self.prompt_tokens += u64::from(finish.usage.prompt_tokens);
         self.completion_tokens += u64::from(finish.usage.completion_tokens);
         self.generations += 1;
-        self.first_token.get_or_insert(finish.timing.queue + finish.timing.first_token);
+        self.first_token
+            .get_or_insert(finish.timing.queue + finish.timing.first_token);
     }
 }
 
@@ -56,8 +57,17 @@ pub struct LlmCtx {
 }
 
 impl LlmCtx {
-    pub fn new(registry: Arc<ModelRegistry>, allowed: Arc<BTreeSet<String>>, max_tokens: u32) -> Self {
-        Self { registry, allowed, max_tokens, report: Default::default() }
+    pub fn new(
+        registry: Arc<ModelRegistry>,
+        allowed: Arc<BTreeSet<String>>,
+        max_tokens: u32,
+    ) -> Self {
+        Self {
+            registry,
+            allowed,
+            max_tokens,
+            report: Default::default(),
+        }
     }
 
     fn params(&self, p: llm::Params) -> SamplingParams {
@@ -90,7 +100,9 @@ fn to_wit(err: EngineError) -> llm::Error {
         EngineError::InvalidParams(m) => llm::Error::InvalidParams(m),
         EngineError::PromptTooLong(m) => llm::Error::PromptTooLong(m),
         EngineError::Overloaded(m) => llm::Error::Overloaded(m),
-        e @ (EngineError::Load(_) | EngineError::Runtime(_)) => llm::Error::RuntimeError(e.to_string()),
+        e @ (EngineError::Load(_) | EngineError::Runtime(_)) => {
+            llm::Error::RuntimeError(e.to_string())
+        }
     }
 }
 
@@ -99,12 +111,24 @@ fn finish_to_wit(finish: &Finish) -> (llm::FinishReason, llm::Usage) {
         FinishReason::Stop => llm::FinishReason::Stop,
         FinishReason::Length => llm::FinishReason::Length,
     };
-    let Usage { prompt_tokens, completion_tokens } = finish.usage;
-    (reason, llm::Usage { prompt_tokens, completion_tokens })
+    let Usage {
+        prompt_tokens,
+        completion_tokens,
+    } = finish.usage;
+    (
+        reason,
+        llm::Usage {
+            prompt_tokens,
+            completion_tokens,
+        },
+    )
 }
 
 impl llm::Host for LlmView<'_> {
-    async fn load(&mut self, name: String) -> wasmtime::Result<Result<Resource<ModelResource>, llm::Error>> {
+    async fn load(
+        &mut self,
+        name: String,
+    ) -> wasmtime::Result<Result<Resource<ModelResource>, llm::Error>> {
         if !self.ctx.allowed.contains(&name) {
             return Ok(Err(llm::Error::ModelNotAllowed(format!(
                 "this deployment's manifest does not list model {name:?} (allowed: {:?})",
@@ -116,9 +140,16 @@ impl llm::Host for LlmView<'_> {
             Err(e) => return Ok(Err(to_wit(e))),
         };
         if let Some(cold) = acquired.cold_start {
-            self.ctx.report.lock().expect("poisoned").cold_starts.push((name, cold));
+            self.ctx
+                .report
+                .lock()
+                .expect("poisoned")
+                .cold_starts
+                .push((name, cold));
         }
-        Ok(Ok(self.table.push(ModelResource { engine: acquired.engine })?))
+        Ok(Ok(self.table.push(ModelResource {
+            engine: acquired.engine,
+        })?))
     }
 }
 
@@ -139,7 +170,11 @@ impl llm::HostModel for LlmView<'_> {
             Ok((text, finish)) => {
                 self.ctx.report.lock().expect("poisoned").record(&finish);
                 let (finish_reason, usage) = finish_to_wit(&finish);
-                Ok(Ok(llm::Completion { text, finish_reason, usage }))
+                Ok(Ok(llm::Completion {
+                    text,
+                    finish_reason,
+                    usage,
+                }))
             }
             Err(e) => Ok(Err(to_wit(e))),
         }
@@ -154,7 +189,10 @@ impl llm::HostModel for LlmView<'_> {
         let params = self.ctx.params(params);
         let engine = self.table.get(&model)?.engine.clone();
         match engine.submit(prompt, params) {
-            Ok(stream) => Ok(Ok(self.table.push(TokenStreamResource { stream, finish: None })?)),
+            Ok(stream) => Ok(Ok(self.table.push(TokenStreamResource {
+                stream,
+                finish: None,
+            })?)),
             Err(e) => Ok(Err(to_wit(e))),
         }
     }
@@ -164,9 +202,19 @@ impl llm::HostModel for LlmView<'_> {
         model: Resource<ModelResource>,
         messages: Vec<llm::Message>,
     ) -> wasmtime::Result<Result<String, llm::Error>> {
-        let messages: Vec<ChatMessage> =
-            messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect();
-        Ok(self.table.get(&model)?.engine.apply_chat_template(&messages).map_err(to_wit))
+        let messages: Vec<ChatMessage> = messages
+            .into_iter()
+            .map(|m| ChatMessage {
+                role: m.role,
+                content: m.content,
+            })
+            .collect();
+        Ok(self
+            .table
+            .get(&model)?
+            .engine
+            .apply_chat_template(&messages)
+            .map_err(to_wit))
     }
 
     async fn drop(&mut self, model: Resource<ModelResource>) -> wasmtime::Result<()> {
@@ -176,7 +224,10 @@ impl llm::HostModel for LlmView<'_> {
 }
 
 impl llm::HostTokenStream for LlmView<'_> {
-    async fn next(&mut self, stream: Resource<TokenStreamResource>) -> wasmtime::Result<Result<Option<String>, llm::Error>> {
+    async fn next(
+        &mut self,
+        stream: Resource<TokenStreamResource>,
+    ) -> wasmtime::Result<Result<Option<String>, llm::Error>> {
         let s = self.table.get_mut(&stream)?;
         match s.stream.next().await {
             Some(Ok(StreamItem::Text(text))) => Ok(Ok(Some(text))),

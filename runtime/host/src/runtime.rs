@@ -12,12 +12,12 @@ use bytes::Bytes;
 use http_body_util::Full;
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
-use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
-use wasmtime_wasi_http::p2::bindings::ProxyPre;
-use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::WasiHttpView;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
-use crate::component_cache::{content_hash, ComponentCache};
+use crate::component_cache::{ComponentCache, content_hash};
 use crate::limits::HandlerLimits;
 use crate::llm::{LlmCtx, LlmReport};
 use crate::state::InvocationState;
@@ -37,7 +37,11 @@ pub struct RuntimeConfig {
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        Self { cache_dir: None, max_instances: 128, max_memory_bytes: 1 << 30 }
+        Self {
+            cache_dir: None,
+            max_instances: 128,
+            max_memory_bytes: 1 << 30,
+        }
     }
 }
 
@@ -46,7 +50,9 @@ impl Default for RuntimeConfig {
 pub enum PrepareError {
     #[error("not a WebAssembly binary (missing the \\0asm magic number)")]
     NotWasm,
-    #[error("this is a core WebAssembly module, not a component; build a component (componentize-py, jco componentize, or `wasm-tools component new`)")]
+    #[error(
+        "this is a core WebAssembly module, not a component; build a component (componentize-py, jco componentize, or `wasm-tools component new`)"
+    )]
     CoreModule,
     #[error("invalid component: {0}")]
     Invalid(String),
@@ -137,16 +143,23 @@ impl HandlerRuntime {
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let (weak, stop) = (engine.weak(), ticker_stop.clone());
-        std::thread::Builder::new().name("epoch-ticker".into()).spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(EPOCH_TICK);
-                match weak.upgrade() {
-                    Some(engine) => engine.increment_epoch(),
-                    None => break,
+        std::thread::Builder::new()
+            .name("epoch-ticker".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    match weak.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => break,
+                    }
                 }
-            }
-        })?;
-        Ok(Self { engine, linker, cache: ComponentCache::new(cfg.cache_dir)?, ticker_stop })
+            })?;
+        Ok(Self {
+            engine,
+            linker,
+            cache: ComponentCache::new(cfg.cache_dir)?,
+            ticker_stop,
+        })
     }
 
     /// Compiles (or loads from cache) and links a component. Blocking: compilation can take
@@ -156,7 +169,9 @@ impl HandlerRuntime {
             Some([0, b'a', b's', b'm', 1, 0, 0, 0]) => return Err(PrepareError::CoreModule),
             Some([0, b'a', b's', b'm', _, _, 1, 0]) => {}
             Some([0, b'a', b's', b'm', ..]) => {
-                return Err(PrepareError::Invalid("unknown WebAssembly version or layer".into()))
+                return Err(PrepareError::Invalid(
+                    "unknown WebAssembly version or layer".into(),
+                ));
             }
             _ => return Err(PrepareError::NotWasm),
         }
@@ -193,17 +208,32 @@ impl HandlerRuntime {
         let report = llm.report.clone();
         let mut store = Store::new(&self.engine, InvocationState::new(llm, limits));
         store.limiter(|s| &mut s.limits);
-        let ticks = limits.timeout.as_millis().div_ceil(EPOCH_TICK.as_millis()).max(1) as u64;
+        let ticks = limits
+            .timeout
+            .as_millis()
+            .div_ceil(EPOCH_TICK.as_millis())
+            .max(1) as u64;
         store.set_epoch_deadline(ticks);
         store.epoch_deadline_trap();
 
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let internal = |e: wasmtime::Error| InvokeError::Trap(format!("{e:#}"));
         let request = request.map(|body| {
-            http_body_util::BodyExt::map_err(body, |never: Infallible| -> wasmtime_wasi_http::Error { match never {} })
+            http_body_util::BodyExt::map_err(
+                body,
+                |never: Infallible| -> wasmtime_wasi_http::Error { match never {} },
+            )
         });
-        let req = store.data_mut().http().new_incoming_request(Scheme::Http, request).map_err(internal)?;
-        let out = store.data_mut().http().new_response_outparam(sender).map_err(internal)?;
+        let req = store
+            .data_mut()
+            .http()
+            .new_incoming_request(Scheme::Http, request)
+            .map_err(internal)?;
+        let out = store
+            .data_mut()
+            .http()
+            .new_response_outparam(sender)
+            .map_err(internal)?;
         let pre = handler.pre.clone();
         let timeout = limits.timeout;
 
@@ -226,7 +256,9 @@ impl HandlerRuntime {
                         _ => InvokeError::Trap(format!("{e:#}")),
                     })
             };
-            let result = tokio::time::timeout(timeout, run).await.unwrap_or(Err(InvokeError::Timeout(timeout)));
+            let result = tokio::time::timeout(timeout, run)
+                .await
+                .unwrap_or(Err(InvokeError::Timeout(timeout)));
             if let Err(e) = &result {
                 let output = store.data().stderr.contents();
                 let tail = String::from_utf8_lossy(&output[output.len().saturating_sub(4096)..]);

@@ -11,10 +11,9 @@ use serde::Deserialize;
 
 use crate::app::{App, DeployError};
 use crate::body::read_limited;
-use crate::http_util::{empty, error, json, Body};
+use crate::http_util::{Body, empty, error, json};
 
-const DEPLOY_USAGE: &str =
-    "expected multipart/form-data with a 'manifest' part (kindling.toml) and a 'component' part (the .wasm)";
+const DEPLOY_USAGE: &str = "expected multipart/form-data with a 'manifest' part (kindling.toml) and a 'component' part (the .wasm)";
 
 fn authorized(app: &App, req: &Request<Incoming>) -> bool {
     let Some(token) = &app.config.admin_token else {
@@ -27,13 +26,21 @@ fn authorized(app: &App, req: &Request<Incoming>) -> bool {
         .and_then(|v| v.strip_prefix("Bearer "));
     // Constant-time comparison: the token is a secret.
     presented.is_some_and(|p| {
-        p.len() == token.len() && p.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        p.len() == token.len()
+            && p.bytes()
+                .zip(token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
     })
 }
 
 pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
     if !authorized(app, &req) {
-        return error(StatusCode::UNAUTHORIZED, "unauthorized", "admin API requires 'Authorization: Bearer <admin token>'");
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "admin API requires 'Authorization: Bearer <admin token>'",
+        );
     }
     let path = req.uri().path().trim_end_matches('/').to_string();
     let segments: Vec<&str> = path.split('/').skip(2).collect(); // after "/admin"
@@ -45,11 +52,19 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
         (Method::POST, ["deployments"]) => deploy(app, req).await,
         (Method::GET, ["deployments", name]) => match app.get(name) {
             Some(d) => json(StatusCode::OK, &d.summary()),
-            None => error(StatusCode::NOT_FOUND, "not_found", format!("no deployment named {name}")),
+            None => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no deployment named {name}"),
+            ),
         },
         (Method::DELETE, ["deployments", name]) => match app.delete(name).await {
             Ok(true) => empty(StatusCode::NO_CONTENT),
-            Ok(false) => error(StatusCode::NOT_FOUND, "not_found", format!("no deployment named {name}")),
+            Ok(false) => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no deployment named {name}"),
+            ),
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
         },
         (Method::GET, ["models"]) => json(StatusCode::OK, &app.registry.list()),
@@ -58,14 +73,25 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
             if app.registry.remove(name) {
                 empty(StatusCode::NO_CONTENT)
             } else {
-                error(StatusCode::NOT_FOUND, "not_found", format!("no model named {name}"))
+                error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("no model named {name}"),
+                )
             }
         }
         (Method::POST, ["models", name, "unload"]) => {
             let unloaded = app.registry.unload(name);
-            json(StatusCode::OK, &serde_json::json!({ "model": name, "unloaded": unloaded }))
+            json(
+                StatusCode::OK,
+                &serde_json::json!({ "model": name, "unloaded": unloaded }),
+            )
         }
-        _ => error(StatusCode::NOT_FOUND, "not_found", format!("no admin endpoint {} {path}", req.method())),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no admin endpoint {} {path}", req.method()),
+        ),
     }
 }
 
@@ -90,7 +116,11 @@ async fn deploy(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
     match app.deploy(&manifest, component).await {
         Ok((deployment, replaced)) => {
             tracing::info!(deployment = %deployment.manifest.name, replaced, "deployed");
-            let status = if replaced { StatusCode::OK } else { StatusCode::CREATED };
+            let status = if replaced {
+                StatusCode::OK
+            } else {
+                StatusCode::CREATED
+            };
             json(status, &deployment.summary())
         }
         Err(e) => {
@@ -110,13 +140,22 @@ async fn read_parts(bytes: Bytes, boundary: String) -> Result<(String, Vec<u8>),
     let stream = futures_util::stream::once(async move { Ok::<Bytes, Infallible>(bytes) });
     let mut multipart = multer::Multipart::new(stream, boundary);
     let (mut manifest, mut component) = (None, None);
-    while let Some(field) = multipart.next_field().await.map_err(|e| format!("malformed multipart body: {e}"))? {
+    while let Some(field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| format!("malformed multipart body: {e}"))?
+    {
         match field.name() {
             Some("manifest") => {
                 let text = field.bytes().await.map_err(|e| e.to_string())?;
-                manifest = Some(String::from_utf8(text.to_vec()).map_err(|_| "manifest is not UTF-8".to_string())?);
+                manifest = Some(
+                    String::from_utf8(text.to_vec())
+                        .map_err(|_| "manifest is not UTF-8".to_string())?,
+                );
             }
-            Some("component") => component = Some(field.bytes().await.map_err(|e| e.to_string())?.to_vec()),
+            Some("component") => {
+                component = Some(field.bytes().await.map_err(|e| e.to_string())?.to_vec())
+            }
             _ => {}
         }
     }
@@ -140,7 +179,13 @@ async fn add_model(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
     };
     let add: AddModel = match serde_json::from_slice(&bytes) {
         Ok(a) => a,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", format!("expected {{\"name\", \"path\"}}: {e}")),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("expected {{\"name\", \"path\"}}: {e}"),
+            );
+        }
     };
     let registry = app.registry.clone();
     let result = tokio::task::spawn_blocking(move || registry.register(&add.name, &add.path)).await;

@@ -26,8 +26,16 @@ pub struct ServerConfig {
 
 impl ServerConfig {
     pub fn new(data_dir: PathBuf) -> Self {
-        let runtime = RuntimeConfig { cache_dir: Some(data_dir.join("compiled")), ..RuntimeConfig::default() };
-        Self { data_dir, admin_token: None, max_deploy_bytes: 256 << 20, runtime }
+        let runtime = RuntimeConfig {
+            cache_dir: Some(data_dir.join("compiled")),
+            ..RuntimeConfig::default()
+        };
+        Self {
+            data_dir,
+            admin_token: None,
+            max_deploy_bytes: 256 << 20,
+            runtime,
+        }
     }
 }
 
@@ -61,7 +69,8 @@ impl Deployment {
             component_sha256: self.record.component_sha256.clone(),
             component_bytes: self.record.component_bytes,
             deployed_at_unix: self.record.deployed_at_unix,
-            in_flight: self.manifest.limits.max_concurrency as usize - self.in_flight.available_permits(),
+            in_flight: self.manifest.limits.max_concurrency as usize
+                - self.in_flight.available_permits(),
         }
     }
 }
@@ -87,16 +96,16 @@ struct Table {
 
 fn normalize(route: &str) -> &str {
     let t = route.trim_end_matches('/');
-    if t.is_empty() {
-        "/"
-    } else {
-        t
-    }
+    if t.is_empty() { "/" } else { t }
 }
 
 fn route_matches(route: &str, path: &str) -> bool {
     let route = normalize(route);
-    route == "/" || path == route || path.strip_prefix(route).is_some_and(|rest| rest.starts_with('/'))
+    route == "/"
+        || path == route
+        || path
+            .strip_prefix(route)
+            .is_some_and(|rest| rest.starts_with('/'))
 }
 
 impl Table {
@@ -110,15 +119,18 @@ impl Table {
     }
 
     fn conflict(&self, manifest: &Manifest) -> Option<(String, String)> {
-        self.by_name.values().filter(|d| d.manifest.name != manifest.name).find_map(|d| {
-            manifest.routes.iter().find_map(|r| {
-                d.manifest
-                    .routes
-                    .iter()
-                    .any(|o| normalize(o) == normalize(r))
-                    .then(|| (r.clone(), d.manifest.name.clone()))
+        self.by_name
+            .values()
+            .filter(|d| d.manifest.name != manifest.name)
+            .find_map(|d| {
+                manifest.routes.iter().find_map(|r| {
+                    d.manifest
+                        .routes
+                        .iter()
+                        .any(|o| normalize(o) == normalize(r))
+                        .then(|| (r.clone(), d.manifest.name.clone()))
+                })
             })
-        })
     }
 }
 
@@ -135,7 +147,10 @@ pub struct App {
 
 impl App {
     /// Opens the data dir and brings every stored deployment back.
-    pub async fn open(config: ServerConfig, registry: Arc<ModelRegistry>) -> anyhow::Result<Arc<Self>> {
+    pub async fn open(
+        config: ServerConfig,
+        registry: Arc<ModelRegistry>,
+    ) -> anyhow::Result<Arc<Self>> {
         std::fs::create_dir_all(&config.data_dir)?;
         let store = DeploymentStore::open(&config.data_dir)?;
         let runtime = Arc::new(HandlerRuntime::new(config.runtime.clone())?);
@@ -165,10 +180,16 @@ impl App {
             match restored {
                 Ok(d) => {
                     tracing::info!(deployment = %name, "restored deployment");
-                    self.table.write().expect("poisoned").by_name.insert(name, Arc::new(d));
+                    self.table
+                        .write()
+                        .expect("poisoned")
+                        .by_name
+                        .insert(name, Arc::new(d));
                 }
                 // Keep serving the others; the operator sees why this one is missing.
-                Err(e) => tracing::error!(deployment = %name, error = %format!("{e:#}"), "could not restore deployment"),
+                Err(e) => {
+                    tracing::error!(deployment = %name, error = %format!("{e:#}"), "could not restore deployment")
+                }
             }
         }
         Ok(())
@@ -181,7 +202,11 @@ impl App {
             .unwrap_or_else(|e| Err(PrepareError::Invalid(format!("compiler task failed: {e}"))))
     }
 
-    fn deployment(manifest: Manifest, record: DeploymentRecord, handler: PreparedHandler) -> Deployment {
+    fn deployment(
+        manifest: Manifest,
+        record: DeploymentRecord,
+        handler: PreparedHandler,
+    ) -> Deployment {
         Deployment {
             limits: manifest.handler_limits(),
             allowed_models: Arc::new(manifest.allowed_models()),
@@ -193,7 +218,11 @@ impl App {
     }
 
     /// Validates, compiles, stores and activates a deployment. Returns it and whether it replaced one.
-    pub async fn deploy(&self, manifest_toml: &str, wasm: Vec<u8>) -> Result<(Arc<Deployment>, bool), DeployError> {
+    pub async fn deploy(
+        &self,
+        manifest_toml: &str,
+        wasm: Vec<u8>,
+    ) -> Result<(Arc<Deployment>, bool), DeployError> {
         let manifest = Manifest::parse(manifest_toml)?;
         if let Some(model) = manifest.models.iter().find(|m| !self.registry.contains(m)) {
             return Err(DeployError::UnknownModel(model.clone()));
@@ -209,23 +238,43 @@ impl App {
             .map_err(|e| DeployError::Storage(e.to_string()))?;
         let name = manifest.name.clone();
         let deployment = Arc::new(Self::deployment(manifest, record, handler));
-        let replaced = self.table.write().expect("poisoned").by_name.insert(name, deployment.clone()).is_some();
+        let replaced = self
+            .table
+            .write()
+            .expect("poisoned")
+            .by_name
+            .insert(name, deployment.clone())
+            .is_some();
         Ok((deployment, replaced))
     }
 
     pub async fn delete(&self, name: &str) -> Result<bool, DeployError> {
         let _guard = self.deploy_lock.lock().await;
-        let existed = self.store.delete(name).map_err(|e| DeployError::Storage(e.to_string()))?;
+        let existed = self
+            .store
+            .delete(name)
+            .map_err(|e| DeployError::Storage(e.to_string()))?;
         self.table.write().expect("poisoned").by_name.remove(name);
         Ok(existed)
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Deployment>> {
-        self.table.read().expect("poisoned").by_name.get(name).cloned()
+        self.table
+            .read()
+            .expect("poisoned")
+            .by_name
+            .get(name)
+            .cloned()
     }
 
     pub fn list(&self) -> Vec<Arc<Deployment>> {
-        self.table.read().expect("poisoned").by_name.values().cloned().collect()
+        self.table
+            .read()
+            .expect("poisoned")
+            .by_name
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub fn route(&self, path: &str) -> Option<Arc<Deployment>> {

@@ -10,7 +10,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::http_util::{error, Body, BoxError};
+use crate::http_util::{Body, BoxError, error};
 
 /// Reads a request body of at most `max` bytes; a larger one gets a 413 the caller returns as is.
 pub async fn read_limited(
@@ -34,8 +34,17 @@ pub async fn read_limited(
     }
     match Limited::new(body, max as usize).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
-        Err(e) => Err(error(StatusCode::BAD_REQUEST, "bad_body", format!("could not read request body: {e}"))),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(too_large())
+        }
+        Err(e) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_body",
+            format!("could not read request body: {e}"),
+        )),
     }
 }
 
@@ -49,8 +58,19 @@ pub struct GuardedBody<B> {
 }
 
 impl<B> GuardedBody<B> {
-    pub fn new(inner: B, limit: u64, permit: OwnedSemaphorePermit, on_end: Box<dyn FnOnce() + Send>) -> Self {
-        Self { inner, remaining: limit, limit, permit: Some(permit), on_end: Some(on_end) }
+    pub fn new(
+        inner: B,
+        limit: u64,
+        permit: OwnedSemaphorePermit,
+        on_end: Box<dyn FnOnce() + Send>,
+    ) -> Self {
+        Self {
+            inner,
+            remaining: limit,
+            limit,
+            permit: Some(permit),
+            on_end: Some(on_end),
+        }
     }
 
     fn finish(&mut self) {
@@ -75,7 +95,10 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
@@ -83,7 +106,10 @@ where
                     let n = data.len() as u64;
                     if n > this.remaining {
                         this.finish();
-                        let msg = format!("response body exceeds the deployment's limit of {} bytes", this.limit);
+                        let msg = format!(
+                            "response body exceeds the deployment's limit of {} bytes",
+                            this.limit
+                        );
                         tracing::warn!("{msg}");
                         return Poll::Ready(Some(Err(msg.into())));
                     }

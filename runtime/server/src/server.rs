@@ -12,7 +12,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::app::App;
-use crate::http_util::{error, full, with_retry_after, Body};
+use crate::http_util::{Body, error, full, with_retry_after};
 use crate::{admin, invoke};
 
 /// How long in-flight requests get to finish once shutdown starts.
@@ -20,7 +20,11 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 async fn dispatch(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     if app.is_draining() {
-        let resp = error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "server is shutting down");
+        let resp = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "server is shutting down",
+        );
         return with_retry_after(resp, 1);
     }
     let path = req.uri().path();
@@ -34,7 +38,11 @@ async fn dispatch(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
 }
 
 /// Serves until `shutdown` resolves, then drains: new requests get 503, in-flight ones finish.
-pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn serve(
+    app: Arc<App>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -53,7 +61,9 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<O
             let app = app.clone();
             async move { Ok::<_, std::convert::Infallible>(dispatch(app, req).await) }
         });
-        let conn = http1::Builder::new().keep_alive(true).serve_connection(TokioIo::new(stream), service);
+        let conn = http1::Builder::new()
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {

@@ -8,10 +8,10 @@
 
 use std::path::Path;
 
-use safetensors::tensor::TensorView;
 use safetensors::Dtype;
-use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use safetensors::tensor::TensorView;
 use tokenizers::models::TrainerWrapper;
+use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
@@ -86,7 +86,10 @@ fn bf16_bits(x: f32) -> u16 {
 }
 
 fn train_tokenizer(vocab_target: usize) -> Result<Tokenizer> {
-    let specials: Vec<AddedToken> = SPECIAL_TOKENS.iter().map(|t| AddedToken::from(*t, true)).collect();
+    let specials: Vec<AddedToken> = SPECIAL_TOKENS
+        .iter()
+        .map(|t| AddedToken::from(*t, true))
+        .collect();
     let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
         .vocab_size(vocab_target)
         .min_frequency(2)
@@ -145,7 +148,10 @@ pub fn make_tiny_model(dir: &Path, spec: &TinySpec) -> Result<ShapeConfig> {
             "max_window_layers": spec.num_hidden_layers,
             "use_sliding_window": false,
         });
-        config.as_object_mut().expect("object").extend(extra.as_object().expect("object").clone());
+        config
+            .as_object_mut()
+            .expect("object")
+            .extend(extra.as_object().expect("object").clone());
     }
     let config_text = serde_json::to_string_pretty(&config).expect("json");
     let shape: ShapeConfig = serde_json::from_str(&config_text).expect("we just wrote it");
@@ -163,7 +169,11 @@ pub fn make_tiny_model(dir: &Path, spec: &TinySpec) -> Result<ShapeConfig> {
         "model_max_length": spec.max_position_embeddings,
     });
     let path = dir.join("tokenizer_config.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&tokenizer_config).expect("json")).map_err(io(&path))?;
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&tokenizer_config).expect("json"),
+    )
+    .map_err(io(&path))?;
 
     write_weights(&dir.join("model.safetensors"), &shape, spec, &tokenizer)?;
     Ok(shape)
@@ -174,14 +184,20 @@ pub fn make_tiny_model(dir: &Path, spec: &TinySpec) -> Result<ShapeConfig> {
 /// that the text stays corpus-like.
 const BLOCK_SCALE: f32 = 0.5;
 
-fn write_weights(path: &Path, shape: &ShapeConfig, spec: &TinySpec, tokenizer: &Tokenizer) -> Result<()> {
+fn write_weights(
+    path: &Path,
+    shape: &ShapeConfig,
+    spec: &TinySpec,
+    tokenizer: &Tokenizer,
+) -> Result<()> {
     let mut rng = SplitMix64(spec.seed);
     let sequences: Vec<Vec<u32>> = CORPUS
         .lines()
         .filter_map(|line| tokenizer.encode(format!("{line}\n"), false).ok())
         .map(|e| e.get_ids().to_vec())
         .collect();
-    let (embed, head) = bigram::bigram_factors(&sequences, shape.vocab_size, shape.hidden_size, &mut rng);
+    let (embed, head) =
+        bigram::bigram_factors(&sequences, shape.vocab_size, shape.hidden_size, &mut rng);
     // BTreeMap order makes the draw order, and so the bytes, deterministic.
     let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = shape
         .expected_tensors(spec.arch)
@@ -204,7 +220,10 @@ fn write_weights(path: &Path, shape: &ShapeConfig, spec: &TinySpec, tokenizer: &
                 }
                 (0..n).map(|_| scale * rng.normal()).collect()
             };
-            let bytes = values.iter().flat_map(|v| bf16_bits(*v).to_le_bytes()).collect();
+            let bytes = values
+                .iter()
+                .flat_map(|v| bf16_bits(*v).to_le_bytes())
+                .collect();
             (name, dims, bytes)
         })
         .collect();
@@ -215,7 +234,10 @@ fn write_weights(path: &Path, shape: &ShapeConfig, spec: &TinySpec, tokenizer: &
             (name.clone(), view)
         })
         .collect();
-    let metadata = Some(std::collections::HashMap::from([("format".to_string(), "pt".to_string())]));
+    let metadata = Some(std::collections::HashMap::from([(
+        "format".to_string(),
+        "pt".to_string(),
+    )]));
     safetensors::tensor::serialize_to_file(views, metadata, path)
         .map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))
 }
@@ -226,10 +248,15 @@ mod tests {
     use crate::checkpoint::Checkpoint;
 
     fn digest(dir: &Path) -> Vec<Vec<u8>> {
-        ["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"]
-            .iter()
-            .map(|f| std::fs::read(dir.join(f)).unwrap())
-            .collect()
+        [
+            "config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "model.safetensors",
+        ]
+        .iter()
+        .map(|f| std::fs::read(dir.join(f)).unwrap())
+        .collect()
     }
 
     #[test]
@@ -238,7 +265,10 @@ mod tests {
         let spec = TinySpec::new(Architecture::Qwen2);
         make_tiny_model(a.path(), &spec).unwrap();
         make_tiny_model(b.path(), &spec).unwrap();
-        assert!(digest(a.path()) == digest(b.path()), "tiny model generation is not deterministic");
+        assert!(
+            digest(a.path()) == digest(b.path()),
+            "tiny model generation is not deterministic"
+        );
     }
 
     #[test]

@@ -1,0 +1,276 @@
+//! `kindling bench coldstart`: request-to-first-token for a model with no engine, compared in one
+//! run against (1) a fresh kindling process with no pool and no warm worker and (2) a fresh Python
+//! process with HF transformers. Baselines run first, while the GPU is still free; the warm
+//! worker (which reserves most of the GPU as its arena) is made last.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use kindling_engine::{Checkpoint, CheckpointPool, ModelRegistry, SamplingParams};
+use serde_json::{Value, json};
+
+#[derive(clap::Args)]
+pub struct ColdstartArgs {
+    /// NAME=PATH of an HF-format model directory. Repeatable.
+    #[arg(long = "model", value_name = "NAME=PATH", required = true)]
+    models: Vec<String>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Timed runs of each variant.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// A python3 with torch and transformers, for the HF fresh-process baseline (skipped without it).
+    #[arg(long)]
+    hf_python: Option<String>,
+    #[arg(long, default_value = "scripts/bench/hf_coldstart.py")]
+    hf_script: PathBuf,
+    /// Skip the fresh-kindling-process baseline.
+    #[arg(long)]
+    skip_fresh: bool,
+    #[arg(long, default_value_t = 64.0)]
+    pool_gib: f64,
+    /// Write the results as JSON here too.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct OnceArgs {
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long)]
+    model: PathBuf,
+}
+
+const PROMPT: &str = "Hello, Kindling! Tell me a story.";
+
+fn first_token_params() -> SamplingParams {
+    SamplingParams {
+        max_tokens: 1,
+        ..SamplingParams::default()
+    }
+}
+
+fn secs(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e4).round() / 1e4
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    if values.is_empty() {
+        f64::NAN
+    } else {
+        values[values.len() / 2]
+    }
+}
+
+/// One fresh process: make the device, load without pool or warm-up, generate one token.
+pub fn once(args: OnceArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let device_started = Instant::now();
+        let worker = cold_worker(&args.device)?;
+        let device_s = secs(device_started.elapsed());
+        let ckpt = Checkpoint::open(&args.model)?;
+        let pool = CheckpointPool::new(0, None); // nothing kept, nothing pinned
+        let (pooled, _) = pool.checkout(ckpt, &|_| {})?;
+        let engine = kindling_engine::engine::start_engine("once", &pooled, false, &worker.device, 1)?;
+        let (_, finish) = engine.generate(PROMPT.into(), first_token_params()).await?;
+        let load = engine.info.load;
+        println!(
+            "{}",
+            json!({
+                "device_s": device_s, "read_s": secs(load.admit), "h2d_s": secs(load.h2d), "init_s": secs(load.init),
+                "first_token_s": secs(finish.timing.first_token), "total_s": secs(started.elapsed()),
+            })
+        );
+        Ok(())
+    })
+}
+
+/// A worker without warm-up or arena: what a process that starts from nothing has.
+fn cold_worker(device: &str) -> anyhow::Result<kindling_engine::Worker> {
+    if device == "cpu" {
+        return Ok(kindling_engine::Worker::cpu(u64::MAX));
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let ordinal = device
+            .trim_start_matches("cuda")
+            .trim_start_matches(':')
+            .parse()
+            .unwrap_or(0);
+        let device = kindling_engine::Device::new_cuda(ordinal)?;
+        Ok(kindling_engine::Worker {
+            device,
+            ..kindling_engine::Worker::cpu(u64::MAX)
+        })
+    }
+    #[cfg(not(feature = "cuda"))]
+    anyhow::bail!("this kindling was built without CUDA")
+}
+
+fn spawn_timed(cmd: &mut Command) -> anyhow::Result<(f64, Value)> {
+    let started = Instant::now();
+    let out = cmd.output().with_context(|| format!("spawn {cmd:?}"))?;
+    let wall = secs(started.elapsed());
+    if !out.status.success() {
+        anyhow::bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .rev()
+                .take(5)
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+    }
+    let last = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or("{}")
+        .to_string();
+    Ok((wall, serde_json::from_str(&last).unwrap_or(Value::Null)))
+}
+
+pub fn coldstart(args: ColdstartArgs) -> anyhow::Result<()> {
+    let models: Vec<(String, PathBuf)> = args
+        .models
+        .iter()
+        .map(|m| {
+            m.split_once('=')
+                .map(|(n, p)| (n.to_string(), PathBuf::from(p)))
+                .context("--model NAME=PATH")
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let mut results = json!({ "device": args.device, "runs": args.runs, "models": {} });
+
+    for (name, path) in &models {
+        let entry = &mut results["models"][name];
+        let ckpt = Checkpoint::open(path)?;
+        entry["weight_bytes"] = json!(ckpt.weight_bytes);
+        if let Some(python) = &args.hf_python {
+            let (mut walls, mut runs) = (Vec::new(), Vec::new());
+            for run in 0..args.runs {
+                let (wall, phases) =
+                    spawn_timed(Command::new(python).arg(&args.hf_script).arg(path))?;
+                eprintln!(
+                    "[{name}] HF transformers fresh process, run {run}: {wall:.3} s {phases}"
+                );
+                walls.push(wall);
+                runs.push(json!({ "wall_s": wall, "phases": phases }));
+            }
+            entry["hf_fresh_process"] = json!({ "runs": runs, "median_s": median(&mut walls) });
+        }
+        if !args.skip_fresh {
+            let exe = std::env::current_exe()?;
+            let (mut walls, mut runs) = (Vec::new(), Vec::new());
+            for run in 0..args.runs {
+                let (wall, phases) = spawn_timed(
+                    Command::new(&exe)
+                        .args(["bench", "once", "--device", &args.device, "--model"])
+                        .arg(path),
+                )?;
+                eprintln!(
+                    "[{name}] kindling fresh process (no pool, no warm worker), run {run}: {wall:.3} s {phases}"
+                );
+                walls.push(wall);
+                runs.push(json!({ "wall_s": wall, "phases": phases }));
+            }
+            entry["kindling_fresh_process"] =
+                json!({ "runs": runs, "median_s": median(&mut walls) });
+        }
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let worker = crate::worker_from_args(&args.device, 1e6, 0.8).await?;
+        eprintln!("warm worker {} ready in {:.3} s (paid once, at boot)", worker.label, worker.boot_time.as_secs_f64());
+        results["worker_boot_s"] = json!(secs(worker.boot_time));
+        let pool = Arc::new(CheckpointPool::new(crate::serve::gib(args.pool_gib), worker.pinner()));
+        let registry = ModelRegistry::new(Arc::new(worker), pool);
+        for (name, path) in &models {
+            registry.register(name, path)?;
+            let entry = &mut results["models"][name.as_str()];
+            // The first load admits the checkpoint to the pool (page-in + pin): a pool miss.
+            let started = Instant::now();
+            let acquired = registry.acquire(name).await?;
+            acquired.engine.generate(PROMPT.into(), first_token_params()).await?;
+            entry["pool_admission_s"] = json!(secs(acquired.engine.info.load.admit));
+            entry["first_request_pool_miss_s"] = json!(secs(started.elapsed()));
+            drop(acquired);
+            let (mut walls, mut runs) = (Vec::new(), Vec::new());
+            for run in 0..args.runs {
+                registry.unload(name);
+                tokio::time::sleep(Duration::from_millis(300)).await; // let the old engine free its memory
+                let started = Instant::now();
+                let acquired = registry.acquire(name).await?;
+                let (_, finish) = acquired.engine.generate(PROMPT.into(), first_token_params()).await?;
+                let wall = secs(started.elapsed());
+                let load = acquired.engine.info.load;
+                let gbps = acquired.engine.info.weight_bytes as f64 / load.h2d.as_secs_f64().max(1e-9) / 1e9;
+                eprintln!(
+                    "[{name}] kindling warm worker + pool, run {run}: {wall:.4} s (h2d {:.4} s = {gbps:.1} GB/s, init {:.4} s, first token {:.4} s)",
+                    load.h2d.as_secs_f64(), load.init.as_secs_f64(), finish.timing.first_token.as_secs_f64()
+                );
+                walls.push(wall);
+                runs.push(json!({
+                    "wall_s": wall, "pool_hit": load.pool_hit, "h2d_s": secs(load.h2d), "h2d_GBps": (gbps * 10.0).round() / 10.0,
+                    "init_s": secs(load.init), "first_token_s": secs(finish.timing.first_token),
+                }));
+            }
+            registry.unload(name);
+            entry["kindling_warm_pool"] = json!({ "runs": runs, "median_s": median(&mut walls) });
+        }
+        anyhow::Ok(())
+    })?;
+
+    print_summary(&results);
+    if let Some(out) = &args.out {
+        std::fs::write(out, serde_json::to_string_pretty(&results)?)?;
+    }
+    Ok(())
+}
+
+fn print_summary(results: &Value) {
+    println!(
+        "\ncold start to first token (median of {} runs, {}):",
+        results["runs"], results["device"]
+    );
+    println!(
+        "{:<14} {:>12} {:>14} {:>12} {:>16} {:>16} {:>10}",
+        "model", "warm+pool s", "fresh kindling", "fresh HF s", "fresh/warm", "HF/warm", "h2d GB/s"
+    );
+    for (name, m) in results["models"].as_object().into_iter().flatten() {
+        let warm = m["kindling_warm_pool"]["median_s"]
+            .as_f64()
+            .unwrap_or(f64::NAN);
+        let fresh = m["kindling_fresh_process"]["median_s"]
+            .as_f64()
+            .unwrap_or(f64::NAN);
+        let hf = m["hf_fresh_process"]["median_s"]
+            .as_f64()
+            .unwrap_or(f64::NAN);
+        let mut gbps: Vec<f64> = m["kindling_warm_pool"]["runs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["h2d_GBps"].as_f64())
+            .collect();
+        println!(
+            "{name:<14} {warm:>12.4} {fresh:>14.3} {hf:>12.3} {:>15.1}x {:>15.1}x {:>10.1}",
+            fresh / warm,
+            hf / warm,
+            median(&mut gbps)
+        );
+    }
+}

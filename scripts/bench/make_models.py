@@ -1,0 +1,64 @@
+"""Writes random-weight models of real shapes (qwen2-0.5B, llama3-8B) in HF format for the cold-start
+benchmark, with a tokenizer.json of the right vocabulary size (byte-level BPE alphabet plus filler
+tokens). Runs where transformers and a GPU are (the lent H100); nothing is downloaded.
+
+usage: make_models.py OUT_DIR [NAME ...]
+"""
+
+import json
+import os
+import sys
+import time
+
+SHAPES = {
+    "qwen2-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                       num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
+                       tie_word_embeddings=True, max_position_embeddings=32768, rope_theta=1000000.0,
+                       eos_token_id=151643, bos_token_id=151643),
+    "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                      max_position_embeddings=8192, rope_theta=500000.0, eos_token_id=128001, bos_token_id=128000),
+}
+
+
+def write_tokenizer(path, vocab_size, eos_id):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = sorted(ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    for i in range(len(vocab), vocab_size):
+        vocab[f"<filler_{i}>"] = i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(path)
+    # The eos id names a filler token; generation stops there like on a real model.
+    assert tok.get_vocab_size() == vocab_size, tok.get_vocab_size()
+
+
+def make(out_dir, name):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = os.path.join(out_dir, name)
+    if os.path.exists(os.path.join(d, "model.safetensors.index.json")) or os.path.exists(os.path.join(d, "model.safetensors")):
+        return d
+    t = time.perf_counter()
+    cfg = dict(SHAPES[name])
+    config = AutoConfig.for_model(**cfg)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(d)
+    del model
+    torch.cuda.empty_cache()
+    write_tokenizer(os.path.join(d, "tokenizer.json"), cfg["vocab_size"], cfg["eos_token_id"])
+    print(json.dumps({"made": name, "seconds": round(time.perf_counter() - t, 1)}), flush=True)
+    return d
+
+
+if __name__ == "__main__":
+    out = sys.argv[1]
+    for name in sys.argv[2:] or list(SHAPES):
+        make(out, name)

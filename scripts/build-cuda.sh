@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Builds the CUDA kindling binary on a machine without a GPU: nvcc comes from PyPI (the CUDA 13.0
+# wheels, matching the lent H100's driver), kernels are compiled for sm_90 (Hopper). Output:
+# target/cuda/release/kindling, stripped; scripts/pack-device.sh packs it for the GPU machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CUDA_PIP=${CUDA_PIP:-/opt/cuda-pip}
+if [ ! -x "$CUDA_PIP/nvidia/cu13/bin/nvcc" ]; then
+  python3 -m pip install --quiet --target "$CUDA_PIP" nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 \
+    nvidia-nvvm==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85
+fi
+export PATH="$CUDA_PIP/nvidia/cu13/bin:$PATH"
+export CUDA_ROOT="$CUDA_PIP/nvidia/cu13" CUDA_PATH="$CUDA_PIP/nvidia/cu13" CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
+cargo build --locked --release -p kindling --features cuda --target-dir target/cuda
+ls -la target/cuda/release/kindling
