@@ -305,3 +305,129 @@ fn a_restarted_server_serves_every_deployment_again() {
     assert_eq!(after.status, 200, "{}", after.body);
     assert_eq!(after.json()["text"], before["text"]);
 }
+
+const MISBEHAVE_MANIFEST: &str = r#"
+name = "misbehave"
+routes = ["/misbehave"]
+[limits]
+timeout_ms = 1500
+memory_mb = 96
+max_concurrency = 1
+max_request_bytes = 4096
+max_response_bytes = 1048576
+"#;
+
+fn misbehave() -> std::path::PathBuf {
+    python_guest(Path::new("tests/guests/misbehave-python"))
+}
+
+/// A server with the hello and misbehave deployments; hello must keep working throughout.
+fn limits_server() -> Server {
+    let server = server_with_models();
+    assert_eq!(server.deploy(HELLO_MANIFEST, &hello()).status, 201);
+    let deployed = server.deploy(MISBEHAVE_MANIFEST, &misbehave());
+    assert_eq!(deployed.status, 201, "{}", deployed.body);
+    server
+}
+
+fn hello_still_works(server: &Server) {
+    let answer = server.post_json("/hello", &json!({ "prompt": "still fine?", "max_tokens": 3 }));
+    assert_eq!(answer.status, 200, "a healthy tenant was affected: {}", answer.body);
+}
+
+#[test]
+fn a_handler_that_loops_forever_is_stopped_at_its_deadline() {
+    let server = limits_server();
+    let started = std::time::Instant::now();
+    let answer = server.get("/misbehave/loop");
+    assert_eq!(answer.status, 504, "{}", answer.body);
+    assert_eq!(answer.json()["error"]["code"], "handler_timeout");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "deadline not enforced promptly");
+    hello_still_works(&server);
+}
+
+#[test]
+fn a_handler_that_eats_memory_hits_its_limit() {
+    let server = limits_server();
+    let answer = server.get("/misbehave/memory");
+    assert_eq!(answer.status, 500, "{}", answer.body);
+    assert!(answer.body.contains("MemoryError") || answer.body.contains("handler_trapped"), "{}", answer.body);
+    hello_still_works(&server);
+    assert_eq!(server.get("/misbehave/ok").status, 200, "the deployment itself recovers on the next request");
+}
+
+#[test]
+fn a_handler_that_exits_is_a_500_and_nothing_else_breaks() {
+    let server = limits_server();
+    let answer = server.get("/misbehave/exit");
+    assert_eq!(answer.status, 500, "{}", answer.body);
+    assert_eq!(answer.json()["error"]["code"], "handler_trapped");
+    hello_still_works(&server);
+}
+
+#[test]
+fn concurrency_over_the_limit_gets_429_with_retry_after() {
+    let server = limits_server();
+    let url = server.url.clone();
+    let slow = std::thread::spawn(move || ureq::get(&format!("{url}/misbehave/sleep?s=1")).call().map(|r| r.status()));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let answer = server.get("/misbehave/ok");
+    assert_eq!(answer.status, 429, "{}", answer.body);
+    assert!(answer.header("retry-after").is_some());
+    assert_eq!(slow.join().unwrap().unwrap(), 200);
+    assert_eq!(server.get("/misbehave/ok").status, 200, "the slot is released when the body is done");
+}
+
+#[test]
+fn body_size_caps_are_enforced_both_ways() {
+    let server = limits_server();
+    let answer = server.post_raw("/misbehave/echo", &[b'a'; 4096]);
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let answer = server.post_raw("/misbehave/echo", &[b'a'; 4097]);
+    assert_eq!(answer.status, 413, "{}", answer.body);
+    // 4 MiB response against a 1 MiB cap: the body is cut off, the client sees a broken body.
+    let resp = ureq::get(&format!("{}/misbehave/big", server.url)).call().unwrap();
+    let mut body = Vec::new();
+    let read = std::io::Read::read_to_end(&mut resp.into_reader(), &mut body);
+    assert!(read.is_err() || body.len() <= 1 << 20, "got {} bytes past a 1 MiB cap", body.len());
+    hello_still_works(&server);
+}
+
+#[test]
+fn bad_prompts_get_clear_errors() {
+    let server = server_with_models();
+    assert_eq!(server.deploy(HELLO_MANIFEST, &hello()).status, 201);
+    let long_prompt = "lighthouse keeper ".repeat(400);
+    let answer = server.post_json("/hello", &json!({ "prompt": long_prompt }));
+    assert_eq!(answer.status, 413, "{}", answer.body);
+    assert_eq!(answer.json()["error"]["code"], "PromptTooLong");
+    let answer = server.post_raw("/hello", b"{\"prompt\": \"\xff\xfe\"}");
+    assert_eq!(answer.status, 400, "{}", answer.body);
+    let answer = server.post_json("/hello", &json!({ "prompt": "x", "temperature": -1 }));
+    assert_eq!(answer.status, 400, "{}", answer.body);
+    assert_eq!(answer.json()["error"]["code"], "InvalidParams");
+}
+
+#[test]
+fn corrupt_models_are_refused_at_registration() {
+    let server = server_with_models();
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"] {
+        std::fs::copy(tiny_model("qwen2").join(f), dir.path().join(f)).unwrap();
+    }
+    let weights = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    let body = json!({ "name": "broken", "path": dir.path() });
+    let answer = kindling_e2e::Answer::from(
+        ureq::post(&format!("{}/admin/models", server.url)).send_json(body),
+    );
+    assert_eq!(answer.status, 400, "{}", answer.body);
+    assert!(answer.json()["error"]["message"].as_str().unwrap().contains("corrupt or truncated"));
+    hello_registered_models_unaffected(&server);
+}
+
+fn hello_registered_models_unaffected(server: &Server) {
+    let models = server.admin_call("GET", "/admin/models").json();
+    assert_eq!(models.as_array().unwrap().len(), 2, "{models}");
+}

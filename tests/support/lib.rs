@@ -172,6 +172,12 @@ impl Answer {
     }
 }
 
+impl From<Result<ureq::Response, ureq::Error>> for Answer {
+    fn from(result: Result<ureq::Response, ureq::Error>) -> Self {
+        answer(result)
+    }
+}
+
 fn answer(result: Result<ureq::Response, ureq::Error>) -> Answer {
     let resp = match result {
         Ok(r) => r,

@@ -329,3 +329,101 @@ impl Checkpoint {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tiny_model::{make_tiny_model, TinySpec};
+
+    fn tiny() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        make_tiny_model(dir.path(), &TinySpec::new(Architecture::Llama)).unwrap();
+        dir
+    }
+
+    fn open_err(dir: &Path) -> String {
+        match Checkpoint::open(dir) {
+            Ok(_) => panic!("{} opened but should not", dir.display()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn edit_config(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+        let path = dir.join("config.json");
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        f(&mut v);
+        std::fs::write(path, v.to_string()).unwrap();
+    }
+
+    #[test]
+    fn truncated_weights_are_reported_with_the_file() {
+        let dir = tiny();
+        let path = dir.path().join("model.safetensors");
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 1000]).unwrap();
+        let err = open_err(dir.path());
+        assert!(err.contains("model.safetensors") && err.contains("corrupt or truncated"), "{err}");
+    }
+
+    #[test]
+    fn a_garbage_header_is_reported() {
+        let dir = tiny();
+        std::fs::write(dir.path().join("model.safetensors"), b"\xff\xff\xff\xff\xff\xff\xff\x7fnot json").unwrap();
+        assert!(open_err(dir.path()).contains("corrupt or truncated"));
+    }
+
+    #[test]
+    fn a_config_that_lies_about_shapes_names_the_tensor() {
+        let dir = tiny();
+        edit_config(dir.path(), |v| v["intermediate_size"] = 999.into());
+        let err = open_err(dir.path());
+        assert!(err.contains("mlp") && err.contains("999"), "{err}");
+        let dir = tiny();
+        edit_config(dir.path(), |v| v["num_hidden_layers"] = 3.into());
+        assert!(open_err(dir.path()).contains("has no tensor model.layers.2"));
+    }
+
+    #[test]
+    fn impossible_or_unsupported_configs_are_rejected() {
+        let dir = tiny();
+        edit_config(dir.path(), |v| v["num_attention_heads"] = 5.into());
+        assert!(open_err(dir.path()).contains("not divisible"));
+        let dir = tiny();
+        edit_config(dir.path(), |v| v["model_type"] = "mamba".into());
+        assert!(open_err(dir.path()).contains("unsupported model_type"));
+        let dir = tiny();
+        edit_config(dir.path(), |v| v["hidden_size"] = serde_json::Value::Null);
+        assert!(open_err(dir.path()).contains("config.json"));
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let dir = tiny();
+        std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
+        assert!(open_err(dir.path()).contains("tokenizer.json is missing"));
+        let dir = tiny();
+        std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+        assert!(open_err(dir.path()).contains("neither model.safetensors"));
+        assert!(open_err(Path::new("/nonexistent/model")).contains("not a directory"));
+    }
+
+    #[test]
+    fn sharded_checkpoints_are_read_through_their_index_and_may_not_escape() {
+        let dir = tiny();
+        let d = dir.path();
+        std::fs::rename(d.join("model.safetensors"), d.join("model-00001-of-00001.safetensors")).unwrap();
+        let ckpt_names: Vec<String> = {
+            let bytes = std::fs::read(d.join("model-00001-of-00001.safetensors")).unwrap();
+            SafeTensors::deserialize(&bytes).unwrap().names().into_iter().map(str::to_string).collect()
+        };
+        let map: serde_json::Map<String, serde_json::Value> =
+            ckpt_names.iter().map(|n| (n.clone(), "model-00001-of-00001.safetensors".into())).collect();
+        std::fs::write(d.join("model.safetensors.index.json"), serde_json::json!({ "weight_map": map }).to_string()).unwrap();
+        let ckpt = Checkpoint::open(d).unwrap();
+        assert_eq!(ckpt.weight_files.len(), 1);
+        let evil: serde_json::Map<String, serde_json::Value> =
+            ckpt_names.iter().map(|n| (n.clone(), "../../etc/passwd".into())).collect();
+        std::fs::write(d.join("model.safetensors.index.json"), serde_json::json!({ "weight_map": evil }).to_string()).unwrap();
+        assert!(open_err(d).contains("escapes the model directory"));
+    }
+}
