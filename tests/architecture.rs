@@ -15,10 +15,7 @@ struct Row {
 
 fn code_map() -> Vec<Row> {
     let text = std::fs::read_to_string(workspace_root().join("ARCHITECTURE.md")).unwrap();
-    let section = text
-        .split("## Code map")
-        .nth(1)
-        .expect("ARCHITECTURE.md has a Code map section");
+    let section = text.split("## Code map").nth(1).expect("ARCHITECTURE.md has a Code map section");
     section
         .lines()
         .filter(|l| l.starts_with('|') && !l.starts_with("| crate") && !l.starts_with("| ---"))
@@ -28,19 +25,14 @@ fn code_map() -> Vec<Row> {
             Row {
                 name: cells[0].to_string(),
                 path: cells[1].to_string(),
-                forbidden: cells[3]
-                    .split(',')
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty())
-                    .collect(),
+                forbidden: cells[3].split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
             }
         })
         .collect()
 }
 
 fn workspace_members() -> BTreeSet<String> {
-    let manifest: toml_edit_free::Value =
-        toml_edit_free::parse(&workspace_root().join("Cargo.toml"));
+    let manifest: toml_edit_free::Value = toml_edit_free::parse(&workspace_root().join("Cargo.toml"));
     manifest.members
 }
 
@@ -58,11 +50,8 @@ mod toml_edit_free {
         let start = text.find("members = [").expect("workspace members");
         let list = &text[start + "members = [".len()..];
         let list = &list[..list.find(']').unwrap()];
-        let members = list
-            .split(',')
-            .map(|s| s.trim().trim_matches('"').to_string())
-            .filter(|s| !s.is_empty())
-            .collect();
+        let members =
+            list.split(',').map(|s| s.trim().trim_matches('"').to_string()).filter(|s| !s.is_empty()).collect();
         Value { members }
     }
 
@@ -107,19 +96,10 @@ fn rust_sources(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
 fn every_workspace_crate_is_in_the_code_map_at_its_path() {
     let rows = code_map();
     let paths: BTreeSet<String> = rows.iter().map(|r| r.path.clone()).collect();
-    assert_eq!(
-        paths,
-        workspace_members(),
-        "ARCHITECTURE.md code map and workspace members differ"
-    );
+    assert_eq!(paths, workspace_members(), "ARCHITECTURE.md code map and workspace members differ");
     for row in &rows {
-        let (name, _) =
-            toml_edit_free::dependencies(&workspace_root().join(&row.path).join("Cargo.toml"));
-        assert_eq!(
-            name, row.name,
-            "{} is named {name} in its Cargo.toml",
-            row.path
-        );
+        let (name, _) = toml_edit_free::dependencies(&workspace_root().join(&row.path).join("Cargo.toml"));
+        assert_eq!(name, row.name, "{} is named {name} in its Cargo.toml", row.path);
     }
 }
 
@@ -131,26 +111,15 @@ fn no_crate_depends_on_what_the_code_map_forbids() {
         let mut sources = Vec::new();
         rust_sources(&dir, &mut sources);
         for forbidden in &row.forbidden {
-            assert!(
-                !deps.contains(forbidden),
-                "{} depends on {forbidden}, which ARCHITECTURE.md forbids",
-                row.name
-            );
+            assert!(!deps.contains(forbidden), "{} depends on {forbidden}, which ARCHITECTURE.md forbids", row.name);
             let ident = forbidden.replace('-', "_");
             for src in &sources {
                 let text = std::fs::read_to_string(src).unwrap();
                 let uses = text.lines().any(|l| {
                     let l = l.trim_start();
-                    !l.starts_with("//")
-                        && (l.contains(&format!("{ident}::"))
-                            || l.contains(&format!("use {ident}")))
+                    !l.starts_with("//") && (l.contains(&format!("{ident}::")) || l.contains(&format!("use {ident}")))
                 });
-                assert!(
-                    !uses,
-                    "{} uses {forbidden} ({}), which ARCHITECTURE.md forbids",
-                    row.name,
-                    src.display()
-                );
+                assert!(!uses, "{} uses {forbidden} ({}), which ARCHITECTURE.md forbids", row.name, src.display());
             }
         }
     }

@@ -18,10 +18,7 @@ fn hello() -> std::path::PathBuf {
 }
 
 fn server_with_models() -> Server {
-    Server::start(&[
-        ("tiny", &tiny_model("qwen2")),
-        ("tiny-llama", &tiny_model("llama")),
-    ])
+    Server::start(&[("tiny", &tiny_model("qwen2")), ("tiny-llama", &tiny_model("llama"))])
 }
 
 #[test]
@@ -30,28 +27,18 @@ fn hello_generates_what_an_independent_implementation_generates() {
     let deployed = server.deploy(HELLO_MANIFEST, &hello());
     assert_eq!(deployed.status, 201, "{}", deployed.body);
 
-    let prompts = [
-        "Once upon a time",
-        "Hello, world! Tell me about the lighthouse.",
-    ];
+    let prompts = ["Once upon a time", "Hello, world! Tell me about the lighthouse."];
     for (model, arch) in [("tiny", "qwen2"), ("tiny-llama", "llama")] {
         let expected = reference_generations(&tiny_model(arch), 24, &prompts);
         for (prompt, reference) in prompts.iter().zip(&expected) {
-            let req =
-                json!({ "prompt": prompt, "model": model, "max_tokens": 24, "temperature": 0 });
+            let req = json!({ "prompt": prompt, "model": model, "max_tokens": 24, "temperature": 0 });
             let answer = server.post_json("/hello", &req);
             assert_eq!(answer.status, 200, "{}", answer.body);
             let got = answer.json();
             assert_eq!(got["text"], reference["text"], "{model} on {prompt:?}");
-            assert_eq!(
-                got["finish_reason"], reference["finish_reason"],
-                "{model} on {prompt:?}"
-            );
+            assert_eq!(got["finish_reason"], reference["finish_reason"], "{model} on {prompt:?}");
             let n = reference["ids"].as_array().unwrap().len();
-            assert_eq!(
-                got["usage"]["completion_tokens"], n,
-                "{model} on {prompt:?}"
-            );
+            assert_eq!(got["usage"]["completion_tokens"], n, "{model} on {prompt:?}");
         }
     }
 }
@@ -63,18 +50,12 @@ fn first_request_reports_a_cold_start_and_later_ones_do_not() {
     let req = json!({ "prompt": "Hi", "max_tokens": 4 });
     let first = server.post_json("/hello", &req);
     assert_eq!(first.status, 200, "{}", first.body);
-    let cold = first
-        .header("x-kindling-cold-start")
-        .expect("cold start header on first request");
+    let cold = first.header("x-kindling-cold-start").expect("cold start header on first request");
     assert!(cold.starts_with("model=tiny;"), "{cold}");
     let second = server.post_json("/hello", &req);
     assert_eq!(second.status, 200);
     assert_eq!(second.header("x-kindling-cold-start"), None);
-    assert_eq!(
-        first.json()["text"],
-        second.json()["text"],
-        "greedy decoding is deterministic"
-    );
+    assert_eq!(first.json()["text"], second.json()["text"], "greedy decoding is deterministic");
 }
 
 #[test]
@@ -82,47 +63,29 @@ fn streamed_text_equals_the_whole_completion_and_sampling_is_seeded() {
     let server = server_with_models();
     assert_eq!(server.deploy(HELLO_MANIFEST, &hello()).status, 201);
     let whole = server.post_json("/hello", &json!({ "prompt": "The cat", "max_tokens": 20 }));
-    let streamed = server.post_json(
-        "/hello",
-        &json!({ "prompt": "The cat", "max_tokens": 20, "stream": true }),
-    );
+    let streamed = server.post_json("/hello", &json!({ "prompt": "The cat", "max_tokens": 20, "stream": true }));
     assert_eq!(streamed.status, 200, "{}", streamed.body);
     assert_eq!(whole.json()["text"].as_str().unwrap(), streamed.body);
 
     let sampled = |seed: u64| {
-        let req =
-            json!({ "prompt": "The cat", "max_tokens": 20, "temperature": 1.0, "seed": seed });
+        let req = json!({ "prompt": "The cat", "max_tokens": 20, "temperature": 1.0, "seed": seed });
         server.post_json("/hello", &req).json()["text"].clone()
     };
     assert_eq!(sampled(7), sampled(7), "same seed, same text");
-    assert_ne!(
-        sampled(7),
-        sampled(8),
-        "different seeds should differ on a 20-token sample"
-    );
+    assert_ne!(sampled(7), sampled(8), "different seeds should differ on a 20-token sample");
 }
 
 #[test]
 fn stop_strings_end_the_completion_before_the_stop_text() {
     let server = server_with_models();
     assert_eq!(server.deploy(HELLO_MANIFEST, &hello()).status, 201);
-    let full = server
-        .post_json("/hello", &json!({ "prompt": "Once", "max_tokens": 24 }))
-        .json();
+    let full = server.post_json("/hello", &json!({ "prompt": "Once", "max_tokens": 24 })).json();
     let text = full["text"].as_str().unwrap().to_string();
     // Stop at a piece of the greedy continuation; the result is the text before it.
     let stop: String = text.chars().skip(5).take(3).collect();
-    assert!(
-        !stop.is_empty(),
-        "completion too short to test stop strings: {text:?}"
-    );
+    assert!(!stop.is_empty(), "completion too short to test stop strings: {text:?}");
     let cut = text.find(&stop).unwrap();
-    let stopped = server
-        .post_json(
-            "/hello",
-            &json!({ "prompt": "Once", "max_tokens": 24, "stop": [stop] }),
-        )
-        .json();
+    let stopped = server.post_json("/hello", &json!({ "prompt": "Once", "max_tokens": 24, "stop": [stop] })).json();
     assert_eq!(stopped["text"].as_str().unwrap(), &text[..cut]);
     assert_eq!(stopped["finish_reason"], "stop");
 }
@@ -135,10 +98,7 @@ fn a_model_outside_the_manifest_is_refused_to_the_guest() {
     let answer = server.post_json("/only", &json!({ "prompt": "x", "model": "tiny-llama" }));
     assert_eq!(answer.status, 403, "{}", answer.body);
     assert_eq!(answer.json()["error"]["code"], "ModelNotAllowed");
-    let ok = server.post_json(
-        "/only",
-        &json!({ "prompt": "x", "model": "tiny", "max_tokens": 2 }),
-    );
+    let ok = server.post_json("/only", &json!({ "prompt": "x", "model": "tiny", "max_tokens": 2 }));
     assert_eq!(ok.status, 200, "{}", ok.body);
 }
 
@@ -148,55 +108,18 @@ fn bad_deploys_get_clear_4xx_and_the_server_keeps_serving() {
     assert_eq!(server.deploy(HELLO_MANIFEST, &hello()).status, 201);
     let good_manifest = "name = \"bad\"\nroutes = [\"/bad\"]\n";
     let unknown_import =
-        wat::parse_str(r#"(component (import "evil:thing/api" (instance (export "f" (func)))))"#)
-            .unwrap();
+        wat::parse_str(r#"(component (import "evil:thing/api" (instance (export "f" (func)))))"#).unwrap();
     let no_export = wat::parse_str("(component)").unwrap();
     let core_module = wat::parse_str("(module)").unwrap();
     let hello_wasm = std::fs::read(hello()).unwrap();
     let cases: Vec<(&str, &str, Vec<u8>, u16, &str)> = vec![
-        (
-            "garbage bytes",
-            good_manifest,
-            b"definitely not wasm".to_vec(),
-            400,
-            "not a WebAssembly binary",
-        ),
-        (
-            "core module",
-            good_manifest,
-            core_module,
-            400,
-            "core WebAssembly module",
-        ),
-        (
-            "truncated component",
-            good_manifest,
-            hello_wasm[..hello_wasm.len() / 2].to_vec(),
-            400,
-            "invalid component",
-        ),
-        (
-            "unknown import",
-            good_manifest,
-            unknown_import,
-            400,
-            "evil:thing/api",
-        ),
-        (
-            "no http export",
-            good_manifest,
-            no_export,
-            400,
-            "incoming-handler",
-        ),
+        ("garbage bytes", good_manifest, b"definitely not wasm".to_vec(), 400, "not a WebAssembly binary"),
+        ("core module", good_manifest, core_module, 400, "core WebAssembly module"),
+        ("truncated component", good_manifest, hello_wasm[..hello_wasm.len() / 2].to_vec(), 400, "invalid component"),
+        ("unknown import", good_manifest, unknown_import, 400, "evil:thing/api"),
+        ("no http export", good_manifest, no_export, 400, "incoming-handler"),
         ("manifest not toml", "{{{", hello_wasm.clone(), 400, "TOML"),
-        (
-            "manifest bad name",
-            "name = \"Bad Name\"\nroutes = [\"/x\"]",
-            hello_wasm.clone(),
-            400,
-            "lowercase",
-        ),
+        ("manifest bad name", "name = \"Bad Name\"\nroutes = [\"/x\"]", hello_wasm.clone(), 400, "lowercase"),
         (
             "unregistered model",
             "name = \"x\"\nroutes = [\"/x\"]\nmodels = [\"gpt-9\"]",
@@ -211,39 +134,20 @@ fn bad_deploys_get_clear_4xx_and_the_server_keeps_serving() {
             409,
             "already served by deployment hello",
         ),
-        (
-            "reserved route",
-            "name = \"x\"\nroutes = [\"/admin\"]",
-            hello_wasm.clone(),
-            400,
-            "reserved",
-        ),
+        ("reserved route", "name = \"x\"\nroutes = [\"/admin\"]", hello_wasm.clone(), 400, "reserved"),
     ];
     for (what, manifest, wasm, status, message) in cases {
         let answer = server.deploy_bytes(manifest, &wasm);
         assert_eq!(answer.status, status, "{what}: {}", answer.body);
-        let msg = answer.json()["error"]["message"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        assert!(
-            msg.contains(message),
-            "{what}: {msg:?} should mention {message:?}"
-        );
+        let msg = answer.json()["error"]["message"].as_str().unwrap_or_default().to_string();
+        assert!(msg.contains(message), "{what}: {msg:?} should mention {message:?}");
     }
     let missing_part = server.deploy_bytes("", b"");
     assert_eq!(missing_part.status, 400);
 
     let list = server.admin_call("GET", "/admin/deployments").json();
-    assert_eq!(
-        list.as_array().unwrap().len(),
-        1,
-        "no failed deploy may leave a deployment behind: {list}"
-    );
-    let answer = server.post_json(
-        "/hello",
-        &json!({ "prompt": "still here?", "max_tokens": 3 }),
-    );
+    assert_eq!(list.as_array().unwrap().len(), 1, "no failed deploy may leave a deployment behind: {list}");
+    let answer = server.post_json("/hello", &json!({ "prompt": "still here?", "max_tokens": 3 }));
     assert_eq!(answer.status, 200, "{}", answer.body);
 }
 
@@ -251,31 +155,13 @@ fn bad_deploys_get_clear_4xx_and_the_server_keeps_serving() {
 fn deployments_can_be_listed_replaced_and_deleted() {
     let server = server_with_models();
     assert_eq!(server.deploy(HELLO_MANIFEST, &hello()).status, 201);
-    let replaced = server.deploy(
-        &HELLO_MANIFEST.replace("[\"/hello\"]", "[\"/hello\", \"/hi\"]"),
-        &hello(),
-    );
+    let replaced = server.deploy(&HELLO_MANIFEST.replace("[\"/hello\"]", "[\"/hello\", \"/hi\"]"), &hello());
     assert_eq!(replaced.status, 200, "redeploy replaces: {}", replaced.body);
-    assert_eq!(
-        server
-            .post_json("/hi", &json!({ "prompt": "x", "max_tokens": 1 }))
-            .status,
-        200
-    );
+    assert_eq!(server.post_json("/hi", &json!({ "prompt": "x", "max_tokens": 1 })).status, 200);
     let one = server.admin_call("GET", "/admin/deployments/hello").json();
     assert_eq!(one["routes"], json!(["/hello", "/hi"]));
-    assert_eq!(
-        server
-            .admin_call("DELETE", "/admin/deployments/hello")
-            .status,
-        204
-    );
-    assert_eq!(
-        server
-            .admin_call("DELETE", "/admin/deployments/hello")
-            .status,
-        404
-    );
+    assert_eq!(server.admin_call("DELETE", "/admin/deployments/hello").status, 204);
+    assert_eq!(server.admin_call("DELETE", "/admin/deployments/hello").status, 404);
     let gone = server.post_json("/hello", &json!({}));
     assert_eq!(gone.status, 404);
     assert_eq!(gone.json()["error"]["code"], "no_route");
@@ -284,20 +170,12 @@ fn deployments_can_be_listed_replaced_and_deleted() {
 #[test]
 fn a_restarted_server_serves_every_deployment_again() {
     let data = tempfile::tempdir().unwrap();
-    let models = [
-        ("tiny", tiny_model("qwen2")),
-        ("tiny-llama", tiny_model("llama")),
-    ];
+    let models = [("tiny", tiny_model("qwen2")), ("tiny-llama", tiny_model("llama"))];
     let models: Vec<(&str, &Path)> = models.iter().map(|(n, p)| (*n, p.as_path())).collect();
-    let opts = ServerOptions {
-        data_dir: Some(data.path().to_path_buf()),
-        ..Default::default()
-    };
+    let opts = ServerOptions { data_dir: Some(data.path().to_path_buf()), ..Default::default() };
     let server = Server::start_with(&models, opts.clone());
     assert_eq!(server.deploy(HELLO_MANIFEST, &hello()).status, 201);
-    let before = server
-        .post_json("/hello", &json!({ "prompt": "Persist", "max_tokens": 8 }))
-        .json();
+    let before = server.post_json("/hello", &json!({ "prompt": "Persist", "max_tokens": 8 })).json();
     assert!(server.stop(), "graceful shutdown exits 0");
 
     let server = Server::start_with(&models, opts);
@@ -419,9 +297,7 @@ fn corrupt_models_are_refused_at_registration() {
     let bytes = std::fs::read(&weights).unwrap();
     std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
     let body = json!({ "name": "broken", "path": dir.path() });
-    let answer = kindling_e2e::Answer::from(
-        ureq::post(&format!("{}/admin/models", server.url)).send_json(body),
-    );
+    let answer = kindling_e2e::Answer::from(ureq::post(&format!("{}/admin/models", server.url)).send_json(body));
     assert_eq!(answer.status, 400, "{}", answer.body);
     assert!(answer.json()["error"]["message"].as_str().unwrap().contains("corrupt or truncated"));
     hello_registered_models_unaffected(&server);
@@ -430,4 +306,55 @@ fn corrupt_models_are_refused_at_registration() {
 fn hello_registered_models_unaffected(server: &Server) {
     let models = server.admin_call("GET", "/admin/models").json();
     assert_eq!(models.as_array().unwrap().len(), 2, "{models}");
+}
+
+#[test]
+fn tenants_cannot_see_call_or_delete_each_others_deployments() {
+    let opts = ServerOptions { admin_token: Some("root-token".into()), ..Default::default() };
+    let server = Server::start_with(&[("tiny", &tiny_model("qwen2"))], opts);
+    assert_eq!(server.call_as(None, "GET", "/admin/deployments", None).status, 401);
+    assert_eq!(server.call_as(Some("wrong"), "GET", "/admin/deployments", None).status, 401);
+    let key = |name: &str| {
+        let created = server.call_as(Some("root-token"), "POST", "/admin/tenants", Some(&json!({ "name": name })));
+        assert_eq!(created.status, 201, "{}", created.body);
+        created.json()["api_key"].as_str().unwrap().to_string()
+    };
+    let (acme, bolt) = (key("acme"), key("bolt"));
+    assert_eq!(server.call_as(Some(&acme), "GET", "/admin/tenants", None).status, 403, "tenants are admin-only");
+
+    let wasm = std::fs::read(misbehave()).unwrap();
+    let manifest = |name: &str| format!("name = \"{name}\"\nroutes = [\"/{name}\"]\n");
+    assert_eq!(server.deploy_as(Some(&acme), &manifest("acme-app"), &wasm).status, 201);
+    assert_eq!(server.deploy_as(Some(&bolt), &manifest("bolt-app"), &wasm).status, 201);
+
+    // Seeing: each tenant lists only its own; the operator sees both.
+    let names = |key: &str| -> Vec<String> {
+        let list = server.call_as(Some(key), "GET", "/admin/deployments", None).json();
+        list.as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(names(&acme), ["acme-app"]);
+    assert_eq!(names(&bolt), ["bolt-app"]);
+    assert_eq!(names("root-token"), ["acme-app", "bolt-app"]);
+    assert_eq!(server.call_as(Some(&bolt), "GET", "/admin/deployments/acme-app", None).status, 404);
+
+    // Calling: only with the owner's key; the handler never sees the key.
+    assert_eq!(server.call_as(None, "GET", "/acme-app/ok", None).status, 401);
+    assert_eq!(server.call_as(Some(&bolt), "GET", "/acme-app/ok", None).status, 404);
+    let own = server.call_as(Some(&acme), "GET", "/acme-app/headers", None);
+    assert_eq!(own.status, 200, "{}", own.body);
+    assert!(own.json().get("authorization").is_none(), "credentials leaked to the handler: {}", own.body);
+
+    // Deleting or taking over: refused without revealing the other tenant.
+    assert_eq!(server.call_as(Some(&bolt), "DELETE", "/admin/deployments/acme-app", None).status, 404);
+    let takeover = server.deploy_as(Some(&bolt), &manifest("acme-app"), &wasm);
+    assert_eq!(takeover.status, 409, "{}", takeover.body);
+    let route_grab = server.deploy_as(Some(&bolt), "name = \"grab\"\nroutes = [\"/acme-app\"]\n", &wasm);
+    assert_eq!(route_grab.status, 409);
+    assert!(
+        !route_grab.body.contains("acme-app\n") && route_grab.body.contains("another tenant"),
+        "{}",
+        route_grab.body
+    );
+    assert_eq!(server.call_as(Some(&acme), "GET", "/acme-app/ok", None).status, 200, "acme is untouched");
+    assert_eq!(server.call_as(Some(&acme), "DELETE", "/admin/deployments/acme-app", None).status, 204);
 }

@@ -8,19 +8,13 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ is inside the workspace")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the workspace").to_path_buf()
 }
 
 /// `target/<profile>`, derived from this test binary's own path (`target/<profile>/deps/e2e-*`).
 fn target_profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps")
-        .to_path_buf()
+    exe.parent().and_then(Path::parent).expect("target/<profile>/deps").to_path_buf()
 }
 
 /// A directory shared by every test of this run (models, compiled components).
@@ -59,11 +53,7 @@ pub fn tiny_model(arch: &str) -> PathBuf {
             .arg(&dir)
             .output()
             .expect("run kindling models make-tiny");
-        assert!(
-            out.status.success(),
-            "make-tiny failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "make-tiny failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     dir
 }
@@ -79,13 +69,7 @@ fn newest_mtime(paths: &[PathBuf]) -> SystemTime {
             if p.file_name().is_some_and(|n| n == "__pycache__") {
                 continue;
             }
-            stack.extend(
-                std::fs::read_dir(&p)
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .map(|e| e.path()),
-            );
+            stack.extend(std::fs::read_dir(&p).into_iter().flatten().flatten().map(|e| e.path()));
         } else if let Ok(m) = meta.modified() {
             newest = newest.max(m);
         }
@@ -100,20 +84,10 @@ pub fn python_guest(source_dir: &Path) -> PathBuf {
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let root = workspace_root();
     let source_dir = root.join(source_dir);
-    let name = source_dir
-        .file_name()
-        .expect("guest dir name")
-        .to_string_lossy()
-        .to_string();
+    let name = source_dir.file_name().expect("guest dir name").to_string_lossy().to_string();
     let out = shared_dir("guests").join(format!("{name}.wasm"));
-    let sources = [
-        source_dir.clone(),
-        root.join("sdk/python"),
-        root.join("wit"),
-    ];
-    let fresh = std::fs::metadata(&out)
-        .and_then(|m| m.modified())
-        .is_ok_and(|built| built > newest_mtime(&sources));
+    let sources = [source_dir.clone(), root.join("sdk/python"), root.join("wit")];
+    let fresh = std::fs::metadata(&out).and_then(|m| m.modified()).is_ok_and(|built| built > newest_mtime(&sources));
     if !fresh {
         let status = Command::new("componentize-py")
             .arg("-d")
@@ -126,11 +100,7 @@ pub fn python_guest(source_dir: &Path) -> PathBuf {
             .arg(&out)
             .status()
             .expect("componentize-py is installed (pip install componentize-py)");
-        assert!(
-            status.success(),
-            "componentize-py failed for {}",
-            source_dir.display()
-        );
+        assert!(status.success(), "componentize-py failed for {}", source_dir.display());
     }
     out
 }
@@ -165,10 +135,7 @@ impl Answer {
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 }
 
@@ -191,14 +158,8 @@ fn answer(result: Result<ureq::Response, ureq::Error>) -> Answer {
     });
     let headers = headers.collect();
     let mut body = String::new();
-    resp.into_reader()
-        .read_to_string(&mut body)
-        .expect("read body");
-    Answer {
-        status,
-        headers,
-        body,
-    }
+    resp.into_reader().read_to_string(&mut body).expect("read body");
+    Answer { status, headers, body }
 }
 
 impl Server {
@@ -216,21 +177,14 @@ impl Server {
             }
         };
         let mut cmd = Command::new(kindling_bin());
-        cmd.args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--idle-unload-secs",
-            "0",
-            "--data-dir",
-        ])
-        .arg(&data_dir)
-        .arg("--compile-cache")
-        .arg(shared_dir("compiled"))
-        .args(&opts.extra_args)
-        .env("KINDLING_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--idle-unload-secs", "0", "--data-dir"])
+            .arg(&data_dir)
+            .arg("--compile-cache")
+            .arg(shared_dir("compiled"))
+            .args(&opts.extra_args)
+            .env("KINDLING_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
         for (name, path) in models {
             cmd.arg("--model").arg(format!("{name}={}", path.display()));
         }
@@ -255,18 +209,11 @@ impl Server {
         };
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Server {
-            child,
-            url,
-            data_dir,
-            _temp: temp,
-            admin_token: opts.admin_token,
-        }
+        Server { child, url, data_dir, _temp: temp, admin_token: opts.admin_token }
     }
 
     fn admin(&self, method: &str, path: &str) -> ureq::Request {
-        let req =
-            ureq::request(method, &format!("{}{path}", self.url)).timeout(Duration::from_secs(300));
+        let req = ureq::request(method, &format!("{}{path}", self.url)).timeout(Duration::from_secs(300));
         match &self.admin_token {
             Some(t) => req.set("authorization", &format!("Bearer {t}")),
             None => req,
@@ -275,25 +222,7 @@ impl Server {
 
     /// Deploys raw component bytes with a manifest, as `kindling deploy` does.
     pub fn deploy_bytes(&self, manifest: &str, wasm: &[u8]) -> Answer {
-        let boundary = "kindling-test-boundary-7d1f";
-        let mut body = Vec::new();
-        for (name, bytes) in [("manifest", manifest.as_bytes()), ("component", wasm)] {
-            body.extend_from_slice(
-                format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n")
-                    .as_bytes(),
-            );
-            body.extend_from_slice(bytes);
-            body.extend_from_slice(b"\r\n");
-        }
-        body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
-        answer(
-            self.admin("POST", "/admin/deployments")
-                .set(
-                    "content-type",
-                    &format!("multipart/form-data; boundary={boundary}"),
-                )
-                .send_bytes(&body),
-        )
+        self.deploy_as(self.admin_token.as_deref(), manifest, wasm)
     }
 
     pub fn deploy(&self, manifest: &str, component: &Path) -> Answer {
@@ -301,40 +230,49 @@ impl Server {
         self.deploy_bytes(manifest, &wasm)
     }
 
+    /// A request with an explicit bearer key (or none), for tenant-isolation tests.
+    pub fn call_as(&self, key: Option<&str>, method: &str, path: &str, body: Option<&serde_json::Value>) -> Answer {
+        let mut req = ureq::request(method, &format!("{}{path}", self.url)).timeout(Duration::from_secs(120));
+        if let Some(k) = key {
+            req = req.set("authorization", &format!("Bearer {k}"));
+        }
+        answer(match body {
+            Some(b) => req.send_json(b.clone()),
+            None => req.call(),
+        })
+    }
+
+    /// Deploys as the holder of `key` (a tenant API key or the admin token).
+    pub fn deploy_as(&self, key: Option<&str>, manifest: &str, wasm: &[u8]) -> Answer {
+        let boundary = "kindling-test-boundary-7d1f";
+        let mut req = ureq::post(&format!("{}/admin/deployments", self.url))
+            .timeout(Duration::from_secs(300))
+            .set("content-type", &format!("multipart/form-data; boundary={boundary}"));
+        if let Some(k) = key {
+            req = req.set("authorization", &format!("Bearer {k}"));
+        }
+        answer(req.send_bytes(&multipart(boundary, manifest, wasm)))
+    }
+
     pub fn admin_call(&self, method: &str, path: &str) -> Answer {
         answer(self.admin(method, path).call())
     }
 
     pub fn get(&self, path: &str) -> Answer {
-        answer(
-            ureq::get(&format!("{}{path}", self.url))
-                .timeout(Duration::from_secs(120))
-                .call(),
-        )
+        answer(ureq::get(&format!("{}{path}", self.url)).timeout(Duration::from_secs(120)).call())
     }
 
     pub fn post_json(&self, path: &str, body: &serde_json::Value) -> Answer {
-        answer(
-            ureq::post(&format!("{}{path}", self.url))
-                .timeout(Duration::from_secs(120))
-                .send_json(body.clone()),
-        )
+        answer(ureq::post(&format!("{}{path}", self.url)).timeout(Duration::from_secs(120)).send_json(body.clone()))
     }
 
     pub fn post_raw(&self, path: &str, body: &[u8]) -> Answer {
-        answer(
-            ureq::post(&format!("{}{path}", self.url))
-                .timeout(Duration::from_secs(120))
-                .send_bytes(body),
-        )
+        answer(ureq::post(&format!("{}{path}", self.url)).timeout(Duration::from_secs(120)).send_bytes(body))
     }
 
     /// Sends SIGTERM and waits for the process to exit, returning whether it exited cleanly.
     pub fn stop(mut self) -> bool {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -350,6 +288,19 @@ impl Server {
     }
 }
 
+fn multipart(boundary: &str, manifest: &str, wasm: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (name, bytes) in [("manifest", manifest.as_bytes()), ("component", wasm)] {
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes(),
+        );
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    body
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -358,11 +309,7 @@ impl Drop for Server {
 }
 
 /// Greedy generations from the independent numpy implementation (tests/reference).
-pub fn reference_generations(
-    model_dir: &Path,
-    max_tokens: u32,
-    prompts: &[&str],
-) -> Vec<serde_json::Value> {
+pub fn reference_generations(model_dir: &Path, max_tokens: u32, prompts: &[&str]) -> Vec<serde_json::Value> {
     let script = workspace_root().join("tests/reference/reference_generate.py");
     let out = Command::new("python3")
         .arg(script)
@@ -371,14 +318,6 @@ pub fn reference_generations(
         .args(prompts)
         .output()
         .expect("python3 runs");
-    assert!(
-        out.status.success(),
-        "reference failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .expect("utf-8")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json line"))
-        .collect()
+    assert!(out.status.success(), "reference failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8").lines().map(|l| serde_json::from_str(l).expect("json line")).collect()
 }

@@ -49,10 +49,7 @@ pub struct OnceArgs {
 const PROMPT: &str = "Hello, Kindling! Tell me a story.";
 
 fn first_token_params() -> SamplingParams {
-    SamplingParams {
-        max_tokens: 1,
-        ..SamplingParams::default()
-    }
+    SamplingParams { max_tokens: 1, ..SamplingParams::default() }
 }
 
 fn secs(d: Duration) -> f64 {
@@ -61,19 +58,13 @@ fn secs(d: Duration) -> f64 {
 
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
-    if values.is_empty() {
-        f64::NAN
-    } else {
-        values[values.len() / 2]
-    }
+    if values.is_empty() { f64::NAN } else { values[values.len() / 2] }
 }
 
 /// One fresh process: make the device, load without pool or warm-up, generate one token.
 pub fn once(args: OnceArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
         let device_started = Instant::now();
         let worker = cold_worker(&args.device)?;
@@ -102,16 +93,9 @@ fn cold_worker(device: &str) -> anyhow::Result<kindling_engine::Worker> {
     }
     #[cfg(feature = "cuda")]
     {
-        let ordinal = device
-            .trim_start_matches("cuda")
-            .trim_start_matches(':')
-            .parse()
-            .unwrap_or(0);
+        let ordinal = device.trim_start_matches("cuda").trim_start_matches(':').parse().unwrap_or(0);
         let device = kindling_engine::Device::new_cuda(ordinal)?;
-        Ok(kindling_engine::Worker {
-            device,
-            ..kindling_engine::Worker::cpu(u64::MAX)
-        })
+        Ok(kindling_engine::Worker { device, ..kindling_engine::Worker::cpu(u64::MAX) })
     }
     #[cfg(not(feature = "cuda"))]
     anyhow::bail!("this kindling was built without CUDA")
@@ -124,19 +108,10 @@ fn spawn_timed(cmd: &mut Command) -> anyhow::Result<(f64, Value)> {
     if !out.status.success() {
         anyhow::bail!(
             "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .rev()
-                .take(5)
-                .collect::<Vec<_>>()
-                .join(" | ")
+            String::from_utf8_lossy(&out.stderr).lines().rev().take(5).collect::<Vec<_>>().join(" | ")
         );
     }
-    let last = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .unwrap_or("{}")
-        .to_string();
+    let last = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("{}").to_string();
     Ok((wall, serde_json::from_str(&last).unwrap_or(Value::Null)))
 }
 
@@ -144,11 +119,7 @@ pub fn coldstart(args: ColdstartArgs) -> anyhow::Result<()> {
     let models: Vec<(String, PathBuf)> = args
         .models
         .iter()
-        .map(|m| {
-            m.split_once('=')
-                .map(|(n, p)| (n.to_string(), PathBuf::from(p)))
-                .context("--model NAME=PATH")
-        })
+        .map(|m| m.split_once('=').map(|(n, p)| (n.to_string(), PathBuf::from(p))).context("--model NAME=PATH"))
         .collect::<anyhow::Result<_>>()?;
     let mut results = json!({ "device": args.device, "runs": args.runs, "models": {} });
 
@@ -159,11 +130,8 @@ pub fn coldstart(args: ColdstartArgs) -> anyhow::Result<()> {
         if let Some(python) = &args.hf_python {
             let (mut walls, mut runs) = (Vec::new(), Vec::new());
             for run in 0..args.runs {
-                let (wall, phases) =
-                    spawn_timed(Command::new(python).arg(&args.hf_script).arg(path))?;
-                eprintln!(
-                    "[{name}] HF transformers fresh process, run {run}: {wall:.3} s {phases}"
-                );
+                let (wall, phases) = spawn_timed(Command::new(python).arg(&args.hf_script).arg(path))?;
+                eprintln!("[{name}] HF transformers fresh process, run {run}: {wall:.3} s {phases}");
                 walls.push(wall);
                 runs.push(json!({ "wall_s": wall, "phases": phases }));
             }
@@ -174,24 +142,17 @@ pub fn coldstart(args: ColdstartArgs) -> anyhow::Result<()> {
             let (mut walls, mut runs) = (Vec::new(), Vec::new());
             for run in 0..args.runs {
                 let (wall, phases) = spawn_timed(
-                    Command::new(&exe)
-                        .args(["bench", "once", "--device", &args.device, "--model"])
-                        .arg(path),
+                    Command::new(&exe).args(["bench", "once", "--device", &args.device, "--model"]).arg(path),
                 )?;
-                eprintln!(
-                    "[{name}] kindling fresh process (no pool, no warm worker), run {run}: {wall:.3} s {phases}"
-                );
+                eprintln!("[{name}] kindling fresh process (no pool, no warm worker), run {run}: {wall:.3} s {phases}");
                 walls.push(wall);
                 runs.push(json!({ "wall_s": wall, "phases": phases }));
             }
-            entry["kindling_fresh_process"] =
-                json!({ "runs": runs, "median_s": median(&mut walls) });
+            entry["kindling_fresh_process"] = json!({ "runs": runs, "median_s": median(&mut walls) });
         }
     }
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let worker = crate::worker_from_args(&args.device, 1e6, 0.8).await?;
         eprintln!("warm worker {} ready in {:.3} s (paid once, at boot)", worker.label, worker.boot_time.as_secs_f64());
@@ -242,24 +203,15 @@ pub fn coldstart(args: ColdstartArgs) -> anyhow::Result<()> {
 }
 
 fn print_summary(results: &Value) {
-    println!(
-        "\ncold start to first token (median of {} runs, {}):",
-        results["runs"], results["device"]
-    );
+    println!("\ncold start to first token (median of {} runs, {}):", results["runs"], results["device"]);
     println!(
         "{:<14} {:>12} {:>14} {:>12} {:>16} {:>16} {:>10}",
         "model", "warm+pool s", "fresh kindling", "fresh HF s", "fresh/warm", "HF/warm", "h2d GB/s"
     );
     for (name, m) in results["models"].as_object().into_iter().flatten() {
-        let warm = m["kindling_warm_pool"]["median_s"]
-            .as_f64()
-            .unwrap_or(f64::NAN);
-        let fresh = m["kindling_fresh_process"]["median_s"]
-            .as_f64()
-            .unwrap_or(f64::NAN);
-        let hf = m["hf_fresh_process"]["median_s"]
-            .as_f64()
-            .unwrap_or(f64::NAN);
+        let warm = m["kindling_warm_pool"]["median_s"].as_f64().unwrap_or(f64::NAN);
+        let fresh = m["kindling_fresh_process"]["median_s"].as_f64().unwrap_or(f64::NAN);
+        let hf = m["hf_fresh_process"]["median_s"].as_f64().unwrap_or(f64::NAN);
         let mut gbps: Vec<f64> = m["kindling_warm_pool"]["runs"]
             .as_array()
             .into_iter()

@@ -8,10 +8,7 @@ use anyhow::{Context, bail};
 use crate::Remote;
 
 fn request(remote: &Remote, method: &str, path: &str) -> ureq::Request {
-    let req = ureq::request(
-        method,
-        &format!("{}{path}", remote.url.trim_end_matches('/')),
-    );
+    let req = ureq::request(method, &format!("{}{path}", remote.url.trim_end_matches('/')));
     match &remote.token {
         Some(t) => req.set("authorization", &format!("Bearer {t}")),
         None => req,
@@ -30,18 +27,11 @@ fn check(result: Result<ureq::Response, ureq::Error>) -> anyhow::Result<ureq::Re
                 .unwrap_or(body);
             bail!("server answered {code}: {}", message.trim())
         }
-        Err(e) => Err(e).context(
-            "could not reach the kindling server (is `kindling serve` running? see --url)",
-        ),
+        Err(e) => Err(e).context("could not reach the kindling server (is `kindling serve` running? see --url)"),
     }
 }
 
-pub fn print_json(
-    remote: &Remote,
-    method: &str,
-    path: &str,
-    body: Option<serde_json::Value>,
-) -> anyhow::Result<()> {
+pub fn print_json(remote: &Remote, method: &str, path: &str, body: Option<serde_json::Value>) -> anyhow::Result<()> {
     let req = request(remote, method, path);
     let resp = check(match body {
         Some(b) => req.send_json(b),
@@ -58,19 +48,12 @@ pub fn delete(remote: &Remote, name: &str) -> anyhow::Result<()> {
 }
 
 pub fn deploy(remote: &Remote, manifest: &Path, component: &Path) -> anyhow::Result<()> {
-    let manifest_text =
-        std::fs::read(manifest).with_context(|| format!("reading {}", manifest.display()))?;
-    let wasm =
-        std::fs::read(component).with_context(|| format!("reading {}", component.display()))?;
+    let manifest_text = std::fs::read(manifest).with_context(|| format!("reading {}", manifest.display()))?;
+    let wasm = std::fs::read(component).with_context(|| format!("reading {}", component.display()))?;
     let boundary = format!("kindling-{:016x}", rand::random::<u64>());
     let mut body = Vec::with_capacity(wasm.len() + manifest_text.len() + 512);
     for (name, filename, content_type, bytes) in [
-        (
-            "manifest",
-            "kindling.toml",
-            "application/toml",
-            &manifest_text,
-        ),
+        ("manifest", "kindling.toml", "application/toml", &manifest_text),
         ("component", "handler.wasm", "application/wasm", &wasm),
     ] {
         write!(
@@ -81,33 +64,19 @@ pub fn deploy(remote: &Remote, manifest: &Path, component: &Path) -> anyhow::Res
         body.extend_from_slice(b"\r\n");
     }
     write!(body, "--{boundary}--\r\n")?;
-    eprintln!(
-        "deploying {} ({} bytes) ...",
-        component.display(),
-        wasm.len()
-    );
+    eprintln!("deploying {} ({} bytes) ...", component.display(), wasm.len());
     let resp = check(
         request(remote, "POST", "/admin/deployments")
-            .set(
-                "content-type",
-                &format!("multipart/form-data; boundary={boundary}"),
-            )
+            .set("content-type", &format!("multipart/form-data; boundary={boundary}"))
             .send_bytes(&body),
     )?;
     println!("{}", resp.into_string()?.trim_end());
     Ok(())
 }
 
-pub fn invoke(
-    remote: &Remote,
-    path: &str,
-    data: Option<String>,
-    include: bool,
-) -> anyhow::Result<()> {
+pub fn invoke(remote: &Remote, path: &str, data: Option<String>, include: bool) -> anyhow::Result<()> {
     let result = match data {
-        Some(d) => request(remote, "POST", path)
-            .set("content-type", "application/json")
-            .send_string(&d),
+        Some(d) => request(remote, "POST", path).set("content-type", "application/json").send_string(&d),
         None => request(remote, "GET", path).call(),
     };
     let (resp, failed) = match result {

@@ -12,11 +12,7 @@ use kindling_engine::tiny_model::{TinySpec, make_tiny_model};
 use kindling_engine::{Architecture, Worker};
 
 #[derive(Parser)]
-#[command(
-    name = "kindling",
-    version,
-    about = "Serverless LLM functions: Wasm handlers, warm models."
-)]
+#[command(name = "kindling", version, about = "Serverless LLM functions: Wasm handlers, warm models.")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -25,20 +21,10 @@ struct Cli {
 #[derive(clap::Args, Clone)]
 pub struct Remote {
     /// Server base URL.
-    #[arg(
-        long,
-        env = "KINDLING_URL",
-        default_value = "http://127.0.0.1:7070",
-        global = true
-    )]
+    #[arg(long, env = "KINDLING_URL", default_value = "http://127.0.0.1:7070", global = true)]
     url: String,
     /// Admin token, when the server requires one.
-    #[arg(
-        long,
-        env = "KINDLING_ADMIN_TOKEN",
-        global = true,
-        hide_env_values = true
-    )]
+    #[arg(long, env = "KINDLING_ADMIN_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
 }
 
@@ -132,11 +118,7 @@ enum ModelsCommand {
 }
 
 /// Makes the worker `--device` names, warm, off the async runtime (GPU boot takes a while).
-pub async fn worker_from_args(
-    device: &str,
-    engine_memory_gib: f64,
-    arena_fraction: f64,
-) -> anyhow::Result<Worker> {
+pub async fn worker_from_args(device: &str, engine_memory_gib: f64, arena_fraction: f64) -> anyhow::Result<Worker> {
     let device = device.to_string();
     let budget = serve::gib(engine_memory_gib);
     let worker = tokio::task::spawn_blocking(move || -> anyhow::Result<Worker> {
@@ -145,10 +127,7 @@ pub async fn worker_from_args(
         }
         let ordinal: usize = match device.strip_prefix("cuda") {
             Some("") => 0,
-            Some(n) => n
-                .trim_start_matches(':')
-                .parse()
-                .with_context(|| format!("--device {device}"))?,
+            Some(n) => n.trim_start_matches(':').parse().with_context(|| format!("--device {device}"))?,
             None => anyhow::bail!("--device must be cpu, cuda or cuda:N, got {device:?}"),
         };
         cuda_worker(ordinal, arena_fraction)
@@ -164,42 +143,28 @@ fn cuda_worker(ordinal: usize, arena_fraction: f64) -> anyhow::Result<Worker> {
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_worker(_: usize, _: f64) -> anyhow::Result<Worker> {
-    anyhow::bail!(
-        "this kindling was built without CUDA; rebuild with `cargo build --release --features cuda`"
-    )
+    anyhow::bail!("this kindling was built without CUDA; rebuild with `cargo build --release --features cuda`")
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve::run(args),
-        Command::Deploy {
-            manifest,
-            component,
-            remote,
-        } => client::deploy(&remote, &manifest, &component),
+        Command::Deploy { manifest, component, remote } => client::deploy(&remote, &manifest, &component),
         Command::List { remote } => client::print_json(&remote, "GET", "/admin/deployments", None),
         Command::Delete { name, remote } => client::delete(&remote, &name),
-        Command::Invoke {
-            path,
-            data,
-            include,
-            remote,
-        } => client::invoke(&remote, &path, data, include),
+        Command::Invoke { path, data, include, remote } => client::invoke(&remote, &path, data, include),
         Command::Bench { command } => match command {
             BenchCommand::Coldstart(args) => bench::coldstart(args),
             BenchCommand::Once(args) => bench::once(args),
         },
         Command::Models { command } => match command {
             ModelsCommand::Add { name, path, remote } => {
-                let path =
-                    std::fs::canonicalize(&path).with_context(|| format!("{}", path.display()))?;
+                let path = std::fs::canonicalize(&path).with_context(|| format!("{}", path.display()))?;
                 let body = serde_json::json!({ "name": name, "path": path });
                 client::print_json(&remote, "POST", "/admin/models", Some(body))
             }
-            ModelsCommand::List { remote } => {
-                client::print_json(&remote, "GET", "/admin/models", None)
-            }
+            ModelsCommand::List { remote } => client::print_json(&remote, "GET", "/admin/models", None),
             ModelsCommand::MakeTiny { dir, arch } => {
                 let arch = match arch {
                     ArchArg::Llama => Architecture::Llama,

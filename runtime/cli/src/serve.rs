@@ -54,9 +54,7 @@ pub fn gib(v: f64) -> u64 {
 
 fn init_logging(json: bool) {
     let filter = EnvFilter::try_from_env("KINDLING_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -66,9 +64,7 @@ fn init_logging(json: bool) {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(args.log_json);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let worker = crate::worker_from_args(&args.device, args.engine_memory_gib, args.arena_fraction).await?;
         tracing::info!(worker = %worker.label, boot_ms = worker.boot_time.as_millis() as u64, "worker ready");

@@ -18,11 +18,7 @@ pub struct Resident {
 }
 
 /// The engines to drop, most idle first, so `need` more bytes fit in `budget`.
-pub fn evictions(
-    need: u64,
-    budget: u64,
-    resident: &[Resident],
-) -> Result<Vec<String>, EngineError> {
+pub fn evictions(need: u64, budget: u64, resident: &[Resident]) -> Result<Vec<String>, EngineError> {
     let used: u64 = resident.iter().map(|r| r.bytes).sum();
     if used + need <= budget {
         return Ok(Vec::new());
@@ -54,15 +50,9 @@ pub fn evictions(
 }
 
 /// Drops engines idle for longer than `idle`, checking every few seconds.
-pub fn spawn_idle_reaper(
-    registry: Arc<ModelRegistry>,
-    idle: Duration,
-) -> tokio::task::JoinHandle<()> {
+pub fn spawn_idle_reaper(registry: Arc<ModelRegistry>, idle: Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(
-            idle.min(Duration::from_secs(5))
-                .max(Duration::from_millis(100)),
-        );
+        let mut tick = tokio::time::interval(idle.min(Duration::from_secs(5)).max(Duration::from_millis(100)));
         loop {
             tick.tick().await;
             for name in registry.unload_idle(idle) {
@@ -77,30 +67,17 @@ mod tests {
     use super::*;
 
     fn r(name: &str, bytes: u64, idle_s: u64, busy: bool) -> Resident {
-        Resident {
-            name: name.into(),
-            bytes,
-            idle_for: Duration::from_secs(idle_s),
-            busy,
-        }
+        Resident { name: name.into(), bytes, idle_for: Duration::from_secs(idle_s), busy }
     }
 
     #[test]
     fn nothing_is_evicted_when_it_fits() {
-        assert!(
-            evictions(10, 100, &[r("a", 50, 9, false)])
-                .unwrap()
-                .is_empty()
-        );
+        assert!(evictions(10, 100, &[r("a", 50, 9, false)]).unwrap().is_empty());
     }
 
     #[test]
     fn the_most_idle_engines_go_first_and_only_as_many_as_needed() {
-        let resident = [
-            r("recent", 40, 1, false),
-            r("old", 40, 100, false),
-            r("older", 10, 200, false),
-        ];
+        let resident = [r("recent", 40, 1, false), r("old", 40, 100, false), r("older", 10, 200, false)];
         assert_eq!(evictions(50, 100, &resident).unwrap(), ["older", "old"]);
         assert_eq!(evictions(15, 100, &resident).unwrap(), ["older"]);
     }
@@ -114,9 +91,6 @@ mod tests {
 
     #[test]
     fn a_model_larger_than_the_budget_is_a_load_error() {
-        assert!(matches!(
-            evictions(200, 100, &[]).unwrap_err(),
-            EngineError::Load(_)
-        ));
+        assert!(matches!(evictions(200, 100, &[]).unwrap_err(), EngineError::Load(_)));
     }
 }

@@ -24,11 +24,7 @@ pub struct ChatTemplate {
 fn token_text(v: &serde_json::Value) -> String {
     match v {
         serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Object(o) => o
-            .get("content")
-            .and_then(|c| c.as_str())
-            .unwrap_or_default()
-            .to_string(),
+        serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).unwrap_or_default().to_string(),
         _ => String::new(),
     }
 }
@@ -40,43 +36,29 @@ impl ChatTemplate {
         let Ok(text) = std::fs::read_to_string(&path) else {
             return Ok(None);
         };
-        let config: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
+        let config: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
         // Either a string, or a list of named templates of which "default" is the chat one.
         let source = match &config["chat_template"] {
             serde_json::Value::String(s) => s.clone(),
-            serde_json::Value::Array(named) => {
-                match named.iter().find(|t| t["name"] == "default") {
-                    Some(t) => t["template"].as_str().unwrap_or_default().to_string(),
-                    None => return Ok(None),
-                }
-            }
+            serde_json::Value::Array(named) => match named.iter().find(|t| t["name"] == "default") {
+                Some(t) => t["template"].as_str().unwrap_or_default().to_string(),
+                None => return Ok(None),
+            },
             _ => return Ok(None),
         };
-        Self::new(
-            &source,
-            token_text(&config["bos_token"]),
-            token_text(&config["eos_token"]),
-        )
-        .map(Some)
+        Self::new(&source, token_text(&config["bos_token"]), token_text(&config["eos_token"])).map(Some)
     }
 
     pub fn new(source: &str, bos_token: String, eos_token: String) -> Result<Self> {
         let mut env = Environment::new();
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> std::result::Result<String, Error> {
-                Err(Error::new(ErrorKind::InvalidOperation, msg))
-            },
-        );
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, Error> {
+            Err(Error::new(ErrorKind::InvalidOperation, msg))
+        });
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| EngineError::Load(format!("chat template does not parse: {e}")))?;
-        Ok(Self {
-            env,
-            bos_token,
-            eos_token,
-        })
+        Ok(Self { env, bos_token, eos_token })
     }
 
     pub fn render(&self, messages: &[ChatMessage]) -> Result<String> {
@@ -101,47 +83,22 @@ mod tests {
     #[test]
     fn renders_chatml_with_generation_prompt() {
         let t = ChatTemplate::new(CHATML, String::new(), "<|im_end|>".into()).unwrap();
-        let out = t
-            .render(&[ChatMessage {
-                role: "user".into(),
-                content: " hi ".into(),
-            }])
-            .unwrap();
-        assert_eq!(
-            out,
-            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-        );
+        let out = t.render(&[ChatMessage { role: "user".into(), content: " hi ".into() }]).unwrap();
+        assert_eq!(out, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
     }
 
     #[test]
     fn template_exceptions_become_invalid_params() {
-        let t = ChatTemplate::new(
-            "{{ raise_exception('roles must alternate') }}",
-            String::new(),
-            String::new(),
-        )
-        .unwrap();
+        let t =
+            ChatTemplate::new("{{ raise_exception('roles must alternate') }}", String::new(), String::new()).unwrap();
         let err = t.render(&[]).unwrap_err();
-        assert!(
-            matches!(&err, EngineError::InvalidParams(m) if m.contains("roles must alternate")),
-            "{err}"
-        );
+        assert!(matches!(&err, EngineError::InvalidParams(m) if m.contains("roles must alternate")), "{err}");
     }
 
     #[test]
     fn python_string_methods_work() {
-        let t = ChatTemplate::new(
-            "{{ messages[0].content.strip() }}",
-            String::new(),
-            String::new(),
-        )
-        .unwrap();
-        let out = t
-            .render(&[ChatMessage {
-                role: "user".into(),
-                content: "  x  ".into(),
-            }])
-            .unwrap();
+        let t = ChatTemplate::new("{{ messages[0].content.strip() }}", String::new(), String::new()).unwrap();
+        let out = t.render(&[ChatMessage { role: "user".into(), content: "  x  ".into() }]).unwrap();
         assert_eq!(out, "x");
     }
 }

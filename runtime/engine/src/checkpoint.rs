@@ -176,23 +176,17 @@ impl Checkpoint {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         if !dir.is_dir() {
-            return Err(EngineError::Load(format!(
-                "{} is not a directory",
-                dir.display()
-            )));
+            return Err(EngineError::Load(format!("{} is not a directory", dir.display())));
         }
         let config_json = read_to_string(&dir.join("config.json"))?;
-        let config: ShapeConfig = serde_json::from_str(&config_json)
-            .map_err(|e| EngineError::Load(format!("config.json: {e}")))?;
+        let config: ShapeConfig =
+            serde_json::from_str(&config_json).map_err(|e| EngineError::Load(format!("config.json: {e}")))?;
         let arch = Architecture::from_model_type(&config.model_type)?;
         config.check()?;
 
         let tokenizer_path = dir.join("tokenizer.json");
         if !tokenizer_path.is_file() {
-            return Err(EngineError::Load(format!(
-                "{} is missing",
-                tokenizer_path.display()
-            )));
+            return Err(EngineError::Load(format!("{} is missing", tokenizer_path.display())));
         }
 
         let weight_files = Self::find_weight_files(&dir)?;
@@ -213,17 +207,7 @@ impl Checkpoint {
             }
         }
 
-        Ok(Self {
-            dir,
-            arch,
-            config,
-            config_json,
-            weight_files,
-            tensors,
-            tokenizer_path,
-            eos_token_ids,
-            weight_bytes,
-        })
+        Ok(Self { dir, arch, config, config_json, weight_files, tensors, tokenizer_path, eos_token_ids, weight_bytes })
     }
 
     fn find_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -248,42 +232,26 @@ impl Checkpoint {
         let mut files = Vec::new();
         for name in names {
             if name.contains('/') || name.contains("..") {
-                return Err(EngineError::Load(format!(
-                    "shard name {name:?} escapes the model directory"
-                )));
+                return Err(EngineError::Load(format!("shard name {name:?} escapes the model directory")));
             }
             files.push(dir.join(name));
         }
         if files.is_empty() {
-            return Err(EngineError::Load(format!(
-                "{} lists no shards",
-                index_path.display()
-            )));
+            return Err(EngineError::Load(format!("{} lists no shards", index_path.display())));
         }
         Ok(files)
     }
 
     /// Parses one file's header and records its tensors; returns the file's size.
-    fn read_header(
-        index: usize,
-        path: &Path,
-        tensors: &mut HashMap<String, TensorEntry>,
-    ) -> Result<u64> {
-        let file =
-            File::open(path).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
+    fn read_header(index: usize, path: &Path, tensors: &mut HashMap<String, TensorEntry>) -> Result<u64> {
+        let file = File::open(path).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
         // SAFETY: read-only map; a concurrent truncation would fault, which we accept for model files
         // the operator registered (the same contract as every mmap-based loader).
-        let mmap = unsafe { memmap2::Mmap::map(&file) }
-            .map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
-        let parsed = SafeTensors::deserialize(&mmap).map_err(|e| {
-            EngineError::Load(format!(
-                "{}: corrupt or truncated safetensors: {e}",
-                path.display()
-            ))
-        })?;
-        let header_len =
-            8 + u64::from_le_bytes(mmap[..8].try_into().expect("deserialize checked length"))
-                as usize;
+        let mmap =
+            unsafe { memmap2::Mmap::map(&file) }.map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
+        let parsed = SafeTensors::deserialize(&mmap)
+            .map_err(|e| EngineError::Load(format!("{}: corrupt or truncated safetensors: {e}", path.display())))?;
+        let header_len = 8 + u64::from_le_bytes(mmap[..8].try_into().expect("deserialize checked length")) as usize;
         for (name, view) in parsed.tensors() {
             let start = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
             debug_assert!(start >= header_len);
@@ -294,24 +262,16 @@ impl Checkpoint {
                 offsets: (start, start + view.data().len()),
             };
             if tensors.insert(name.clone(), entry).is_some() {
-                return Err(EngineError::Load(format!(
-                    "tensor {name} appears in more than one shard"
-                )));
+                return Err(EngineError::Load(format!("tensor {name} appears in more than one shard")));
             }
         }
         Ok(mmap.len() as u64)
     }
 
-    fn check_shapes(
-        arch: Architecture,
-        config: &ShapeConfig,
-        tensors: &HashMap<String, TensorEntry>,
-    ) -> Result<()> {
+    fn check_shapes(arch: Architecture, config: &ShapeConfig, tensors: &HashMap<String, TensorEntry>) -> Result<()> {
         for (name, expected) in config.expected_tensors(arch) {
             let Some(entry) = tensors.get(&name) else {
-                return Err(EngineError::Load(format!(
-                    "checkpoint has no tensor {name}"
-                )));
+                return Err(EngineError::Load(format!("checkpoint has no tensor {name}")));
             };
             if entry.shape != expected {
                 return Err(EngineError::Load(format!(
@@ -333,7 +293,7 @@ impl Checkpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tiny_model::{make_tiny_model, TinySpec};
+    use crate::tiny_model::{TinySpec, make_tiny_model};
 
     fn tiny() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
@@ -418,12 +378,14 @@ mod tests {
         };
         let map: serde_json::Map<String, serde_json::Value> =
             ckpt_names.iter().map(|n| (n.clone(), "model-00001-of-00001.safetensors".into())).collect();
-        std::fs::write(d.join("model.safetensors.index.json"), serde_json::json!({ "weight_map": map }).to_string()).unwrap();
+        std::fs::write(d.join("model.safetensors.index.json"), serde_json::json!({ "weight_map": map }).to_string())
+            .unwrap();
         let ckpt = Checkpoint::open(d).unwrap();
         assert_eq!(ckpt.weight_files.len(), 1);
         let evil: serde_json::Map<String, serde_json::Value> =
             ckpt_names.iter().map(|n| (n.clone(), "../../etc/passwd".into())).collect();
-        std::fs::write(d.join("model.safetensors.index.json"), serde_json::json!({ "weight_map": evil }).to_string()).unwrap();
+        std::fs::write(d.join("model.safetensors.index.json"), serde_json::json!({ "weight_map": evil }).to_string())
+            .unwrap();
         assert!(open_err(d).contains("escapes the model directory"));
     }
 }

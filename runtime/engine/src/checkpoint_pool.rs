@@ -39,12 +39,8 @@ struct FileStamp {
 }
 
 fn stamp(path: &std::path::Path) -> Result<FileStamp> {
-    let meta = std::fs::metadata(path)
-        .map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
-    Ok(FileStamp {
-        len: meta.len(),
-        modified: meta.modified().ok(),
-    })
+    let meta = std::fs::metadata(path).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
+    Ok(FileStamp { len: meta.len(), modified: meta.modified().ok() })
 }
 
 /// One checkpoint held by the pool (or, when it does not fit, held only while it loads).
@@ -169,22 +165,13 @@ pub struct CheckpointPool {
 
 impl CheckpointPool {
     pub fn new(capacity_bytes: u64, pinner: Option<Arc<dyn HostPinner>>) -> Self {
-        Self {
-            capacity_bytes,
-            pinner,
-            entries: Mutex::default(),
-            admit_lock: Mutex::new(()),
-        }
+        Self { capacity_bytes, pinner, entries: Mutex::default(), admit_lock: Mutex::new(()) }
     }
 
     pub fn stats(&self) -> PoolStats {
         let entries = self.entries.lock().expect("poisoned");
         let resident: u64 = entries.values().map(|e| e.pooled.ckpt.weight_bytes).sum();
-        let pinned: u64 = entries
-            .values()
-            .filter(|e| e.pooled.pinned)
-            .map(|e| e.pooled.ckpt.weight_bytes)
-            .sum();
+        let pinned: u64 = entries.values().filter(|e| e.pooled.pinned).map(|e| e.pooled.ckpt.weight_bytes).sum();
         PoolStats {
             entries: entries.len(),
             resident_bytes: resident,
@@ -194,10 +181,7 @@ impl CheckpointPool {
     }
 
     pub fn contains(&self, ckpt: &Checkpoint) -> bool {
-        self.entries
-            .lock()
-            .expect("poisoned")
-            .contains_key(&ckpt.dir)
+        self.entries.lock().expect("poisoned").contains_key(&ckpt.dir)
     }
 
     /// The pooled checkpoint for `ckpt`, admitting it on a miss. Returns whether it was a hit.
@@ -217,13 +201,7 @@ impl CheckpointPool {
         let pooled = Arc::new(self.admit(ckpt, fits, progress)?);
         if fits {
             let mut entries = self.entries.lock().expect("poisoned");
-            entries.insert(
-                pooled.ckpt.dir.clone(),
-                Entry {
-                    pooled: pooled.clone(),
-                    last_used: Instant::now(),
-                },
-            );
+            entries.insert(pooled.ckpt.dir.clone(), Entry { pooled: pooled.clone(), last_used: Instant::now() });
             Self::evict_over_capacity(&mut entries, self.capacity_bytes, &pooled.ckpt.dir);
         } else {
             tracing::warn!(
@@ -275,12 +253,7 @@ impl CheckpointPool {
         }
     }
 
-    fn admit(
-        &self,
-        ckpt: Checkpoint,
-        pin: bool,
-        progress: &dyn Fn(AdmitProgress),
-    ) -> Result<PooledCheckpoint> {
+    fn admit(&self, ckpt: Checkpoint, pin: bool, progress: &dyn Fn(AdmitProgress)) -> Result<PooledCheckpoint> {
         let started = Instant::now();
         let mut maps = Vec::new();
         let mut stamps = Vec::new();
@@ -296,10 +269,7 @@ impl CheckpointPool {
             for chunk in map.chunks(RESIDENCY_CHUNK) {
                 touch_pages(chunk);
                 resident += chunk.len() as u64;
-                progress(AdmitProgress {
-                    resident_bytes: resident,
-                    total_bytes: total,
-                });
+                progress(AdmitProgress { resident_bytes: resident, total_bytes: total });
             }
             maps.push(map);
         }
@@ -319,29 +289,15 @@ impl CheckpointPool {
             }
             pinned = !done.is_empty();
         }
-        Ok(PooledCheckpoint {
-            ckpt,
-            maps,
-            stamps,
-            pinner: self.pinner.clone(),
-            pinned,
-            admit_time: started.elapsed(),
-        })
+        Ok(PooledCheckpoint { ckpt, maps, stamps, pinner: self.pinner.clone(), pinned, admit_time: started.elapsed() })
     }
 }
 
 /// Reads one byte of every page so the mapping is backed by resident page-cache pages.
 fn touch_pages(bytes: &[u8]) {
     const PAGE: usize = 4096;
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(8);
-    let per = bytes
-        .len()
-        .div_ceil(threads)
-        .next_multiple_of(PAGE)
-        .max(PAGE);
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
+    let per = bytes.len().div_ceil(threads).next_multiple_of(PAGE).max(PAGE);
     std::thread::scope(|s| {
         for part in bytes.chunks(per) {
             s.spawn(move || {
@@ -393,25 +349,16 @@ mod tests {
             })
             .unwrap();
         assert!(!hit);
-        assert!(
-            reports.load(Ordering::SeqCst) >= 1,
-            "admission reports progress"
-        );
+        assert!(reports.load(Ordering::SeqCst) >= 1, "admission reports progress");
         let (_, hit) = pool.checkout(ckpt.clone(), &|_| {}).unwrap();
         assert!(hit);
         let tensors = a.load_tensors(&Device::Cpu, DType::F32).unwrap();
         assert_eq!(tensors.len(), ckpt.tensors.len());
         // Compare against candle's own safetensors reader on the same file.
-        let reference =
-            candle_core::safetensors::load(&ckpt.weight_files[0], &Device::Cpu).unwrap();
+        let reference = candle_core::safetensors::load(&ckpt.weight_files[0], &Device::Cpu).unwrap();
         for (name, t) in &reference {
             let ours = &tensors[name];
-            let diff = (ours - t.to_dtype(DType::F32).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap();
+            let diff = (ours - t.to_dtype(DType::F32).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
             assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name}");
         }
         assert_eq!(pool.stats().entries, 1);
@@ -423,21 +370,13 @@ mod tests {
         let (_d2, b) = tiny(Architecture::Llama);
         let pinner = Arc::new(CountingPinner(AtomicUsize::new(0), AtomicUsize::new(0)));
         // Room for one tiny model, not two.
-        let pool =
-            CheckpointPool::new(a.weight_bytes.max(b.weight_bytes) + 1, Some(pinner.clone()));
+        let pool = CheckpointPool::new(a.weight_bytes.max(b.weight_bytes) + 1, Some(pinner.clone()));
         drop(pool.checkout(a.clone(), &|_| {}).unwrap());
         assert!(pool.contains(&a));
         drop(pool.checkout(b.clone(), &|_| {}).unwrap());
-        assert!(
-            pool.contains(&b) && !pool.contains(&a),
-            "a was least recently used"
-        );
+        assert!(pool.contains(&b) && !pool.contains(&a), "a was least recently used");
         assert_eq!(pinner.0.load(Ordering::SeqCst), 2);
-        assert_eq!(
-            pinner.1.load(Ordering::SeqCst),
-            1,
-            "evicting a unpins its pages"
-        );
+        assert_eq!(pinner.1.load(Ordering::SeqCst), 1, "evicting a unpins its pages");
     }
 
     #[test]
@@ -456,18 +395,8 @@ mod tests {
         let pool = CheckpointPool::new(1 << 30, None);
         drop(pool.checkout(ckpt.clone(), &|_| {}).unwrap());
         std::thread::sleep(Duration::from_millis(20));
-        make_tiny_model(
-            dir.path(),
-            &TinySpec {
-                seed: 1,
-                ..TinySpec::new(Architecture::Qwen2)
-            },
-        )
-        .unwrap();
+        make_tiny_model(dir.path(), &TinySpec { seed: 1, ..TinySpec::new(Architecture::Qwen2) }).unwrap();
         let (_, hit) = pool.checkout(ckpt, &|_| {}).unwrap();
-        assert!(
-            !hit,
-            "a rewritten checkpoint must not be served from stale pages"
-        );
+        assert!(!hit, "a rewritten checkpoint must not be served from stale pages");
     }
 }

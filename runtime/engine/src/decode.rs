@@ -21,11 +21,7 @@ impl Default for IncrementalDecoder {
 
 impl IncrementalDecoder {
     pub fn new() -> Self {
-        Self {
-            ids: Vec::new(),
-            prefix_offset: 0,
-            read_offset: 0,
-        }
+        Self { ids: Vec::new(), prefix_offset: 0, read_offset: 0 }
     }
 
     /// Adds one token; returns the new text it completes, if any.
@@ -34,10 +30,7 @@ impl IncrementalDecoder {
         let decode = |ids: &[u32]| tokenizer.decode(ids, true).map_err(EngineError::runtime);
         let prefix = decode(&self.ids[self.prefix_offset..self.read_offset])?;
         let full = decode(&self.ids[self.prefix_offset..])?;
-        if full.len() > prefix.len()
-            && !full.ends_with('\u{FFFD}')
-            && full.is_char_boundary(prefix.len())
-        {
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
             let new = full[prefix.len()..].to_string();
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();
@@ -78,31 +71,19 @@ pub enum StopOutcome {
 
 impl StopMatcher {
     pub fn new(stops: Vec<String>) -> Self {
-        Self {
-            stops,
-            held: String::new(),
-        }
+        Self { stops, held: String::new() }
     }
 
     pub fn feed(&mut self, text: &str) -> StopOutcome {
         self.held.push_str(text);
-        let first_match = self
-            .stops
-            .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
-            .min();
+        let first_match = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min();
         if let Some(at) = first_match {
             let out = self.held[..at].to_string();
             self.held.clear();
             return StopOutcome::Stopped(out);
         }
         // Only a suffix of `held` can still grow into a stop string: keep the longest such suffix.
-        let keep = self
-            .stops
-            .iter()
-            .map(|s| longest_suffix_prefix(&self.held, s))
-            .max()
-            .unwrap_or(0);
+        let keep = self.stops.iter().map(|s| longest_suffix_prefix(&self.held, s)).max().unwrap_or(0);
         let cut = self.held.len() - keep;
         let out = self.held[..cut].to_string();
         self.held.drain(..cut);
@@ -149,10 +130,7 @@ mod tests {
 
     #[test]
     fn stop_string_split_across_pieces_is_caught_and_not_emitted() {
-        assert_eq!(
-            run(&["END"], &["hello E", "N", "D world"]),
-            ("hello ".into(), true)
-        );
+        assert_eq!(run(&["END"], &["hello E", "N", "D world"]), ("hello ".into(), true));
     }
 
     #[test]

@@ -80,11 +80,11 @@ impl GenerationStream {
         if self.finished {
             return None;
         }
-        let item = self.rx.recv().await.unwrap_or_else(|| {
-            Err(EngineError::Runtime(
-                "engine stopped before finishing the generation".into(),
-            ))
-        });
+        let item = self
+            .rx
+            .recv()
+            .await
+            .unwrap_or_else(|| Err(EngineError::Runtime("engine stopped before finishing the generation".into())));
         if !matches!(item, Ok(StreamItem::Text(_))) {
             self.finished = true;
         }
@@ -120,12 +120,7 @@ impl EngineHandle {
         params.validate()?;
         self.touch();
         let (events, rx) = mpsc::unbounded_channel();
-        let job = Job {
-            prompt,
-            params,
-            enqueued: Instant::now(),
-            events,
-        };
+        let job = Job { prompt, params, enqueued: Instant::now(), events };
         self.jobs.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => EngineError::Overloaded(format!(
                 "model {} has {} requests queued",
@@ -136,27 +131,17 @@ impl EngineHandle {
                 EngineError::Runtime(format!("engine for {} has stopped", self.info.name))
             }
         })?;
-        Ok(GenerationStream {
-            rx,
-            finished: false,
-        })
+        Ok(GenerationStream { rx, finished: false })
     }
 
-    pub async fn generate(
-        &self,
-        prompt: String,
-        params: SamplingParams,
-    ) -> Result<(String, Finish)> {
+    pub async fn generate(&self, prompt: String, params: SamplingParams) -> Result<(String, Finish)> {
         self.submit(prompt, params)?.collect().await
     }
 
     pub fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String> {
         match self.chat_template.as_ref() {
             Some(t) => t.render(messages),
-            None => Err(EngineError::InvalidParams(format!(
-                "model {} has no chat template",
-                self.info.name
-            ))),
+            None => Err(EngineError::InvalidParams(format!("model {} has no chat template", self.info.name))),
         }
     }
 
@@ -172,8 +157,7 @@ impl EngineHandle {
     }
 
     fn touch(&self) {
-        self.last_used
-            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.last_used.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 }
 
@@ -195,18 +179,10 @@ pub fn start_engine(
     let tokenizer = Tokenizer::from_file(&ckpt.tokenizer_path)
         .map_err(|e| EngineError::Load(format!("{}: {e}", ckpt.tokenizer_path.display())))?;
     let chat_template = ChatTemplate::from_model_dir(&ckpt.dir)?;
-    let model = LoadedModel::from_var_builder(
-        ckpt,
-        VarBuilder::from_tensors(tensors, dtype, device),
-        device,
-    )?;
+    let model = LoadedModel::from_var_builder(ckpt, VarBuilder::from_tensors(tensors, dtype, device), device)?;
     let load = LoadBreakdown {
         pool_hit,
-        admit: if pool_hit {
-            Duration::ZERO
-        } else {
-            pooled.admit_time
-        },
+        admit: if pool_hit { Duration::ZERO } else { pooled.admit_time },
         h2d,
         init: started.elapsed(),
     };
@@ -217,14 +193,7 @@ pub fn start_engine(
         max_positions: model.max_positions,
         load,
     };
-    spawn_engine(
-        info,
-        model,
-        tokenizer,
-        ckpt.eos_token_ids.clone(),
-        chat_template,
-        queue_depth,
-    )
+    spawn_engine(info, model, tokenizer, ckpt.eos_token_ids.clone(), chat_template, queue_depth)
 }
 
 /// Starts the actor thread around an already-built model.
@@ -247,17 +216,12 @@ pub fn spawn_engine(
                 }
                 let queued = job.enqueued.elapsed();
                 let events = job.events.clone();
-                let result = generate(
-                    &mut model,
-                    &tokenizer,
-                    &eos,
-                    &job.prompt,
-                    &job.params,
-                    |text| match events.send(Ok(StreamItem::Text(text))) {
+                let result = generate(&mut model, &tokenizer, &eos, &job.prompt, &job.params, |text| {
+                    match events.send(Ok(StreamItem::Text(text))) {
                         Ok(()) => Flow::Continue,
                         Err(_) => Flow::Stop,
-                    },
-                );
+                    }
+                });
                 let _ = job.events.send(result.map(|mut finish| {
                     finish.timing.queue = queued;
                     StreamItem::Done(finish)

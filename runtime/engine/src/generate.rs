@@ -52,10 +52,7 @@ fn sampler(params: &SamplingParams) -> LogitsProcessor {
     let sampling = if params.temperature == 0.0 {
         Sampling::ArgMax
     } else if params.top_p < 1.0 {
-        Sampling::TopP {
-            p: f64::from(params.top_p),
-            temperature,
-        }
+        Sampling::TopP { p: f64::from(params.top_p), temperature }
     } else {
         Sampling::All { temperature }
     };
@@ -73,9 +70,7 @@ pub fn generate(
 ) -> Result<Finish> {
     let started = Instant::now();
     params.validate()?;
-    let encoding = tokenizer
-        .encode(prompt, true)
-        .map_err(EngineError::runtime)?;
+    let encoding = tokenizer.encode(prompt, true).map_err(EngineError::runtime)?;
     let prompt_ids = encoding.get_ids().to_vec();
     if prompt_ids.is_empty() {
         return Err(EngineError::InvalidParams("prompt is empty".into()));
@@ -92,10 +87,7 @@ pub fn generate(
     let mut sampler = sampler(params);
     let mut decoder = IncrementalDecoder::new();
     let mut stops = StopMatcher::new(params.stop.clone());
-    let mut usage = Usage {
-        prompt_tokens: prompt_ids.len() as u32,
-        completion_tokens: 0,
-    };
+    let mut usage = Usage { prompt_tokens: prompt_ids.len() as u32, completion_tokens: 0 };
     let mut timing = GenerationTiming::default();
 
     model.begin_sequence();
@@ -123,9 +115,7 @@ pub fn generate(
             }
         };
         if !text.is_empty() && emit(text) == Flow::Stop {
-            return Err(EngineError::Runtime(
-                "generation cancelled: the caller went away".into(),
-            ));
+            return Err(EngineError::Runtime("generation cancelled: the caller went away".into()));
         }
         if ended.is_none() && usage.completion_tokens as usize >= budget {
             ended = Some(FinishReason::Length);
@@ -152,9 +142,5 @@ pub fn generate(
         }
     }
     timing.total = started.elapsed();
-    Ok(Finish {
-        reason,
-        usage,
-        timing,
-    })
+    Ok(Finish { reason, usage, timing })
 }

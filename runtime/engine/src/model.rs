@@ -27,22 +27,16 @@ pub struct LoadedModel {
 
 /// The compute dtype for a device: f32 on CPU (fast kernels there), bf16 on accelerators.
 pub fn compute_dtype(device: &Device) -> DType {
-    if device.is_cpu() {
-        DType::F32
-    } else {
-        DType::BF16
-    }
+    if device.is_cpu() { DType::F32 } else { DType::BF16 }
 }
 
 /// Fills the optional Qwen2 fields that some exported configs leave out with HF's defaults.
 fn qwen2_config(config_json: &str) -> Result<qwen2::Config> {
-    let mut v: serde_json::Value = serde_json::from_str(config_json)
-        .map_err(|e| EngineError::Load(format!("config.json: {e}")))?;
+    let mut v: serde_json::Value =
+        serde_json::from_str(config_json).map_err(|e| EngineError::Load(format!("config.json: {e}")))?;
     let layers = v["num_hidden_layers"].clone();
     let max_pos = v["max_position_embeddings"].clone();
-    let obj = v
-        .as_object_mut()
-        .ok_or_else(|| EngineError::Load("config.json is not an object".into()))?;
+    let obj = v.as_object_mut().ok_or_else(|| EngineError::Load("config.json is not an object".into()))?;
     for (key, default) in [
         ("sliding_window", max_pos),
         ("max_window_layers", layers),
@@ -77,18 +71,12 @@ impl LoadedModel {
                         .map_err(|e| EngineError::Load(format!("config.json: {e}")))?;
                     let cfg = cfg.into_config(false);
                     let model = llama::Llama::load(vb, &cfg).map_err(EngineError::load)?;
-                    let empty_cache =
-                        llama::Cache::new(true, dtype, &cfg, device).map_err(EngineError::load)?;
-                    Ok(Network::Llama {
-                        model,
-                        empty_cache,
-                        cache: None,
-                    })
+                    let empty_cache = llama::Cache::new(true, dtype, &cfg, device).map_err(EngineError::load)?;
+                    Ok(Network::Llama { model, empty_cache, cache: None })
                 }
                 Architecture::Qwen2 => {
                     let cfg = qwen2_config(&ckpt.config_json)?;
-                    let model =
-                        qwen2::ModelForCausalLM::new(&cfg, vb).map_err(EngineError::load)?;
+                    let model = qwen2::ModelForCausalLM::new(&cfg, vb).map_err(EngineError::load)?;
                     Ok(Network::Qwen2(model))
                 }
             }
@@ -101,52 +89,35 @@ impl LoadedModel {
                 .unwrap_or_else(|| "loader panicked".into());
             EngineError::Load(msg)
         })??;
-        Ok(Self {
-            network: built,
-            device: device.clone(),
-            max_positions: ckpt.config.max_position_embeddings,
-        })
+        Ok(Self { network: built, device: device.clone(), max_positions: ckpt.config.max_position_embeddings })
     }
 
     /// Loads straight from the checkpoint's mmapped safetensors files.
     pub fn load_mmapped(ckpt: &Checkpoint, device: &Device) -> Result<Self> {
         // SAFETY: the files were opened and validated by `Checkpoint::open`; see its note on mmap.
-        let vb = unsafe {
-            VarBuilder::from_mmaped_safetensors(&ckpt.weight_files, compute_dtype(device), device)
-        }
-        .map_err(EngineError::load)?;
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&ckpt.weight_files, compute_dtype(device), device) }
+            .map_err(EngineError::load)?;
         Self::from_var_builder(ckpt, vb, device)
     }
 
     /// Forgets the previous sequence's KV cache.
     pub fn begin_sequence(&mut self) {
         match &mut self.network {
-            Network::Llama {
-                empty_cache, cache, ..
-            } => *cache = Some(empty_cache.clone()),
+            Network::Llama { empty_cache, cache, .. } => *cache = Some(empty_cache.clone()),
             Network::Qwen2(model) => model.clear_kv_cache(),
         }
     }
 
     /// Feeds `tokens` at position `pos` of the current sequence; returns the next-token logits (f32, [vocab]).
     pub fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Tensor> {
-        let input = Tensor::new(tokens, &self.device)
-            .and_then(|t| t.unsqueeze(0))
-            .map_err(EngineError::runtime)?;
+        let input = Tensor::new(tokens, &self.device).and_then(|t| t.unsqueeze(0)).map_err(EngineError::runtime)?;
         let logits = match &mut self.network {
-            Network::Llama {
-                model,
-                empty_cache,
-                cache,
-            } => {
+            Network::Llama { model, empty_cache, cache } => {
                 let cache = cache.get_or_insert_with(|| empty_cache.clone());
                 model.forward(&input, pos, cache)
             }
             Network::Qwen2(model) => model.forward(&input, pos),
         };
-        logits
-            .and_then(|l| l.flatten_all())
-            .and_then(|l| l.to_dtype(DType::F32))
-            .map_err(EngineError::runtime)
+        logits.and_then(|l| l.flatten_all()).and_then(|l| l.to_dtype(DType::F32)).map_err(EngineError::runtime)
     }
 }

@@ -61,9 +61,7 @@ pub struct ModelRegistry {
 pub fn validate_model_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
         && !name.starts_with('.');
     if ok {
         Ok(())
@@ -76,13 +74,7 @@ pub fn validate_model_name(name: &str) -> Result<()> {
 
 impl ModelRegistry {
     pub fn new(worker: Arc<Worker>, pool: Arc<CheckpointPool>) -> Self {
-        Self {
-            worker,
-            pool,
-            queue_depth: DEFAULT_QUEUE_DEPTH,
-            sources: RwLock::default(),
-            engines: Mutex::default(),
-        }
+        Self { worker, pool, queue_depth: DEFAULT_QUEUE_DEPTH, sources: RwLock::default(), engines: Mutex::default() }
     }
 
     /// Registers (or re-points) `name` at a checkpoint directory after checking it opens.
@@ -90,26 +82,16 @@ impl ModelRegistry {
     pub fn register(&self, name: &str, dir: &Path) -> Result<ModelEntry> {
         validate_model_name(name)?;
         let ckpt = Checkpoint::open(dir)?;
-        let entry = Registered {
-            path: ckpt.dir.clone(),
-            architecture: ckpt.arch.name(),
-            weight_bytes: ckpt.weight_bytes,
-        };
-        self.sources
-            .write()
-            .expect("poisoned")
-            .insert(name.to_string(), entry);
+        let entry =
+            Registered { path: ckpt.dir.clone(), architecture: ckpt.arch.name(), weight_bytes: ckpt.weight_bytes };
+        self.sources.write().expect("poisoned").insert(name.to_string(), entry);
         self.unload(name);
         Ok(self.entry(name).expect("just inserted"))
     }
 
     pub fn remove(&self, name: &str) -> bool {
         self.unload(name);
-        self.sources
-            .write()
-            .expect("poisoned")
-            .remove(name)
-            .is_some()
+        self.sources.write().expect("poisoned").remove(name).is_some()
     }
 
     fn entry(&self, name: &str) -> Option<ModelEntry> {
@@ -125,13 +107,7 @@ impl ModelRegistry {
     }
 
     pub fn list(&self) -> Vec<ModelEntry> {
-        let names: Vec<String> = self
-            .sources
-            .read()
-            .expect("poisoned")
-            .keys()
-            .cloned()
-            .collect();
+        let names: Vec<String> = self.sources.read().expect("poisoned").keys().cloned().collect();
         names.iter().filter_map(|n| self.entry(n)).collect()
     }
 
@@ -141,11 +117,7 @@ impl ModelRegistry {
 
     /// The running engine for `name`, if any, without starting one.
     pub fn loaded(&self, name: &str) -> Option<EngineHandle> {
-        self.engines
-            .lock()
-            .expect("poisoned")
-            .get(name)
-            .and_then(|c| c.get().cloned())
+        self.engines.lock().expect("poisoned").get(name).and_then(|c| c.get().cloned())
     }
 
     /// The engine for `name`, starting it if needed. Concurrent callers share one load.
@@ -154,18 +126,9 @@ impl ModelRegistry {
             Some(r) => (r.path.clone(), r.weight_bytes),
             None => return Err(EngineError::ModelNotFound(name.to_string())),
         };
-        let cell = self
-            .engines
-            .lock()
-            .expect("poisoned")
-            .entry(name.to_string())
-            .or_default()
-            .clone();
+        let cell = self.engines.lock().expect("poisoned").entry(name.to_string()).or_default().clone();
         if let Some(engine) = cell.get() {
-            return Ok(Acquired {
-                engine: engine.clone(),
-                cold_start: None,
-            });
+            return Ok(Acquired { engine: engine.clone(), cold_start: None });
         }
         let waiting_since = Instant::now();
         let engine = cell
@@ -197,14 +160,8 @@ impl ModelRegistry {
             })
             .await?
             .clone();
-        let cold_start = ColdStart {
-            waited: waiting_since.elapsed(),
-            load: engine.info.load,
-        };
-        Ok(Acquired {
-            engine,
-            cold_start: Some(cold_start),
-        })
+        let cold_start = ColdStart { waited: waiting_since.elapsed(), load: engine.info.load };
+        Ok(Acquired { engine, cold_start: Some(cold_start) })
     }
 
     /// Drops least recently used idle engines until `bytes` more fit in the worker's budget.
@@ -241,19 +198,12 @@ impl ModelRegistry {
     /// Names and sizes of the engines running now.
     pub fn loaded_engines(&self) -> Vec<(String, u64)> {
         let engines = self.engines.lock().expect("poisoned");
-        engines
-            .iter()
-            .filter_map(|(n, c)| c.get().map(|e| (n.clone(), e.info.weight_bytes)))
-            .collect()
+        engines.iter().filter_map(|(n, c)| c.get().map(|e| (n.clone(), e.info.weight_bytes))).collect()
     }
 
     /// Drops the engine for `name`; in-flight generations finish first (they hold handles).
     pub fn unload(&self, name: &str) -> bool {
-        self.engines
-            .lock()
-            .expect("poisoned")
-            .remove(name)
-            .is_some_and(|c| c.get().is_some())
+        self.engines.lock().expect("poisoned").remove(name).is_some_and(|c| c.get().is_some())
     }
 
     /// Drops every engine idle for longer than `idle`; returns their names.
@@ -261,10 +211,7 @@ impl ModelRegistry {
         let mut engines = self.engines.lock().expect("poisoned");
         let idle_names: Vec<String> = engines
             .iter()
-            .filter(|(_, c)| {
-                c.get()
-                    .is_some_and(|e| e.queued() == 0 && e.idle_for() > idle)
-            })
+            .filter(|(_, c)| c.get().is_some_and(|e| e.queued() == 0 && e.idle_for() > idle))
             .map(|(n, _)| n.clone())
             .collect();
         for name in &idle_names {
@@ -318,39 +265,23 @@ mod tests {
             acquired.push(t.await.unwrap());
         }
         let first = &acquired[0].engine.info;
-        assert!(
-            acquired.iter().all(|a| Arc::ptr_eq(&a.engine.info, first)),
-            "one engine for all"
-        );
+        assert!(acquired.iter().all(|a| Arc::ptr_eq(&a.engine.info, first)), "one engine for all");
         assert!(acquired.iter().any(|a| a.cold_start.is_some()));
-        assert!(
-            registry.acquire("q").await.unwrap().cold_start.is_none(),
-            "then it is warm"
-        );
+        assert!(registry.acquire("q").await.unwrap().cold_start.is_none(), "then it is warm");
     }
 
     #[tokio::test]
     async fn scaling_back_from_zero_is_a_pool_hit_and_generates_the_same_text() {
         let (_d, registry) = registry(u64::MAX);
-        let params = SamplingParams {
-            max_tokens: 8,
-            ..Default::default()
-        };
+        let params = SamplingParams { max_tokens: 8, ..Default::default() };
         let first = registry.acquire("q").await.unwrap();
         assert!(!first.cold_start.unwrap().load.pool_hit);
-        let (text1, _) = first
-            .engine
-            .generate("Once".into(), params.clone())
-            .await
-            .unwrap();
+        let (text1, _) = first.engine.generate("Once".into(), params.clone()).await.unwrap();
         drop(first);
         assert!(registry.unload("q"));
         assert!(registry.loaded("q").is_none());
         let again = registry.acquire("q").await.unwrap();
-        assert!(
-            again.cold_start.unwrap().load.pool_hit,
-            "weights stayed in the pool"
-        );
+        assert!(again.cold_start.unwrap().load.pool_hit, "weights stayed in the pool");
         let (text2, _) = again.engine.generate("Once".into(), params).await.unwrap();
         assert_eq!(text1, text2);
     }
@@ -363,10 +294,7 @@ mod tests {
         let registry = registry_over(dir.path(), one * 3 / 2);
         drop(registry.acquire("q").await.unwrap());
         drop(registry.acquire("l").await.unwrap());
-        assert!(
-            registry.loaded("q").is_none(),
-            "q was evicted to make room for l"
-        );
+        assert!(registry.loaded("q").is_none(), "q was evicted to make room for l");
         assert!(registry.loaded("l").is_some());
     }
 
@@ -375,9 +303,6 @@ mod tests {
         let (_d, registry) = registry(u64::MAX);
         drop(registry.acquire("l").await.unwrap());
         assert_eq!(registry.unload_idle(Duration::ZERO), ["l"]);
-        assert!(matches!(
-            registry.acquire("nope").await,
-            Err(EngineError::ModelNotFound(_))
-        ));
+        assert!(matches!(registry.acquire("nope").await, Err(EngineError::ModelNotFound(_))));
     }
 }

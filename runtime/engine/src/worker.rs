@@ -24,13 +24,7 @@ pub struct Worker {
 
 impl Worker {
     pub fn cpu(memory_budget: u64) -> Self {
-        Self {
-            device: Device::Cpu,
-            label: "cpu".into(),
-            memory_budget,
-            boot_time: Duration::ZERO,
-            pinner: None,
-        }
+        Self { device: Device::Cpu, label: "cpu".into(), memory_budget, boot_time: Duration::ZERO, pinner: None }
     }
 
     /// Pins host pages for DMA from this worker's device, when it has one.
@@ -52,10 +46,7 @@ impl Worker {
                 model.begin_sequence();
                 let logits = model.forward(&[1, 2, 3, 4], 0)?;
                 let _ = model.forward(&[5], 4)?;
-                logits
-                    .argmax(0)
-                    .and_then(|t| t.to_scalar::<u32>())
-                    .map_err(EngineError::runtime)?;
+                logits.argmax(0).and_then(|t| t.to_scalar::<u32>()).map_err(EngineError::runtime)?;
             }
             Ok(())
         })();
@@ -77,11 +68,7 @@ mod cuda {
     use crate::error::{EngineError, Result};
 
     fn check(what: &str, r: sys::CUresult) -> Result<()> {
-        if r == sys::CUresult::CUDA_SUCCESS {
-            Ok(())
-        } else {
-            Err(EngineError::Load(format!("{what} failed: {r:?}")))
-        }
+        if r == sys::CUresult::CUDA_SUCCESS { Ok(()) } else { Err(EngineError::Load(format!("{what} failed: {r:?}"))) }
     }
 
     /// Registers mmapped checkpoint pages with the driver (read-only), so copies from them are
@@ -91,10 +78,7 @@ mod cuda {
     }
 
     fn page_span(bytes: &[u8]) -> (*mut std::ffi::c_void, usize) {
-        (
-            bytes.as_ptr() as *mut std::ffi::c_void,
-            bytes.len().next_multiple_of(4096),
-        )
+        (bytes.as_ptr() as *mut std::ffi::c_void, bytes.len().next_multiple_of(4096))
     }
 
     impl HostPinner for CudaPinner {
@@ -104,9 +88,7 @@ mod cuda {
             let flags = sys::CU_MEMHOSTREGISTER_READ_ONLY | sys::CU_MEMHOSTREGISTER_PORTABLE;
             // SAFETY: ptr/len cover a live mapping that outlives the registration (unpin runs
             // before the map is dropped).
-            check("cuMemHostRegister", unsafe {
-                sys::cuMemHostRegister_v2(ptr, len, flags)
-            })
+            check("cuMemHostRegister", unsafe { sys::cuMemHostRegister_v2(ptr, len, flags) })
         }
 
         fn unpin(&self, bytes: &[u8]) {
@@ -132,9 +114,7 @@ mod cuda {
             // Keep freed memory in the pool (threshold = max) and grow it once now: later engine
             // loads allocate from reserved memory instead of calling into the driver's allocator.
             let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-            check("cuDeviceGetDefaultMemPool", unsafe {
-                sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
-            })?;
+            check("cuDeviceGetDefaultMemPool", unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) })?;
             let mut threshold = u64::MAX;
             check("cuMemPoolSetAttribute", unsafe {
                 sys::cuMemPoolSetAttribute(

@@ -28,12 +28,7 @@ impl ComponentCache {
     }
 
     /// The compiled component for `wasm`, from the cache when possible.
-    pub fn load_or_compile(
-        &self,
-        engine: &Engine,
-        hash: &str,
-        wasm: &[u8],
-    ) -> wasmtime::Result<Component> {
+    pub fn load_or_compile(&self, engine: &Engine, hash: &str, wasm: &[u8]) -> wasmtime::Result<Component> {
         let Some(path) = self.path(hash) else {
             return Component::new(engine, wasm);
         };

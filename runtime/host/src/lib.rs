@@ -12,7 +12,5 @@ pub mod state;
 
 pub use limits::HandlerLimits;
 pub use llm::{LlmCtx, LlmReport};
-pub use runtime::{
-    HandlerRuntime, Invocation, InvokeError, PrepareError, PreparedHandler, RuntimeConfig,
-};
+pub use runtime::{HandlerRuntime, Invocation, InvokeError, PrepareError, PreparedHandler, RuntimeConfig};
 pub use wasmtime_wasi_http::p2::body::HyperOutgoingBody;

@@ -16,11 +16,6 @@ pub struct HandlerLimits {
 
 impl Default for HandlerLimits {
     fn default() -> Self {
-        Self {
-            timeout: Duration::from_secs(30),
-            memory_bytes: 256 << 20,
-            table_elements: 100_000,
-            max_tokens: 1024,
-        }
+        Self { timeout: Duration::from_secs(30), memory_bytes: 256 << 20, table_elements: 100_000, max_tokens: 1024 }
     }
 }

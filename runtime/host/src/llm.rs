@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kindling_engine::{
-    ChatMessage, ColdStart, EngineError, EngineHandle, Finish, FinishReason, GenerationStream,
-    ModelRegistry, SamplingParams, StreamItem, Usage,
+    ChatMessage, ColdStart, EngineError, EngineHandle, Finish, FinishReason, GenerationStream, ModelRegistry,
+    SamplingParams, StreamItem, Usage,
 };
 use wasmtime::component::{HasData, Resource, ResourceTable};
 
@@ -41,8 +41,7 @@ impl LlmReport {
         self.prompt_tokens += u64::from(finish.usage.prompt_tokens);
         self.completion_tokens += u64::from(finish.usage.completion_tokens);
         self.generations += 1;
-        self.first_token
-            .get_or_insert(finish.timing.queue + finish.timing.first_token);
+        self.first_token.get_or_insert(finish.timing.queue + finish.timing.first_token);
     }
 }
 
@@ -57,17 +56,8 @@ pub struct LlmCtx {
 }
 
 impl LlmCtx {
-    pub fn new(
-        registry: Arc<ModelRegistry>,
-        allowed: Arc<BTreeSet<String>>,
-        max_tokens: u32,
-    ) -> Self {
-        Self {
-            registry,
-            allowed,
-            max_tokens,
-            report: Default::default(),
-        }
+    pub fn new(registry: Arc<ModelRegistry>, allowed: Arc<BTreeSet<String>>, max_tokens: u32) -> Self {
+        Self { registry, allowed, max_tokens, report: Default::default() }
     }
 
     fn params(&self, p: llm::Params) -> SamplingParams {
@@ -100,9 +90,7 @@ fn to_wit(err: EngineError) -> llm::Error {
         EngineError::InvalidParams(m) => llm::Error::InvalidParams(m),
         EngineError::PromptTooLong(m) => llm::Error::PromptTooLong(m),
         EngineError::Overloaded(m) => llm::Error::Overloaded(m),
-        e @ (EngineError::Load(_) | EngineError::Runtime(_)) => {
-            llm::Error::RuntimeError(e.to_string())
-        }
+        e @ (EngineError::Load(_) | EngineError::Runtime(_)) => llm::Error::RuntimeError(e.to_string()),
     }
 }
 
@@ -111,24 +99,12 @@ fn finish_to_wit(finish: &Finish) -> (llm::FinishReason, llm::Usage) {
         FinishReason::Stop => llm::FinishReason::Stop,
         FinishReason::Length => llm::FinishReason::Length,
     };
-    let Usage {
-        prompt_tokens,
-        completion_tokens,
-    } = finish.usage;
-    (
-        reason,
-        llm::Usage {
-            prompt_tokens,
-            completion_tokens,
-        },
-    )
+    let Usage { prompt_tokens, completion_tokens } = finish.usage;
+    (reason, llm::Usage { prompt_tokens, completion_tokens })
 }
 
 impl llm::Host for LlmView<'_> {
-    async fn load(
-        &mut self,
-        name: String,
-    ) -> wasmtime::Result<Result<Resource<ModelResource>, llm::Error>> {
+    async fn load(&mut self, name: String) -> wasmtime::Result<Result<Resource<ModelResource>, llm::Error>> {
         if !self.ctx.allowed.contains(&name) {
             return Ok(Err(llm::Error::ModelNotAllowed(format!(
                 "this deployment's manifest does not list model {name:?} (allowed: {:?})",
@@ -140,16 +116,9 @@ impl llm::Host for LlmView<'_> {
             Err(e) => return Ok(Err(to_wit(e))),
         };
         if let Some(cold) = acquired.cold_start {
-            self.ctx
-                .report
-                .lock()
-                .expect("poisoned")
-                .cold_starts
-                .push((name, cold));
+            self.ctx.report.lock().expect("poisoned").cold_starts.push((name, cold));
         }
-        Ok(Ok(self.table.push(ModelResource {
-            engine: acquired.engine,
-        })?))
+        Ok(Ok(self.table.push(ModelResource { engine: acquired.engine })?))
     }
 }
 
@@ -170,11 +139,7 @@ impl llm::HostModel for LlmView<'_> {
             Ok((text, finish)) => {
                 self.ctx.report.lock().expect("poisoned").record(&finish);
                 let (finish_reason, usage) = finish_to_wit(&finish);
-                Ok(Ok(llm::Completion {
-                    text,
-                    finish_reason,
-                    usage,
-                }))
+                Ok(Ok(llm::Completion { text, finish_reason, usage }))
             }
             Err(e) => Ok(Err(to_wit(e))),
         }
@@ -189,10 +154,7 @@ impl llm::HostModel for LlmView<'_> {
         let params = self.ctx.params(params);
         let engine = self.table.get(&model)?.engine.clone();
         match engine.submit(prompt, params) {
-            Ok(stream) => Ok(Ok(self.table.push(TokenStreamResource {
-                stream,
-                finish: None,
-            })?)),
+            Ok(stream) => Ok(Ok(self.table.push(TokenStreamResource { stream, finish: None })?)),
             Err(e) => Ok(Err(to_wit(e))),
         }
     }
@@ -202,19 +164,9 @@ impl llm::HostModel for LlmView<'_> {
         model: Resource<ModelResource>,
         messages: Vec<llm::Message>,
     ) -> wasmtime::Result<Result<String, llm::Error>> {
-        let messages: Vec<ChatMessage> = messages
-            .into_iter()
-            .map(|m| ChatMessage {
-                role: m.role,
-                content: m.content,
-            })
-            .collect();
-        Ok(self
-            .table
-            .get(&model)?
-            .engine
-            .apply_chat_template(&messages)
-            .map_err(to_wit))
+        let messages: Vec<ChatMessage> =
+            messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect();
+        Ok(self.table.get(&model)?.engine.apply_chat_template(&messages).map_err(to_wit))
     }
 
     async fn drop(&mut self, model: Resource<ModelResource>) -> wasmtime::Result<()> {

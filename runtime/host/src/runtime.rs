@@ -37,11 +37,7 @@ pub struct RuntimeConfig {
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        Self {
-            cache_dir: None,
-            max_instances: 128,
-            max_memory_bytes: 1 << 30,
-        }
+        Self { cache_dir: None, max_instances: 128, max_memory_bytes: 1 << 30 }
     }
 }
 
@@ -143,23 +139,16 @@ impl HandlerRuntime {
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let (weak, stop) = (engine.weak(), ticker_stop.clone());
-        std::thread::Builder::new()
-            .name("epoch-ticker".into())
-            .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(EPOCH_TICK);
-                    match weak.upgrade() {
-                        Some(engine) => engine.increment_epoch(),
-                        None => break,
-                    }
+        std::thread::Builder::new().name("epoch-ticker".into()).spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(EPOCH_TICK);
+                match weak.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => break,
                 }
-            })?;
-        Ok(Self {
-            engine,
-            linker,
-            cache: ComponentCache::new(cfg.cache_dir)?,
-            ticker_stop,
-        })
+            }
+        })?;
+        Ok(Self { engine, linker, cache: ComponentCache::new(cfg.cache_dir)?, ticker_stop })
     }
 
     /// Compiles (or loads from cache) and links a component. Blocking: compilation can take
@@ -169,9 +158,7 @@ impl HandlerRuntime {
             Some([0, b'a', b's', b'm', 1, 0, 0, 0]) => return Err(PrepareError::CoreModule),
             Some([0, b'a', b's', b'm', _, _, 1, 0]) => {}
             Some([0, b'a', b's', b'm', ..]) => {
-                return Err(PrepareError::Invalid(
-                    "unknown WebAssembly version or layer".into(),
-                ));
+                return Err(PrepareError::Invalid("unknown WebAssembly version or layer".into()));
             }
             _ => return Err(PrepareError::NotWasm),
         }
@@ -180,10 +167,7 @@ impl HandlerRuntime {
             .cache
             .load_or_compile(&self.engine, &hash, wasm)
             .map_err(|e| PrepareError::Invalid(format!("{e:#}")))?;
-        let pre = self
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| PrepareError::UnknownImport(format!("{e:#}")))?;
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| PrepareError::UnknownImport(format!("{e:#}")))?;
         let pre = ProxyPre::new(pre).map_err(|e| PrepareError::MissingExport(format!("{e:#}")))?;
         Ok(PreparedHandler { pre, hash })
     }
@@ -208,32 +192,17 @@ impl HandlerRuntime {
         let report = llm.report.clone();
         let mut store = Store::new(&self.engine, InvocationState::new(llm, limits));
         store.limiter(|s| &mut s.limits);
-        let ticks = limits
-            .timeout
-            .as_millis()
-            .div_ceil(EPOCH_TICK.as_millis())
-            .max(1) as u64;
+        let ticks = limits.timeout.as_millis().div_ceil(EPOCH_TICK.as_millis()).max(1) as u64;
         store.set_epoch_deadline(ticks);
         store.epoch_deadline_trap();
 
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let internal = |e: wasmtime::Error| InvokeError::Trap(format!("{e:#}"));
         let request = request.map(|body| {
-            http_body_util::BodyExt::map_err(
-                body,
-                |never: Infallible| -> wasmtime_wasi_http::Error { match never {} },
-            )
+            http_body_util::BodyExt::map_err(body, |never: Infallible| -> wasmtime_wasi_http::Error { match never {} })
         });
-        let req = store
-            .data_mut()
-            .http()
-            .new_incoming_request(Scheme::Http, request)
-            .map_err(internal)?;
-        let out = store
-            .data_mut()
-            .http()
-            .new_response_outparam(sender)
-            .map_err(internal)?;
+        let req = store.data_mut().http().new_incoming_request(Scheme::Http, request).map_err(internal)?;
+        let out = store.data_mut().http().new_response_outparam(sender).map_err(internal)?;
         let pre = handler.pre.clone();
         let timeout = limits.timeout;
 
@@ -247,18 +216,14 @@ impl HandlerRuntime {
                         InvokeError::Trap(format!("instantiation failed: {e:#}"))
                     }
                 })?;
-                proxy
-                    .wasi_http_incoming_handler()
-                    .call_handle(&mut store, req, out)
-                    .await
-                    .map_err(|e| match e.downcast_ref::<Trap>() {
+                proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out).await.map_err(|e| {
+                    match e.downcast_ref::<Trap>() {
                         Some(Trap::Interrupt) => InvokeError::Timeout(timeout),
                         _ => InvokeError::Trap(format!("{e:#}")),
-                    })
+                    }
+                })
             };
-            let result = tokio::time::timeout(timeout, run)
-                .await
-                .unwrap_or(Err(InvokeError::Timeout(timeout)));
+            let result = tokio::time::timeout(timeout, run).await.unwrap_or(Err(InvokeError::Timeout(timeout)));
             if let Err(e) = &result {
                 let output = store.data().stderr.contents();
                 let tail = String::from_utf8_lossy(&output[output.len().saturating_sub(4096)..]);

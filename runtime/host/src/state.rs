@@ -50,10 +50,7 @@ pub struct InvocationState {
 impl InvocationState {
     pub fn new(llm: LlmCtx, limits: &HandlerLimits) -> Self {
         let stderr = MemoryOutputPipe::new(GUEST_OUTPUT_CAPACITY);
-        let wasi = WasiCtx::builder()
-            .stdout(stderr.clone())
-            .stderr(stderr.clone())
-            .build();
+        let wasi = WasiCtx::builder().stdout(stderr.clone()).stderr(stderr.clone()).build();
         let store_limits = StoreLimitsBuilder::new()
             .memory_size(limits.memory_bytes)
             .table_elements(limits.table_elements)
@@ -71,28 +68,18 @@ impl InvocationState {
     }
 
     pub(crate) fn llm_view(&mut self) -> LlmView<'_> {
-        LlmView {
-            ctx: &mut self.llm,
-            table: &mut self.table,
-        }
+        LlmView { ctx: &mut self.llm, table: &mut self.table }
     }
 }
 
 impl WasiView for InvocationState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
     }
 }
 
 impl WasiHttpView for InvocationState {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
-        WasiHttpCtxView {
-            ctx: &mut self.http,
-            table: &mut self.table,
-            hooks: &mut self.hooks,
-        }
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.hooks }
     }
 }

@@ -12,90 +12,104 @@ use serde::Deserialize;
 use crate::app::{App, DeployError};
 use crate::body::read_limited;
 use crate::http_util::{Body, empty, error, json};
+use crate::tenant::{Caller, TenantError, identify};
 
-const DEPLOY_USAGE: &str = "expected multipart/form-data with a 'manifest' part (kindling.toml) and a 'component' part (the .wasm)";
+const DEPLOY_USAGE: &str =
+    "expected multipart/form-data with a 'manifest' part (kindling.toml) and a 'component' part (the .wasm)";
 
-fn authorized(app: &App, req: &Request<Incoming>) -> bool {
-    let Some(token) = &app.config.admin_token else {
-        return true;
-    };
-    let presented = req
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    // Constant-time comparison: the token is a secret.
-    presented.is_some_and(|p| {
-        p.len() == token.len()
-            && p.bytes()
-                .zip(token.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
-    })
+fn forbidden() -> Response<Body> {
+    error(StatusCode::FORBIDDEN, "forbidden", "this endpoint requires the admin token")
+}
+
+fn not_found(what: &str, name: &str) -> Response<Body> {
+    error(StatusCode::NOT_FOUND, "not_found", format!("no {what} named {name}"))
 }
 
 pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
-    if !authorized(app, &req) {
+    let caller = identify(req.headers(), app.config.admin_token.as_deref(), &app.tenants);
+    if matches!(caller, Caller::Anonymous | Caller::Invalid) {
         return error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "admin API requires 'Authorization: Bearer <admin token>'",
+            "admin API requires 'Authorization: Bearer <admin token or tenant API key>'",
         );
     }
+    let admin = caller == Caller::Admin;
     let path = req.uri().path().trim_end_matches('/').to_string();
     let segments: Vec<&str> = path.split('/').skip(2).collect(); // after "/admin"
+    // A deployment the caller may not see answers exactly like one that does not exist.
+    let visible = |name: &str| app.get(name).filter(|d| caller.can_access(d.record.tenant.as_deref()));
     match (req.method().clone(), segments.as_slice()) {
         (Method::GET, ["deployments"]) => {
-            let list: Vec<_> = app.list().iter().map(|d| d.summary()).collect();
+            let list: Vec<_> = app
+                .list()
+                .iter()
+                .filter(|d| caller.can_access(d.record.tenant.as_deref()))
+                .map(|d| d.summary())
+                .collect();
             json(StatusCode::OK, &list)
         }
-        (Method::POST, ["deployments"]) => deploy(app, req).await,
-        (Method::GET, ["deployments", name]) => match app.get(name) {
+        (Method::POST, ["deployments"]) => deploy(app, &caller, req).await,
+        (Method::GET, ["deployments", name]) => match visible(name) {
             Some(d) => json(StatusCode::OK, &d.summary()),
-            None => error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no deployment named {name}"),
-            ),
+            None => not_found("deployment", name),
         },
-        (Method::DELETE, ["deployments", name]) => match app.delete(name).await {
-            Ok(true) => empty(StatusCode::NO_CONTENT),
-            Ok(false) => error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no deployment named {name}"),
-            ),
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+        (Method::DELETE, ["deployments", name]) => match visible(name) {
+            None => not_found("deployment", name),
+            Some(_) => match app.delete(name).await {
+                Ok(true) => empty(StatusCode::NO_CONTENT),
+                Ok(false) => not_found("deployment", name),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+            },
         },
         (Method::GET, ["models"]) => json(StatusCode::OK, &app.registry.list()),
+        (_, ["models", ..] | ["tenants", ..]) if !admin => forbidden(),
         (Method::POST, ["models"]) => add_model(app, req).await,
         (Method::DELETE, ["models", name]) => {
             if app.registry.remove(name) {
                 empty(StatusCode::NO_CONTENT)
             } else {
-                error(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    format!("no model named {name}"),
-                )
+                not_found("model", name)
             }
         }
         (Method::POST, ["models", name, "unload"]) => {
             let unloaded = app.registry.unload(name);
-            json(
-                StatusCode::OK,
-                &serde_json::json!({ "model": name, "unloaded": unloaded }),
-            )
+            json(StatusCode::OK, &serde_json::json!({ "model": name, "unloaded": unloaded }))
         }
-        _ => error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no admin endpoint {} {path}", req.method()),
-        ),
+        (Method::GET, ["tenants"]) => json(StatusCode::OK, &app.tenants.names()),
+        (Method::POST, ["tenants"]) => create_tenant(app, req).await,
+        (Method::DELETE, ["tenants", name]) => match app.tenants.delete(name) {
+            Ok(true) => empty(StatusCode::NO_CONTENT),
+            Ok(false) => not_found("tenant", name),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+        },
+        _ => error(StatusCode::NOT_FOUND, "not_found", format!("no admin endpoint {} {path}", req.method())),
     }
 }
 
-async fn deploy(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
+async fn create_tenant(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    #[derive(Deserialize)]
+    struct NewTenant {
+        name: String,
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = match read_limited(&parts.headers, body, 4096).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    let new: NewTenant = match serde_json::from_slice(&bytes) {
+        Ok(n) => n,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", format!("expected {{\"name\"}}: {e}")),
+    };
+    match app.tenants.create(&new.name) {
+        Ok(key) => json(StatusCode::CREATED, &serde_json::json!({ "name": new.name, "api_key": key })),
+        Err(e @ TenantError::Invalid(_)) => error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
+        Err(e @ TenantError::Exists(_)) => error(StatusCode::CONFLICT, "exists", e.to_string()),
+        Err(e @ TenantError::Storage(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+    }
+}
+
+async fn deploy(app: &Arc<App>, caller: &Caller, req: Request<Incoming>) -> Response<Body> {
     let boundary = req
         .headers()
         .get(http::header::CONTENT_TYPE)
@@ -113,14 +127,10 @@ async fn deploy(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
         Ok(p) => p,
         Err(msg) => return error(StatusCode::BAD_REQUEST, "bad_request", msg),
     };
-    match app.deploy(&manifest, component).await {
+    match app.deploy(caller, &manifest, component).await {
         Ok((deployment, replaced)) => {
             tracing::info!(deployment = %deployment.manifest.name, replaced, "deployed");
-            let status = if replaced {
-                StatusCode::OK
-            } else {
-                StatusCode::CREATED
-            };
+            let status = if replaced { StatusCode::OK } else { StatusCode::CREATED };
             json(status, &deployment.summary())
         }
         Err(e) => {
@@ -129,6 +139,7 @@ async fn deploy(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
                 DeployError::Component(_) => (StatusCode::BAD_REQUEST, "invalid_component"),
                 DeployError::UnknownModel(_) => (StatusCode::BAD_REQUEST, "unknown_model"),
                 DeployError::RouteConflict { .. } => (StatusCode::CONFLICT, "route_conflict"),
+                DeployError::NameTaken(_) => (StatusCode::CONFLICT, "name_taken"),
                 DeployError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage"),
             };
             error(status, code, e.to_string())
@@ -140,22 +151,13 @@ async fn read_parts(bytes: Bytes, boundary: String) -> Result<(String, Vec<u8>),
     let stream = futures_util::stream::once(async move { Ok::<Bytes, Infallible>(bytes) });
     let mut multipart = multer::Multipart::new(stream, boundary);
     let (mut manifest, mut component) = (None, None);
-    while let Some(field) = multipart
-        .next_field()
-        .await
-        .map_err(|e| format!("malformed multipart body: {e}"))?
-    {
+    while let Some(field) = multipart.next_field().await.map_err(|e| format!("malformed multipart body: {e}"))? {
         match field.name() {
             Some("manifest") => {
                 let text = field.bytes().await.map_err(|e| e.to_string())?;
-                manifest = Some(
-                    String::from_utf8(text.to_vec())
-                        .map_err(|_| "manifest is not UTF-8".to_string())?,
-                );
+                manifest = Some(String::from_utf8(text.to_vec()).map_err(|_| "manifest is not UTF-8".to_string())?);
             }
-            Some("component") => {
-                component = Some(field.bytes().await.map_err(|e| e.to_string())?.to_vec())
-            }
+            Some("component") => component = Some(field.bytes().await.map_err(|e| e.to_string())?.to_vec()),
             _ => {}
         }
     }
@@ -180,11 +182,7 @@ async fn add_model(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let add: AddModel = match serde_json::from_slice(&bytes) {
         Ok(a) => a,
         Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                format!("expected {{\"name\", \"path\"}}: {e}"),
-            );
+            return error(StatusCode::BAD_REQUEST, "bad_request", format!("expected {{\"name\", \"path\"}}: {e}"));
         }
     };
     let registry = app.registry.clone();

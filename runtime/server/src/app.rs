@@ -13,6 +13,7 @@ use tokio::sync::Semaphore;
 
 use crate::manifest::{Manifest, ManifestError};
 use crate::store::{DeploymentRecord, DeploymentStore};
+use crate::tenant::{Caller, Tenants};
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -26,16 +27,8 @@ pub struct ServerConfig {
 
 impl ServerConfig {
     pub fn new(data_dir: PathBuf) -> Self {
-        let runtime = RuntimeConfig {
-            cache_dir: Some(data_dir.join("compiled")),
-            ..RuntimeConfig::default()
-        };
-        Self {
-            data_dir,
-            admin_token: None,
-            max_deploy_bytes: 256 << 20,
-            runtime,
-        }
+        let runtime = RuntimeConfig { cache_dir: Some(data_dir.join("compiled")), ..RuntimeConfig::default() };
+        Self { data_dir, admin_token: None, max_deploy_bytes: 256 << 20, runtime }
     }
 }
 
@@ -52,6 +45,7 @@ pub struct Deployment {
 #[derive(Debug, Serialize)]
 pub struct DeploymentSummary {
     pub name: String,
+    pub tenant: Option<String>,
     pub routes: Vec<String>,
     pub models: Vec<String>,
     pub component_sha256: String,
@@ -64,13 +58,13 @@ impl Deployment {
     pub fn summary(&self) -> DeploymentSummary {
         DeploymentSummary {
             name: self.manifest.name.clone(),
+            tenant: self.record.tenant.clone(),
             routes: self.manifest.routes.clone(),
             models: self.manifest.models.clone(),
             component_sha256: self.record.component_sha256.clone(),
             component_bytes: self.record.component_bytes,
             deployed_at_unix: self.record.deployed_at_unix,
-            in_flight: self.manifest.limits.max_concurrency as usize
-                - self.in_flight.available_permits(),
+            in_flight: self.manifest.limits.max_concurrency as usize - self.in_flight.available_permits(),
         }
     }
 }
@@ -81,8 +75,10 @@ pub enum DeployError {
     Manifest(#[from] ManifestError),
     #[error(transparent)]
     Component(#[from] PrepareError),
-    #[error("route {route} is already served by deployment {owner}")]
+    #[error("route {route} is already served by {owner}")]
     RouteConflict { route: String, owner: String },
+    #[error("deployment name {0} is taken by another tenant")]
+    NameTaken(String),
     #[error("manifest lists model {0:?}, which is not registered on this server")]
     UnknownModel(String),
     #[error("storage failed: {0}")]
@@ -101,11 +97,7 @@ fn normalize(route: &str) -> &str {
 
 fn route_matches(route: &str, path: &str) -> bool {
     let route = normalize(route);
-    route == "/"
-        || path == route
-        || path
-            .strip_prefix(route)
-            .is_some_and(|rest| rest.starts_with('/'))
+    route == "/" || path == route || path.strip_prefix(route).is_some_and(|rest| rest.starts_with('/'))
 }
 
 impl Table {
@@ -118,24 +110,19 @@ impl Table {
             .map(|(_, d)| d.clone())
     }
 
-    fn conflict(&self, manifest: &Manifest) -> Option<(String, String)> {
-        self.by_name
-            .values()
-            .filter(|d| d.manifest.name != manifest.name)
-            .find_map(|d| {
-                manifest.routes.iter().find_map(|r| {
-                    d.manifest
-                        .routes
-                        .iter()
-                        .any(|o| normalize(o) == normalize(r))
-                        .then(|| (r.clone(), d.manifest.name.clone()))
-                })
+    /// A route of `manifest` that another deployment serves, with that deployment.
+    fn conflict(&self, manifest: &Manifest) -> Option<(String, Arc<Deployment>)> {
+        self.by_name.values().filter(|d| d.manifest.name != manifest.name).find_map(|d| {
+            manifest.routes.iter().find_map(|r| {
+                d.manifest.routes.iter().any(|o| normalize(o) == normalize(r)).then(|| (r.clone(), d.clone()))
             })
+        })
     }
 }
 
 pub struct App {
     pub config: ServerConfig,
+    pub tenants: Tenants,
     pub runtime: Arc<HandlerRuntime>,
     pub registry: Arc<ModelRegistry>,
     store: DeploymentStore,
@@ -147,15 +134,14 @@ pub struct App {
 
 impl App {
     /// Opens the data dir and brings every stored deployment back.
-    pub async fn open(
-        config: ServerConfig,
-        registry: Arc<ModelRegistry>,
-    ) -> anyhow::Result<Arc<Self>> {
+    pub async fn open(config: ServerConfig, registry: Arc<ModelRegistry>) -> anyhow::Result<Arc<Self>> {
         std::fs::create_dir_all(&config.data_dir)?;
         let store = DeploymentStore::open(&config.data_dir)?;
+        let tenants = Tenants::open(&config.data_dir)?;
         let runtime = Arc::new(HandlerRuntime::new(config.runtime.clone())?);
         let app = Arc::new(Self {
             config,
+            tenants,
             runtime,
             registry,
             store,
@@ -180,11 +166,7 @@ impl App {
             match restored {
                 Ok(d) => {
                     tracing::info!(deployment = %name, "restored deployment");
-                    self.table
-                        .write()
-                        .expect("poisoned")
-                        .by_name
-                        .insert(name, Arc::new(d));
+                    self.table.write().expect("poisoned").by_name.insert(name, Arc::new(d));
                 }
                 // Keep serving the others; the operator sees why this one is missing.
                 Err(e) => {
@@ -202,11 +184,7 @@ impl App {
             .unwrap_or_else(|e| Err(PrepareError::Invalid(format!("compiler task failed: {e}"))))
     }
 
-    fn deployment(
-        manifest: Manifest,
-        record: DeploymentRecord,
-        handler: PreparedHandler,
-    ) -> Deployment {
+    fn deployment(manifest: Manifest, record: DeploymentRecord, handler: PreparedHandler) -> Deployment {
         Deployment {
             limits: manifest.handler_limits(),
             allowed_models: Arc::new(manifest.allowed_models()),
@@ -220,61 +198,57 @@ impl App {
     /// Validates, compiles, stores and activates a deployment. Returns it and whether it replaced one.
     pub async fn deploy(
         &self,
+        caller: &Caller,
         manifest_toml: &str,
         wasm: Vec<u8>,
     ) -> Result<(Arc<Deployment>, bool), DeployError> {
+        let tenant = match caller {
+            Caller::Tenant(t) => Some(t.as_str()),
+            _ => None,
+        };
         let manifest = Manifest::parse(manifest_toml)?;
         if let Some(model) = manifest.models.iter().find(|m| !self.registry.contains(m)) {
             return Err(DeployError::UnknownModel(model.clone()));
         }
         let handler = self.prepare(wasm.clone()).await?;
         let _guard = self.deploy_lock.lock().await;
-        if let Some((route, owner)) = self.table.read().expect("poisoned").conflict(&manifest) {
+        if let Some(existing) = self.get(&manifest.name)
+            && !caller.can_access(existing.record.tenant.as_deref())
+        {
+            return Err(DeployError::NameTaken(manifest.name.clone()));
+        }
+        if let Some((route, other)) = self.table.read().expect("poisoned").conflict(&manifest) {
+            // Name the other deployment only to a caller allowed to see it.
+            let owner = if caller.can_access(other.record.tenant.as_deref()) {
+                format!("deployment {}", other.manifest.name)
+            } else {
+                "another tenant's deployment".to_string()
+            };
             return Err(DeployError::RouteConflict { route, owner });
         }
         let record = self
             .store
-            .put(&manifest, manifest_toml, &handler.hash, &wasm)
+            .put(&manifest, manifest_toml, &handler.hash, &wasm, tenant)
             .map_err(|e| DeployError::Storage(e.to_string()))?;
         let name = manifest.name.clone();
         let deployment = Arc::new(Self::deployment(manifest, record, handler));
-        let replaced = self
-            .table
-            .write()
-            .expect("poisoned")
-            .by_name
-            .insert(name, deployment.clone())
-            .is_some();
+        let replaced = self.table.write().expect("poisoned").by_name.insert(name, deployment.clone()).is_some();
         Ok((deployment, replaced))
     }
 
     pub async fn delete(&self, name: &str) -> Result<bool, DeployError> {
         let _guard = self.deploy_lock.lock().await;
-        let existed = self
-            .store
-            .delete(name)
-            .map_err(|e| DeployError::Storage(e.to_string()))?;
+        let existed = self.store.delete(name).map_err(|e| DeployError::Storage(e.to_string()))?;
         self.table.write().expect("poisoned").by_name.remove(name);
         Ok(existed)
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Deployment>> {
-        self.table
-            .read()
-            .expect("poisoned")
-            .by_name
-            .get(name)
-            .cloned()
+        self.table.read().expect("poisoned").by_name.get(name).cloned()
     }
 
     pub fn list(&self) -> Vec<Arc<Deployment>> {
-        self.table
-            .read()
-            .expect("poisoned")
-            .by_name
-            .values()
-            .cloned()
-            .collect()
+        self.table.read().expect("poisoned").by_name.values().cloned().collect()
     }
 
     pub fn route(&self, path: &str) -> Option<Arc<Deployment>> {

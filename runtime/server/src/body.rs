@@ -13,38 +13,19 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::http_util::{Body, BoxError, error};
 
 /// Reads a request body of at most `max` bytes; a larger one gets a 413 the caller returns as is.
-pub async fn read_limited(
-    headers: &http::HeaderMap,
-    body: Incoming,
-    max: u64,
-) -> Result<Bytes, http::Response<Body>> {
+pub async fn read_limited(headers: &http::HeaderMap, body: Incoming, max: u64) -> Result<Bytes, http::Response<Body>> {
     let too_large = || {
-        error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("request body exceeds the limit of {max} bytes"),
-        )
+        error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("request body exceeds the limit of {max} bytes"))
     };
-    let declared = headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max) {
         return Err(too_large());
     }
     match Limited::new(body, max as usize).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(too_large())
-        }
-        Err(e) => Err(error(
-            StatusCode::BAD_REQUEST,
-            "bad_body",
-            format!("could not read request body: {e}"),
-        )),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
+        Err(e) => Err(error(StatusCode::BAD_REQUEST, "bad_body", format!("could not read request body: {e}"))),
     }
 }
 
@@ -58,19 +39,8 @@ pub struct GuardedBody<B> {
 }
 
 impl<B> GuardedBody<B> {
-    pub fn new(
-        inner: B,
-        limit: u64,
-        permit: OwnedSemaphorePermit,
-        on_end: Box<dyn FnOnce() + Send>,
-    ) -> Self {
-        Self {
-            inner,
-            remaining: limit,
-            limit,
-            permit: Some(permit),
-            on_end: Some(on_end),
-        }
+    pub fn new(inner: B, limit: u64, permit: OwnedSemaphorePermit, on_end: Box<dyn FnOnce() + Send>) -> Self {
+        Self { inner, remaining: limit, limit, permit: Some(permit), on_end: Some(on_end) }
     }
 
     fn finish(&mut self) {
@@ -95,10 +65,7 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
@@ -106,10 +73,7 @@ where
                     let n = data.len() as u64;
                     if n > this.remaining {
                         this.finish();
-                        let msg = format!(
-                            "response body exceeds the deployment's limit of {} bytes",
-                            this.limit
-                        );
+                        let msg = format!("response body exceeds the deployment's limit of {} bytes", this.limit);
                         tracing::warn!("{msg}");
                         return Poll::Ready(Some(Err(msg.into())));
                     }

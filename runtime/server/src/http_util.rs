@@ -10,9 +10,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
 }
 
 pub fn json(status: StatusCode, value: &impl Serialize) -> Response<Body> {
@@ -20,24 +18,17 @@ pub fn json(status: StatusCode, value: &impl Serialize) -> Response<Body> {
     body.push(b'\n');
     let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    resp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
 }
 
 /// `{"error": {"code": ..., "message": ...}}`, the shape every Kindling error has.
 pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Body> {
-    json(
-        status,
-        &serde_json::json!({ "error": { "code": code, "message": message.into() } }),
-    )
+    json(status, &serde_json::json!({ "error": { "code": code, "message": message.into() } }))
 }
 
 pub fn with_retry_after(mut resp: Response<Body>, seconds: u32) -> Response<Body> {
-    resp.headers_mut()
-        .insert(http::header::RETRY_AFTER, HeaderValue::from(seconds));
+    resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from(seconds));
     resp
 }
 

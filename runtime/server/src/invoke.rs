@@ -10,6 +10,7 @@ use kindling_host::{InvokeError, LlmCtx, LlmReport};
 use crate::app::App;
 use crate::body::{GuardedBody, boxed, read_limited};
 use crate::http_util::{Body, error, with_retry_after};
+use crate::tenant::{Caller, identify};
 
 /// One entry per model this request had to start, e.g.
 /// `model=tiny;wait_ms=12;pool=hit;admit_ms=0;h2d_ms=3;init_ms=8;first_token_ms=15`.
@@ -45,12 +46,23 @@ fn cold_start_header(report: &LlmReport) -> Option<HeaderValue> {
 pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let Some(deployment) = app.route(&path) else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "no_route",
-            format!("no deployment serves {path}"),
-        );
+        return error(StatusCode::NOT_FOUND, "no_route", format!("no deployment serves {path}"));
     };
+    if deployment.record.tenant.is_some() {
+        match identify(req.headers(), app.config.admin_token.as_deref(), &app.tenants) {
+            caller if caller.can_access(deployment.record.tenant.as_deref()) => {}
+            Caller::Tenant(_) => {
+                return error(StatusCode::NOT_FOUND, "no_route", format!("no deployment serves {path}"));
+            }
+            _ => {
+                return error(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "this deployment requires 'Authorization: Bearer <tenant API key>'",
+                );
+            }
+        }
+    }
     let Ok(permit) = deployment.in_flight.clone().try_acquire_owned() else {
         let resp = error(
             StatusCode::TOO_MANY_REQUESTS,
@@ -64,43 +76,26 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
     };
 
     let (mut parts, body) = req.into_parts();
-    let bytes = match read_limited(
-        &parts.headers,
-        body,
-        deployment.manifest.limits.max_request_bytes,
-    )
-    .await
-    {
+    let bytes = match read_limited(&parts.headers, body, deployment.manifest.limits.max_request_bytes).await {
         Ok(b) => b,
         Err(resp) => return resp,
     };
+    // Credentials are the host's business; handlers never see them.
+    parts.headers.remove(http::header::AUTHORIZATION);
     if !parts.headers.contains_key(http::header::HOST) {
-        parts
-            .headers
-            .insert(http::header::HOST, HeaderValue::from_static("localhost"));
+        parts.headers.insert(http::header::HOST, HeaderValue::from_static("localhost"));
     }
     let request = Request::from_parts(parts, Full::new(bytes));
-    let llm = LlmCtx::new(
-        app.registry.clone(),
-        deployment.allowed_models.clone(),
-        deployment.limits.max_tokens,
-    );
+    let llm = LlmCtx::new(app.registry.clone(), deployment.allowed_models.clone(), deployment.limits.max_tokens);
 
     let name = deployment.manifest.name.clone();
-    match app
-        .runtime
-        .invoke(&deployment.handler, request, llm, &deployment.limits)
-        .await
-    {
+    match app.runtime.invoke(&deployment.handler, request, llm, &deployment.limits).await {
         Ok(invocation) => {
             let (mut parts, body) = invocation.response.into_parts();
             if let Some(v) = cold_start_header(&invocation.report.lock().expect("poisoned")) {
                 parts.headers.insert("x-kindling-cold-start", v);
             }
-            parts.headers.insert(
-                "x-kindling-deployment",
-                HeaderValue::from_str(&name).expect("validated name"),
-            );
+            parts.headers.insert("x-kindling-deployment", HeaderValue::from_str(&name).expect("validated name"));
             let report = invocation.report.clone();
             let on_end = Box::new(move || {
                 let r = report.lock().expect("poisoned");
@@ -123,15 +118,8 @@ fn invoke_error(deployment: &str, e: InvokeError) -> Response<Body> {
     let message = format!("deployment {deployment}: {e}");
     match e {
         InvokeError::Timeout(_) => error(StatusCode::GATEWAY_TIMEOUT, "handler_timeout", message),
-        InvokeError::Capacity(_) => with_retry_after(
-            error(StatusCode::SERVICE_UNAVAILABLE, "no_capacity", message),
-            1,
-        ),
-        InvokeError::Trap(_) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "handler_trapped",
-            message,
-        ),
+        InvokeError::Capacity(_) => with_retry_after(error(StatusCode::SERVICE_UNAVAILABLE, "no_capacity", message), 1),
+        InvokeError::Trap(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "handler_trapped", message),
         InvokeError::NoResponse | InvokeError::ErrorResponse(_) => {
             error(StatusCode::BAD_GATEWAY, "handler_no_response", message)
         }

@@ -11,6 +11,7 @@ pub mod invoke;
 pub mod manifest;
 pub mod server;
 pub mod store;
+pub mod tenant;
 
 pub use app::{App, ServerConfig};
 pub use manifest::Manifest;

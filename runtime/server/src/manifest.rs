@@ -70,9 +70,7 @@ pub enum ManifestError {
 pub fn validate_name(name: &str) -> Result<(), ManifestError> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-');
     if ok {
         Ok(())
@@ -88,19 +86,12 @@ fn validate_route(route: &str) -> Result<(), ManifestError> {
     if !route.starts_with('/') {
         return bad("must start with '/'");
     }
-    if route.len() > 256
-        || route.contains(['?', '#', ' ', '*'])
-        || route.contains("//")
-        || route.contains("/../")
-    {
-        return bad(
-            "must be a plain path of at most 256 characters (no '?', '#', '*', spaces, '//' or '..')",
-        );
+    if route.len() > 256 || route.contains(['?', '#', ' ', '*']) || route.contains("//") || route.contains("/../") {
+        return bad("must be a plain path of at most 256 characters (no '?', '#', '*', spaces, '//' or '..')");
     }
     let normalized = route.trim_end_matches('/');
-    if let Some(reserved) = RESERVED_PREFIXES
-        .iter()
-        .find(|p| normalized == **p || normalized.starts_with(&format!("{p}/")))
+    if let Some(reserved) =
+        RESERVED_PREFIXES.iter().find(|p| normalized == **p || normalized.starts_with(&format!("{p}/")))
     {
         return bad(&format!("is reserved by the server ({reserved})"));
     }
@@ -109,8 +100,7 @@ fn validate_route(route: &str) -> Result<(), ManifestError> {
 
 impl Manifest {
     pub fn parse(text: &str) -> Result<Self, ManifestError> {
-        let manifest: Manifest =
-            toml::from_str(text).map_err(|e| ManifestError::Parse(e.to_string()))?;
+        let manifest: Manifest = toml::from_str(text).map_err(|e| ManifestError::Parse(e.to_string()))?;
         manifest.validate()?;
         Ok(manifest)
     }
@@ -118,52 +108,25 @@ impl Manifest {
     pub fn validate(&self) -> Result<(), ManifestError> {
         validate_name(&self.name)?;
         if self.routes.is_empty() {
-            return Err(ManifestError::Invalid(
-                "routes must list at least one path".into(),
-            ));
+            return Err(ManifestError::Invalid("routes must list at least one path".into()));
         }
         if self.routes.len() > MAX_ROUTES {
-            return Err(ManifestError::Invalid(format!(
-                "at most {MAX_ROUTES} routes"
-            )));
+            return Err(ManifestError::Invalid(format!("at most {MAX_ROUTES} routes")));
         }
         self.routes.iter().try_for_each(|r| validate_route(r))?;
         for model in &self.models {
-            kindling_engine::registry::validate_model_name(model)
-                .map_err(|e| ManifestError::Invalid(e.to_string()))?;
+            kindling_engine::registry::validate_model_name(model).map_err(|e| ManifestError::Invalid(e.to_string()))?;
         }
         let l = &self.limits;
         let check = |ok: bool, msg: String| {
-            if ok {
-                Ok(())
-            } else {
-                Err(ManifestError::Invalid(msg))
-            }
+            if ok { Ok(()) } else { Err(ManifestError::Invalid(msg)) }
         };
-        check(
-            (1..=MAX_TIMEOUT_MS).contains(&l.timeout_ms),
-            format!("limits.timeout_ms must be 1..={MAX_TIMEOUT_MS}"),
-        )?;
-        check(
-            (1..=MAX_MEMORY_MB).contains(&l.memory_mb),
-            format!("limits.memory_mb must be 1..={MAX_MEMORY_MB}"),
-        )?;
-        check(
-            l.max_concurrency >= 1,
-            "limits.max_concurrency must be at least 1".into(),
-        )?;
-        check(
-            l.max_tokens >= 1,
-            "limits.max_tokens must be at least 1".into(),
-        )?;
-        check(
-            l.max_request_bytes >= 1,
-            "limits.max_request_bytes must be at least 1".into(),
-        )?;
-        check(
-            l.max_response_bytes >= 1,
-            "limits.max_response_bytes must be at least 1".into(),
-        )?;
+        check((1..=MAX_TIMEOUT_MS).contains(&l.timeout_ms), format!("limits.timeout_ms must be 1..={MAX_TIMEOUT_MS}"))?;
+        check((1..=MAX_MEMORY_MB).contains(&l.memory_mb), format!("limits.memory_mb must be 1..={MAX_MEMORY_MB}"))?;
+        check(l.max_concurrency >= 1, "limits.max_concurrency must be at least 1".into())?;
+        check(l.max_tokens >= 1, "limits.max_tokens must be at least 1".into())?;
+        check(l.max_request_bytes >= 1, "limits.max_request_bytes must be at least 1".into())?;
+        check(l.max_response_bytes >= 1, "limits.max_response_bytes must be at least 1".into())?;
         Ok(())
     }
 
@@ -187,8 +150,7 @@ mod tests {
 
     #[test]
     fn minimal_manifest_gets_defaults() {
-        let m = Manifest::parse("name = \"hello\"\nroutes = [\"/hello\"]\nmodels = [\"tiny\"]\n")
-            .unwrap();
+        let m = Manifest::parse("name = \"hello\"\nroutes = [\"/hello\"]\nmodels = [\"tiny\"]\n").unwrap();
         assert_eq!(m.limits, Limits::default());
         assert_eq!(m.allowed_models().len(), 1);
     }
@@ -201,26 +163,14 @@ mod tests {
             ("name = \"a\"\nroutes = []", "at least one path"),
             ("name = \"a\"\nroutes = [\"x\"]", "must start with '/'"),
             ("name = \"a\"\nroutes = [\"/admin/x\"]", "reserved"),
-            (
-                "name = \"a\"\nroutes = [\"/x\"]\nmodles = []",
-                "unknown field `modles`",
-            ),
-            (
-                "name = \"a\"\nroutes = [\"/x\"]\n[limits]\ntimeout_ms = 0",
-                "timeout_ms",
-            ),
-            (
-                "name = \"a\"\nroutes = [\"/x\"]\nmodels = [\"../etc\"]",
-                "model name",
-            ),
+            ("name = \"a\"\nroutes = [\"/x\"]\nmodles = []", "unknown field `modles`"),
+            ("name = \"a\"\nroutes = [\"/x\"]\n[limits]\ntimeout_ms = 0", "timeout_ms"),
+            ("name = \"a\"\nroutes = [\"/x\"]\nmodels = [\"../etc\"]", "model name"),
             ("this is not toml", "TOML"),
         ];
         for (text, expected) in cases {
             let err = Manifest::parse(text).unwrap_err().to_string();
-            assert!(
-                err.contains(expected),
-                "{text:?}: {err:?} lacks {expected:?}"
-            );
+            assert!(err.contains(expected), "{text:?}: {err:?} lacks {expected:?}");
         }
     }
 }

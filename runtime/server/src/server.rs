@@ -20,11 +20,7 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 async fn dispatch(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     if app.is_draining() {
-        let resp = error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            "server is shutting down",
-        );
+        let resp = error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "server is shutting down");
         return with_retry_after(resp, 1);
     }
     let path = req.uri().path();
@@ -38,11 +34,7 @@ async fn dispatch(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
 }
 
 /// Serves until `shutdown` resolves, then drains: new requests get 503, in-flight ones finish.
-pub async fn serve(
-    app: Arc<App>,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
+pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -61,9 +53,7 @@ pub async fn serve(
             let app = app.clone();
             async move { Ok::<_, std::convert::Infallible>(dispatch(app, req).await) }
         });
-        let conn = http1::Builder::new()
-            .keep_alive(true)
-            .serve_connection(TokioIo::new(stream), service);
+        let conn = http1::Builder::new().keep_alive(true).serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {

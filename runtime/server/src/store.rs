@@ -22,6 +22,9 @@ pub struct DeploymentRecord {
     pub component_sha256: String,
     pub component_bytes: u64,
     pub deployed_at_unix: u64,
+    /// The tenant that owns the deployment; `None` for the operator's (public) deployments.
+    #[serde(default)]
+    pub tenant: Option<String>,
 }
 
 pub struct DeploymentStore {
@@ -29,12 +32,9 @@ pub struct DeploymentStore {
     components: PathBuf,
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path.parent().expect("store paths have parents");
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().expect("file name").to_string_lossy()
-    ));
+    let tmp = dir.join(format!(".{}.tmp", path.file_name().expect("file name").to_string_lossy()));
     let mut f = File::create(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
@@ -45,19 +45,13 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
 
 impl DeploymentStore {
     pub fn open(data_dir: &Path) -> io::Result<Self> {
-        let store = Self {
-            deployments: data_dir.join("deployments"),
-            components: data_dir.join("components"),
-        };
+        let store = Self { deployments: data_dir.join("deployments"), components: data_dir.join("components") };
         for dir in [&store.deployments, &store.components] {
             fs::create_dir_all(dir)?;
             // Leftovers of writes a crash interrupted; never visible, safe to drop.
             for entry in fs::read_dir(dir)? {
                 let path = entry?.path();
-                if path
-                    .file_name()
-                    .is_some_and(|n| n.to_string_lossy().ends_with(".tmp"))
-                {
+                if path.file_name().is_some_and(|n| n.to_string_lossy().ends_with(".tmp")) {
                     fs::remove_file(&path)?;
                 }
             }
@@ -80,6 +74,7 @@ impl DeploymentStore {
         manifest_toml: &str,
         sha256: &str,
         wasm: &[u8],
+        tenant: Option<&str>,
     ) -> io::Result<DeploymentRecord> {
         let component = self.component_path(sha256);
         if !component.is_file() {
@@ -89,10 +84,8 @@ impl DeploymentStore {
             manifest_toml: manifest_toml.to_string(),
             component_sha256: sha256.to_string(),
             component_bytes: wasm.len() as u64,
-            deployed_at_unix: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            deployed_at_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            tenant: tenant.map(str::to_string),
         };
         let json = serde_json::to_vec_pretty(&record).map_err(io::Error::other)?;
         write_atomically(&self.record_path(&manifest.name), &json)?;
@@ -121,19 +114,14 @@ impl DeploymentStore {
         let mut out = Vec::new();
         for entry in fs::read_dir(&self.deployments)? {
             let path = entry?.path();
-            let Some(name) = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".json"))
-            else {
+            let Some(name) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".json")) else {
                 continue;
             };
             if name.starts_with('.') {
                 continue;
             }
-            let record = fs::read(&path).and_then(|bytes| {
-                serde_json::from_slice::<DeploymentRecord>(&bytes).map_err(io::Error::other)
-            });
+            let record = fs::read(&path)
+                .and_then(|bytes| serde_json::from_slice::<DeploymentRecord>(&bytes).map_err(io::Error::other));
             out.push((name.to_string(), record));
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -142,18 +130,11 @@ impl DeploymentStore {
 
     /// Removes component files no record refers to.
     fn collect_garbage(&self) -> io::Result<()> {
-        let live: BTreeSet<String> = self
-            .load_all()?
-            .into_iter()
-            .filter_map(|(_, r)| r.ok().map(|r| r.component_sha256))
-            .collect();
+        let live: BTreeSet<String> =
+            self.load_all()?.into_iter().filter_map(|(_, r)| r.ok().map(|r| r.component_sha256)).collect();
         for entry in fs::read_dir(&self.components)? {
             let path = entry?.path();
-            let Some(stem) = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(".wasm"))
-            else {
+            let Some(stem) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".wasm")) else {
                 continue;
             };
             if !live.contains(stem) {
@@ -176,37 +157,25 @@ mod tests {
     fn put_then_reopen_returns_the_same_records() {
         let dir = tempfile::tempdir().unwrap();
         let store = DeploymentStore::open(dir.path()).unwrap();
-        store
-            .put(&manifest("a"), "toml-a", "aa", b"wasm-a")
-            .unwrap();
-        store
-            .put(&manifest("b"), "toml-b", "bb", b"wasm-b")
-            .unwrap();
+        store.put(&manifest("a"), "toml-a", "aa", b"wasm-a", Some("acme")).unwrap();
+        store.put(&manifest("b"), "toml-b", "bb", b"wasm-b", None).unwrap();
         drop(store);
         let store = DeploymentStore::open(dir.path()).unwrap();
         let all = store.load_all().unwrap();
-        assert_eq!(
-            all.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
-            ["a", "b"]
-        );
+        assert_eq!(all.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["a", "b"]);
         let rec = all[0].1.as_ref().unwrap();
         assert_eq!(rec.manifest_toml, "toml-a");
-        assert_eq!(
-            store.read_component(&rec.component_sha256).unwrap(),
-            b"wasm-a"
-        );
+        assert_eq!(rec.tenant.as_deref(), Some("acme"));
+        assert_eq!(store.read_component(&rec.component_sha256).unwrap(), b"wasm-a");
     }
 
     #[test]
     fn replacing_and_deleting_collects_unreferenced_components() {
         let dir = tempfile::tempdir().unwrap();
         let store = DeploymentStore::open(dir.path()).unwrap();
-        store.put(&manifest("a"), "v1", "one", b"1").unwrap();
-        store.put(&manifest("a"), "v2", "two", b"2").unwrap();
-        assert!(
-            store.read_component("one").is_err(),
-            "old component should be collected"
-        );
+        store.put(&manifest("a"), "v1", "one", b"1", None).unwrap();
+        store.put(&manifest("a"), "v2", "two", b"2", None).unwrap();
+        assert!(store.read_component("one").is_err(), "old component should be collected");
         assert!(store.delete("a").unwrap());
         assert!(!store.delete("a").unwrap());
         assert!(store.read_component("two").is_err());
@@ -216,17 +185,12 @@ mod tests {
     fn interrupted_writes_are_invisible_and_cleaned_up() {
         let dir = tempfile::tempdir().unwrap();
         let store = DeploymentStore::open(dir.path()).unwrap();
-        store.put(&manifest("a"), "v1", "one", b"1").unwrap();
+        store.put(&manifest("a"), "v1", "one", b"1", None).unwrap();
         // What a crash between write and rename leaves behind.
         fs::write(dir.path().join("deployments/.b.json.tmp"), b"{half").unwrap();
         drop(store);
         let store = DeploymentStore::open(dir.path()).unwrap();
-        let names: Vec<_> = store
-            .load_all()
-            .unwrap()
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect();
+        let names: Vec<_> = store.load_all().unwrap().into_iter().map(|(n, _)| n).collect();
         assert_eq!(names, ["a"]);
         assert!(!dir.path().join("deployments/.b.json.tmp").exists());
     }

@@ -23,6 +23,8 @@ def handle(req: Request) -> Response:
         return Response.text("slept\n")
     if what == "big":
         return Response(200, {"content-type": "application/octet-stream"}, (b"x" * 65536 for _ in range(64)))
+    if what == "headers":
+        return Response.json(req.headers)
     if what == "echo":
         return Response.json({"bytes": len(req.body)})
     return Response.text("ok\n")

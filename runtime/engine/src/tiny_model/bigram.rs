@@ -6,12 +6,7 @@ use super::SplitMix64;
 
 /// Rank-`rank` factors `(embed, head)`, both `vocab × rank` row-major, with
 /// `head · rmsnorm(embed[a])` ≈ the row-centered log P(· | a) of the corpus.
-pub fn bigram_factors(
-    sequences: &[Vec<u32>],
-    vocab: usize,
-    rank: usize,
-    rng: &mut SplitMix64,
-) -> (Vec<f32>, Vec<f32>) {
+pub fn bigram_factors(sequences: &[Vec<u32>], vocab: usize, rank: usize, rng: &mut SplitMix64) -> (Vec<f32>, Vec<f32>) {
     let log_probs = centered_log_bigrams(sequences, vocab);
     let q = top_left_singular_vectors(&log_probs, vocab, rank, rng);
     // b = qᵀ L (rank × vocab), so L ≈ q b.
@@ -20,10 +15,7 @@ pub fn bigram_factors(
         for k in 0..rank {
             let qa = q[a * rank + k];
             if qa != 0.0 {
-                for (bv, lv) in b[k * vocab..(k + 1) * vocab]
-                    .iter_mut()
-                    .zip(&log_probs[a * vocab..(a + 1) * vocab])
-                {
+                for (bv, lv) in b[k * vocab..(k + 1) * vocab].iter_mut().zip(&log_probs[a * vocab..(a + 1) * vocab]) {
                     *bv += qa * lv;
                 }
             }
@@ -31,14 +23,7 @@ pub fn bigram_factors(
     }
     // The network applies rmsnorm to the embedding; scale the head by the typical row rms of q
     // so the logits come out at the scale of the log-probabilities.
-    let row_rms = |a: usize| {
-        (q[a * rank..(a + 1) * rank]
-            .iter()
-            .map(|v| v * v)
-            .sum::<f64>()
-            / rank as f64)
-            .sqrt()
-    };
+    let row_rms = |a: usize| (q[a * rank..(a + 1) * rank].iter().map(|v| v * v).sum::<f64>() / rank as f64).sqrt();
     let typical_rms = (0..vocab).map(row_rms).sum::<f64>() / vocab as f64;
     let embed_scale = 1.0 / typical_rms.max(1e-12);
     let embed = q.iter().map(|v| (v * embed_scale) as f32).collect();
@@ -62,8 +47,7 @@ fn centered_log_bigrams(sequences: &[Vec<u32>], vocab: usize) -> Vec<f64> {
     const ALPHA: f64 = 0.1;
     for row in counts.chunks_mut(vocab) {
         let total: f64 = row.iter().sum::<f64>() + ALPHA * vocab as f64;
-        row.iter_mut()
-            .for_each(|c| *c = ((*c + ALPHA) / total).ln());
+        row.iter_mut().for_each(|c| *c = ((*c + ALPHA) / total).ln());
         let mean = row.iter().sum::<f64>() / vocab as f64;
         row.iter_mut().for_each(|c| *c -= mean);
     }
@@ -110,11 +94,7 @@ fn orthonormalize(m: &mut [f64], n: usize, rank: usize) {
             let dot: f64 = (0..n).map(|i| m[i * rank + k] * m[i * rank + j]).sum();
             (0..n).for_each(|i| m[i * rank + k] -= dot * m[i * rank + j]);
         }
-        let norm = (0..n)
-            .map(|i| m[i * rank + k].powi(2))
-            .sum::<f64>()
-            .sqrt()
-            .max(1e-12);
+        let norm = (0..n).map(|i| m[i * rank + k].powi(2)).sum::<f64>().sqrt().max(1e-12);
         (0..n).for_each(|i| m[i * rank + k] /= norm);
     }
 }
@@ -132,17 +112,9 @@ mod tests {
         let logits = |a: usize| -> Vec<f32> {
             let e = &embed[a * rank..(a + 1) * rank];
             let rms = (e.iter().map(|v| v * v).sum::<f32>() / rank as f32).sqrt();
-            (0..vocab)
-                .map(|v| (0..rank).map(|k| head[v * rank + k] * e[k] / rms).sum())
-                .collect()
+            (0..vocab).map(|v| (0..rank).map(|k| head[v * rank + k] * e[k] / rms).sum()).collect()
         };
-        let argmax = |l: Vec<f32>| {
-            l.iter()
-                .enumerate()
-                .max_by(|x, y| x.1.total_cmp(y.1))
-                .unwrap()
-                .0
-        };
+        let argmax = |l: Vec<f32>| l.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).unwrap().0;
         assert_eq!(argmax(logits(1)), 2);
         assert_eq!(argmax(logits(2)), 3);
         assert_eq!(argmax(logits(3)), 1);

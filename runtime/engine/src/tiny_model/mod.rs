@@ -86,10 +86,7 @@ fn bf16_bits(x: f32) -> u16 {
 }
 
 fn train_tokenizer(vocab_target: usize) -> Result<Tokenizer> {
-    let specials: Vec<AddedToken> = SPECIAL_TOKENS
-        .iter()
-        .map(|t| AddedToken::from(*t, true))
-        .collect();
+    let specials: Vec<AddedToken> = SPECIAL_TOKENS.iter().map(|t| AddedToken::from(*t, true)).collect();
     let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
         .vocab_size(vocab_target)
         .min_frequency(2)
@@ -105,9 +102,7 @@ fn train_tokenizer(vocab_target: usize) -> Result<Tokenizer> {
     tokenizer
         .train(&mut trainer, lines.into_iter())
         .map_err(|e| EngineError::Load(format!("training the tiny tokenizer: {e}")))?;
-    tokenizer
-        .add_special_tokens(specials)
-        .map_err(|e| EngineError::Load(format!("adding special tokens: {e}")))?;
+    tokenizer.add_special_tokens(specials).map_err(|e| EngineError::Load(format!("adding special tokens: {e}")))?;
     Ok(tokenizer)
 }
 
@@ -148,10 +143,7 @@ pub fn make_tiny_model(dir: &Path, spec: &TinySpec) -> Result<ShapeConfig> {
             "max_window_layers": spec.num_hidden_layers,
             "use_sliding_window": false,
         });
-        config
-            .as_object_mut()
-            .expect("object")
-            .extend(extra.as_object().expect("object").clone());
+        config.as_object_mut().expect("object").extend(extra.as_object().expect("object").clone());
     }
     let config_text = serde_json::to_string_pretty(&config).expect("json");
     let shape: ShapeConfig = serde_json::from_str(&config_text).expect("we just wrote it");
@@ -159,9 +151,7 @@ pub fn make_tiny_model(dir: &Path, spec: &TinySpec) -> Result<ShapeConfig> {
     let path = dir.join("config.json");
     std::fs::write(&path, &config_text).map_err(io(&path))?;
     let path = dir.join("tokenizer.json");
-    tokenizer
-        .save(&path, true)
-        .map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
+    tokenizer.save(&path, true).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
     let tokenizer_config = serde_json::json!({
         "chat_template": CHATML_TEMPLATE,
         "bos_token": null,
@@ -169,11 +159,7 @@ pub fn make_tiny_model(dir: &Path, spec: &TinySpec) -> Result<ShapeConfig> {
         "model_max_length": spec.max_position_embeddings,
     });
     let path = dir.join("tokenizer_config.json");
-    std::fs::write(
-        &path,
-        serde_json::to_string_pretty(&tokenizer_config).expect("json"),
-    )
-    .map_err(io(&path))?;
+    std::fs::write(&path, serde_json::to_string_pretty(&tokenizer_config).expect("json")).map_err(io(&path))?;
 
     write_weights(&dir.join("model.safetensors"), &shape, spec, &tokenizer)?;
     Ok(shape)
@@ -184,20 +170,14 @@ pub fn make_tiny_model(dir: &Path, spec: &TinySpec) -> Result<ShapeConfig> {
 /// that the text stays corpus-like.
 const BLOCK_SCALE: f32 = 0.5;
 
-fn write_weights(
-    path: &Path,
-    shape: &ShapeConfig,
-    spec: &TinySpec,
-    tokenizer: &Tokenizer,
-) -> Result<()> {
+fn write_weights(path: &Path, shape: &ShapeConfig, spec: &TinySpec, tokenizer: &Tokenizer) -> Result<()> {
     let mut rng = SplitMix64(spec.seed);
     let sequences: Vec<Vec<u32>> = CORPUS
         .lines()
         .filter_map(|line| tokenizer.encode(format!("{line}\n"), false).ok())
         .map(|e| e.get_ids().to_vec())
         .collect();
-    let (embed, head) =
-        bigram::bigram_factors(&sequences, shape.vocab_size, shape.hidden_size, &mut rng);
+    let (embed, head) = bigram::bigram_factors(&sequences, shape.vocab_size, shape.hidden_size, &mut rng);
     // BTreeMap order makes the draw order, and so the bytes, deterministic.
     let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = shape
         .expected_tensors(spec.arch)
@@ -220,10 +200,7 @@ fn write_weights(
                 }
                 (0..n).map(|_| scale * rng.normal()).collect()
             };
-            let bytes = values
-                .iter()
-                .flat_map(|v| bf16_bits(*v).to_le_bytes())
-                .collect();
+            let bytes = values.iter().flat_map(|v| bf16_bits(*v).to_le_bytes()).collect();
             (name, dims, bytes)
         })
         .collect();
@@ -234,10 +211,7 @@ fn write_weights(
             (name.clone(), view)
         })
         .collect();
-    let metadata = Some(std::collections::HashMap::from([(
-        "format".to_string(),
-        "pt".to_string(),
-    )]));
+    let metadata = Some(std::collections::HashMap::from([("format".to_string(), "pt".to_string())]));
     safetensors::tensor::serialize_to_file(views, metadata, path)
         .map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))
 }
@@ -248,15 +222,10 @@ mod tests {
     use crate::checkpoint::Checkpoint;
 
     fn digest(dir: &Path) -> Vec<Vec<u8>> {
-        [
-            "config.json",
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "model.safetensors",
-        ]
-        .iter()
-        .map(|f| std::fs::read(dir.join(f)).unwrap())
-        .collect()
+        ["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"]
+            .iter()
+            .map(|f| std::fs::read(dir.join(f)).unwrap())
+            .collect()
     }
 
     #[test]
@@ -265,10 +234,7 @@ mod tests {
         let spec = TinySpec::new(Architecture::Qwen2);
         make_tiny_model(a.path(), &spec).unwrap();
         make_tiny_model(b.path(), &spec).unwrap();
-        assert!(
-            digest(a.path()) == digest(b.path()),
-            "tiny model generation is not deterministic"
-        );
+        assert!(digest(a.path()) == digest(b.path()), "tiny model generation is not deterministic");
     }
 
     #[test]
