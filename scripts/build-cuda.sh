@@ -11,5 +11,9 @@ if [ ! -x "$CUDA_PIP/nvidia/cu13/bin/nvcc" ]; then
 fi
 export PATH="$CUDA_PIP/nvidia/cu13/bin:$PATH"
 export CUDA_ROOT="$CUDA_PIP/nvidia/cu13" CUDA_PATH="$CUDA_PIP/nvidia/cu13" CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
-cargo build --locked --release -p kindling --features cuda --target-dir target/cuda
+# candle links the CUDA libraries (cudarc's dynamic-linking); this machine has none, so link
+# against stubs with the real SONAMEs (scripts/cuda-stubs.sh) and bind to the real ones there.
+cargo build --locked --release -p kindling-engine --features cuda --target-dir target/cuda
+scripts/cuda-stubs.sh target/cuda/release target/cuda/stubs
+LIBRARY_PATH="$PWD/target/cuda/stubs" cargo build --locked --release -p kindling --features cuda --target-dir target/cuda
 ls -la target/cuda/release/kindling

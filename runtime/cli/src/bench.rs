@@ -95,7 +95,7 @@ fn cold_worker(device: &str) -> anyhow::Result<kindling_engine::Worker> {
     {
         let ordinal = device.trim_start_matches("cuda").trim_start_matches(':').parse().unwrap_or(0);
         let device = kindling_engine::Device::new_cuda(ordinal)?;
-        Ok(kindling_engine::Worker { device, ..kindling_engine::Worker::cpu(u64::MAX) })
+        Ok(kindling_engine::Worker::unwarmed(device))
     }
     #[cfg(not(feature = "cuda"))]
     anyhow::bail!("this kindling was built without CUDA")

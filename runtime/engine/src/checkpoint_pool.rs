@@ -13,6 +13,9 @@ use candle_core::{DType, Device, Tensor};
 use memmap2::{Advice, Mmap};
 use safetensors::Dtype;
 
+use tokenizers::Tokenizer;
+
+use crate::chat_template::ChatTemplate;
 use crate::checkpoint::{Checkpoint, TensorEntry};
 use crate::error::{EngineError, Result};
 
@@ -43,9 +46,13 @@ fn stamp(path: &std::path::Path) -> Result<FileStamp> {
     Ok(FileStamp { len: meta.len(), modified: meta.modified().ok() })
 }
 
-/// One checkpoint held by the pool (or, when it does not fit, held only while it loads).
+/// One checkpoint held by the pool (or, when it does not fit, held only while it loads), with the
+/// host-side state an engine needs besides weights: parsing a 150k-entry tokenizer.json takes
+/// longer than moving a 0.5B model's weights, so it is done once, at admission.
 pub struct PooledCheckpoint {
     pub ckpt: Checkpoint,
+    pub tokenizer: Arc<Tokenizer>,
+    pub chat_template: Arc<Option<ChatTemplate>>,
     maps: Vec<Mmap>,
     stamps: Vec<FileStamp>,
     pinner: Option<Arc<dyn HostPinner>>,
@@ -255,6 +262,10 @@ impl CheckpointPool {
 
     fn admit(&self, ckpt: Checkpoint, pin: bool, progress: &dyn Fn(AdmitProgress)) -> Result<PooledCheckpoint> {
         let started = Instant::now();
+        // Before any page is pinned, so a failure here leaves nothing to undo.
+        let tokenizer = Tokenizer::from_file(&ckpt.tokenizer_path)
+            .map_err(|e| EngineError::Load(format!("{}: {e}", ckpt.tokenizer_path.display())))?;
+        let chat_template = ChatTemplate::from_model_dir(&ckpt.dir)?;
         let mut maps = Vec::new();
         let mut stamps = Vec::new();
         let total = ckpt.weight_bytes;
@@ -289,7 +300,16 @@ impl CheckpointPool {
             }
             pinned = !done.is_empty();
         }
-        Ok(PooledCheckpoint { ckpt, maps, stamps, pinner: self.pinner.clone(), pinned, admit_time: started.elapsed() })
+        Ok(PooledCheckpoint {
+            ckpt,
+            tokenizer: Arc::new(tokenizer),
+            chat_template: Arc::new(chat_template),
+            maps,
+            stamps,
+            pinner: self.pinner.clone(),
+            pinned,
+            admit_time: started.elapsed(),
+        })
     }
 }
 

@@ -176,9 +176,6 @@ pub fn start_engine(
     let h2d = started.elapsed();
 
     let started = Instant::now();
-    let tokenizer = Tokenizer::from_file(&ckpt.tokenizer_path)
-        .map_err(|e| EngineError::Load(format!("{}: {e}", ckpt.tokenizer_path.display())))?;
-    let chat_template = ChatTemplate::from_model_dir(&ckpt.dir)?;
     let model = LoadedModel::from_var_builder(ckpt, VarBuilder::from_tensors(tensors, dtype, device), device)?;
     let load = LoadBreakdown {
         pool_hit,
@@ -193,6 +190,7 @@ pub fn start_engine(
         max_positions: model.max_positions,
         load,
     };
+    let (tokenizer, chat_template) = (pooled.tokenizer.clone(), pooled.chat_template.clone());
     spawn_engine(info, model, tokenizer, ckpt.eos_token_ids.clone(), chat_template, queue_depth)
 }
 
@@ -200,9 +198,9 @@ pub fn start_engine(
 pub fn spawn_engine(
     info: ModelInfo,
     mut model: LoadedModel,
-    tokenizer: Tokenizer,
+    tokenizer: Arc<Tokenizer>,
     eos: BTreeSet<u32>,
-    chat_template: Option<ChatTemplate>,
+    chat_template: Arc<Option<ChatTemplate>>,
     queue_depth: usize,
 ) -> Result<EngineHandle> {
     let (jobs, mut rx) = mpsc::channel::<Job>(queue_depth.max(1));
@@ -230,11 +228,5 @@ pub fn spawn_engine(
         })
         .map_err(|e| EngineError::Load(format!("cannot start engine thread: {e}")))?;
     let epoch = Instant::now();
-    Ok(EngineHandle {
-        jobs,
-        info: Arc::new(info),
-        chat_template: Arc::new(chat_template),
-        last_used: Arc::new(AtomicU64::new(0)),
-        epoch,
-    })
+    Ok(EngineHandle { jobs, info: Arc::new(info), chat_template, last_used: Arc::new(AtomicU64::new(0)), epoch })
 }

@@ -27,6 +27,13 @@ impl Worker {
         Self { device: Device::Cpu, label: "cpu".into(), memory_budget, boot_time: Duration::ZERO, pinner: None }
     }
 
+    /// A worker around a device that was just created: no warm-up, no arena, no pinning. What a
+    /// process that starts from nothing has (the benchmark's baseline).
+    pub fn unwarmed(device: Device) -> Self {
+        let label = if device.is_cpu() { "cpu".to_string() } else { format!("{:?}", device.location()) };
+        Self { device, label, memory_budget: u64::MAX, boot_time: Duration::ZERO, pinner: None }
+    }
+
     /// Pins host pages for DMA from this worker's device, when it has one.
     pub fn pinner(&self) -> Option<Arc<dyn HostPinner>> {
         self.pinner.clone()
