@@ -56,6 +56,20 @@ fn first_request_reports_a_cold_start_and_later_ones_do_not() {
     assert_eq!(second.status, 200);
     assert_eq!(second.header("x-kindling-cold-start"), None);
     assert_eq!(first.json()["text"], second.json()["text"], "greedy decoding is deterministic");
+
+    let metrics = server.get("/metrics");
+    assert_eq!(metrics.status, 200);
+    for line in [
+        "kindling_requests_total{deployment=\"hello\",status=\"200\"} 2",
+        "kindling_cold_starts_total{model=\"tiny\",pool=\"miss\"} 1",
+        "kindling_cold_start_phase_seconds_count{model=\"tiny\",phase=\"h2d\"} 1",
+        "kindling_completion_tokens_total{deployment=\"hello\"} 8",
+        "kindling_deployments 1",
+        "kindling_pool_checkpoints 1",
+    ] {
+        assert!(metrics.body.lines().any(|l| l == line), "/metrics lacks {line:?}:\n{}", metrics.body);
+    }
+    assert!(metrics.body.contains("kindling_engine_loaded_bytes{model=\"tiny\"}"));
 }
 
 #[test]

@@ -12,6 +12,7 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 
 use crate::manifest::{Manifest, ManifestError};
+use crate::metrics::Metrics;
 use crate::store::{DeploymentRecord, DeploymentStore};
 use crate::tenant::{Caller, Tenants};
 
@@ -122,6 +123,7 @@ impl Table {
 
 pub struct App {
     pub config: ServerConfig,
+    pub metrics: Metrics,
     pub tenants: Tenants,
     pub runtime: Arc<HandlerRuntime>,
     pub registry: Arc<ModelRegistry>,
@@ -141,6 +143,7 @@ impl App {
         let runtime = Arc::new(HandlerRuntime::new(config.runtime.clone())?);
         let app = Arc::new(Self {
             config,
+            metrics: Metrics::default(),
             tenants,
             runtime,
             registry,

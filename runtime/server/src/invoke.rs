@@ -44,10 +44,23 @@ fn cold_start_header(report: &LlmReport) -> Option<HeaderValue> {
 }
 
 pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    let started = std::time::Instant::now();
     let path = req.uri().path().to_string();
     let Some(deployment) = app.route(&path) else {
         return error(StatusCode::NOT_FOUND, "no_route", format!("no deployment serves {path}"));
     };
+    let name = deployment.manifest.name.clone();
+    let resp = handle_routed(app, deployment, &path, req).await;
+    app.metrics.request(&name, resp.status().as_u16(), started.elapsed());
+    resp
+}
+
+async fn handle_routed(
+    app: &Arc<App>,
+    deployment: Arc<crate::app::Deployment>,
+    path: &str,
+    req: Request<Incoming>,
+) -> Response<Body> {
     if deployment.record.tenant.is_some() {
         match identify(req.headers(), app.config.admin_token.as_deref(), &app.tenants) {
             caller if caller.can_access(deployment.record.tenant.as_deref()) => {}
@@ -97,8 +110,10 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
             }
             parts.headers.insert("x-kindling-deployment", HeaderValue::from_str(&name).expect("validated name"));
             let report = invocation.report.clone();
+            let app = app.clone();
             let on_end = Box::new(move || {
                 let r = report.lock().expect("poisoned");
+                app.metrics.invocation(&name, &r);
                 tracing::info!(
                     deployment = %name,
                     generations = r.generations,

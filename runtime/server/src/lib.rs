@@ -9,6 +9,7 @@ pub mod body;
 pub mod http_util;
 pub mod invoke;
 pub mod manifest;
+pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod tenant;

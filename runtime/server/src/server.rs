@@ -27,6 +27,15 @@ async fn dispatch(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     if path == "/healthz" {
         return Response::new(full("ok\n"));
     }
+    if path == "/metrics" {
+        let text = app.metrics.render(&app.registry, app.list().len());
+        let mut resp = Response::new(full(text));
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        return resp;
+    }
     if path == "/admin" || path.starts_with("/admin/") {
         return admin::handle(&app, req).await;
     }

@@ -1,0 +1,185 @@
+//! Prometheus metrics in the text exposition format, served at `/metrics`: requests, errors and
+//! latency per deployment, tokens, cold starts by phase, pool bytes and loaded engines.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use kindling_engine::ModelRegistry;
+use kindling_host::LlmReport;
+
+/// Latency buckets in seconds: from a warm small-model token to a long generation.
+const BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+#[derive(Default, Clone)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, seconds: f64) {
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if seconds <= *b {
+                self.counts[i] += 1;
+            }
+        }
+        self.sum += seconds;
+        self.count += 1;
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (b, c) in BUCKETS.iter().zip(self.counts) {
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {c}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count);
+    }
+}
+
+#[derive(Default)]
+struct State {
+    requests: BTreeMap<(String, u16), u64>,
+    latency: BTreeMap<String, Histogram>,
+    prompt_tokens: BTreeMap<String, u64>,
+    completion_tokens: BTreeMap<String, u64>,
+    cold_starts: BTreeMap<(String, &'static str), u64>,
+    cold_start_phases: BTreeMap<(String, &'static str), Histogram>,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    state: Mutex<State>,
+}
+
+/// Label values are quoted; escape what the format requires.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+impl Metrics {
+    /// A request answered with `status` after `elapsed` (to its response headers).
+    pub fn request(&self, deployment: &str, status: u16, elapsed: Duration) {
+        let mut s = self.state.lock().expect("poisoned");
+        *s.requests.entry((deployment.to_string(), status)).or_default() += 1;
+        s.latency.entry(deployment.to_string()).or_default().observe(elapsed.as_secs_f64());
+    }
+
+    /// What a finished invocation did with models.
+    pub fn invocation(&self, deployment: &str, report: &LlmReport) {
+        let mut s = self.state.lock().expect("poisoned");
+        *s.prompt_tokens.entry(deployment.to_string()).or_default() += report.prompt_tokens;
+        *s.completion_tokens.entry(deployment.to_string()).or_default() += report.completion_tokens;
+        for (model, cold) in &report.cold_starts {
+            let pool = if cold.load.pool_hit { "hit" } else { "miss" };
+            *s.cold_starts.entry((model.clone(), pool)).or_default() += 1;
+            for (phase, d) in
+                [("wait", cold.waited), ("admit", cold.load.admit), ("h2d", cold.load.h2d), ("init", cold.load.init)]
+            {
+                s.cold_start_phases.entry((model.clone(), phase)).or_default().observe(d.as_secs_f64());
+            }
+            if let Some(t) = report.first_token {
+                s.cold_start_phases.entry((model.clone(), "first_token")).or_default().observe(t.as_secs_f64());
+            }
+        }
+    }
+
+    pub fn render(&self, registry: &ModelRegistry, deployments: usize) -> String {
+        let s = self.state.lock().expect("poisoned");
+        let mut out = String::new();
+        let n = section_into(
+            &mut out,
+            "kindling_requests_total",
+            "counter",
+            "Invocations answered, by deployment and HTTP status.",
+        );
+        for ((d, status), v) in &s.requests {
+            let _ = writeln!(out, "{n}{{deployment=\"{}\",status=\"{status}\"}} {v}", label(d));
+        }
+        let n = section_into(
+            &mut out,
+            "kindling_request_duration_seconds",
+            "histogram",
+            "Time to response headers, by deployment.",
+        );
+        for (d, h) in &s.latency {
+            h.render(&mut out, &n, &format!("deployment=\"{}\"", label(d)));
+        }
+        for (name, help, map) in [
+            ("kindling_prompt_tokens_total", "Prompt tokens processed, by deployment.", &s.prompt_tokens),
+            ("kindling_completion_tokens_total", "Tokens generated, by deployment.", &s.completion_tokens),
+        ] {
+            let n = section_into(&mut out, name, "counter", help);
+            for (d, v) in map {
+                let _ = writeln!(out, "{n}{{deployment=\"{}\"}} {v}", label(d));
+            }
+        }
+        let n = section_into(
+            &mut out,
+            "kindling_cold_starts_total",
+            "counter",
+            "Engine starts caused by requests, by model and pool hit/miss.",
+        );
+        for ((m, pool), v) in &s.cold_starts {
+            let _ = writeln!(out, "{n}{{model=\"{}\",pool=\"{pool}\"}} {v}", label(m));
+        }
+        let n = section_into(
+            &mut out,
+            "kindling_cold_start_phase_seconds",
+            "histogram",
+            "Cold start phases: wait, admit, h2d, init, first_token.",
+        );
+        for ((m, phase), h) in &s.cold_start_phases {
+            h.render(&mut out, &n, &format!("model=\"{}\",phase=\"{phase}\"", label(m)));
+        }
+        let pool = registry.pool_stats();
+        for (name, help, v) in [
+            ("kindling_pool_resident_bytes", "Checkpoint bytes resident in the pool.", pool.resident_bytes),
+            ("kindling_pool_pinned_bytes", "Checkpoint bytes registered for DMA.", pool.pinned_bytes),
+            ("kindling_pool_capacity_bytes", "Pool capacity.", pool.capacity_bytes),
+            ("kindling_pool_checkpoints", "Checkpoints in the pool.", pool.entries as u64),
+            ("kindling_deployments", "Live deployments.", deployments as u64),
+        ] {
+            let n = section_into(&mut out, name, "gauge", help);
+            let _ = writeln!(out, "{n} {v}");
+        }
+        let n = section_into(&mut out, "kindling_engine_loaded_bytes", "gauge", "Weight bytes of each running engine.");
+        for (model, bytes) in registry.loaded_engines() {
+            let _ = writeln!(out, "{n}{{model=\"{}\"}} {bytes}", label(&model));
+        }
+        out
+    }
+}
+
+fn section_into(out: &mut String, name: &str, kind: &str, help: &str) -> String {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    name.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let mut h = Histogram::default();
+        h.observe(0.007);
+        h.observe(3.0);
+        let mut out = String::new();
+        h.render(&mut out, "x", "a=\"b\"");
+        assert!(out.contains("x_bucket{a=\"b\",le=\"0.005\"} 0"));
+        assert!(out.contains("x_bucket{a=\"b\",le=\"0.01\"} 1"));
+        assert!(out.contains("x_bucket{a=\"b\",le=\"5\"} 2"));
+        assert!(out.contains("x_bucket{a=\"b\",le=\"+Inf\"} 2"));
+        assert!(out.contains("x_count{a=\"b\"} 2"));
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label("a\"b\\c\n"), "a\\\"b\\\\c\\n");
+    }
+}
