@@ -286,6 +286,11 @@ impl Server {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Sends SIGTERM without waiting.
+    pub fn terminate(&self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+    }
 }
 
 fn multipart(boundary: &str, manifest: &str, wasm: &[u8]) -> Vec<u8> {

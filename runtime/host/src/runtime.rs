@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use wasmtime::component::{Component, Linker};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap, UpdateDeadline};
 use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
@@ -192,9 +192,17 @@ impl HandlerRuntime {
         let report = llm.report.clone();
         let mut store = Store::new(&self.engine, InvocationState::new(llm, limits));
         store.limiter(|s| &mut s.limits);
-        let ticks = limits.timeout.as_millis().div_ceil(EPOCH_TICK.as_millis()).max(1) as u64;
-        store.set_epoch_deadline(ticks);
-        store.epoch_deadline_trap();
+        // Guest code yields to the executor every epoch tick, so a spinning handler cannot starve
+        // other requests of worker threads; past its deadline it traps (reported as a timeout).
+        let deadline = std::time::Instant::now() + limits.timeout;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            if std::time::Instant::now() >= deadline {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
 
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let internal = |e: wasmtime::Error| InvokeError::Trap(format!("{e:#}"));
