@@ -470,3 +470,46 @@ fn load_across_tenants_with_misbehaving_neighbours_leaves_healthy_tenants_error_
     let metrics = server.get("/metrics").body;
     assert!(metrics.contains("kindling_requests_total{deployment=\"acme\",status=\"200\"} 36"), "{metrics}");
 }
+
+#[test]
+fn the_openai_plugin_serves_the_official_openai_client() {
+    let server = server_with_models();
+    let plugin = python_guest(Path::new("plugins/openai-python"));
+    let manifest =
+        std::fs::read_to_string(kindling_e2e::workspace_root().join("plugins/openai-python/kindling.toml")).unwrap();
+    let deployed = server.deploy(&manifest, &plugin);
+    assert_eq!(deployed.status, 201, "{}", deployed.body);
+    let script = kindling_e2e::workspace_root().join("tests/reference/openai_client_check.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(format!("{}/v1", server.url))
+        .arg("tiny")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "openai client failed: {}", String::from_utf8_lossy(&out.stderr));
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+
+    let chat = &got["chat"];
+    assert_eq!(chat["object"], "chat.completion");
+    assert!(!chat["text"].as_str().unwrap().is_empty(), "{got}");
+    let completion_tokens = chat["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(completion_tokens > 0 && completion_tokens <= 16, "{got}");
+    assert_eq!(
+        chat["usage"]["total_tokens"].as_u64().unwrap(),
+        chat["usage"]["prompt_tokens"].as_u64().unwrap() + completion_tokens
+    );
+    // Streaming: the same greedy text, delivered in several events, with usage at the end.
+    let streamed = &got["chat_stream"];
+    assert_eq!(streamed["text"], chat["text"], "{got}");
+    assert!(streamed["pieces"].as_array().unwrap().len() > 1, "{got}");
+    assert_eq!(streamed["finish"], chat["finish"]);
+    assert_eq!(streamed["usage"]["completion_tokens"], chat["usage"]["completion_tokens"]);
+    // Plain completions match the hello handler's greedy text for the same prompt.
+    let hello_text = {
+        assert_eq!(server.deploy(HELLO_MANIFEST, &hello()).status, 201);
+        server.post_json("/hello", &json!({ "prompt": "Once upon a time", "max_tokens": 12 })).json()["text"].clone()
+    };
+    assert_eq!(got["completion"]["text"], hello_text, "{got}");
+    assert_eq!(got["completion_stream"]["text"], hello_text);
+    assert_eq!(got["error"]["status"], 403, "a model outside the manifest: {got}");
+}

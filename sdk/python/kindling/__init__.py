@@ -29,7 +29,7 @@ from wit_world.imports import llm
 from wit_world.imports import types as _http
 from wit_world.imports.streams import StreamError_Closed
 
-__all__ = ["Request", "Response", "LlmError", "llm", "params", "serve", "stream"]
+__all__ = ["Err", "Request", "Response", "LlmError", "llm", "params", "serve", "stream"]
 
 # wasi:io output streams accept at most 4096 bytes per blocking write.
 _WRITE_CHUNK = 4096
