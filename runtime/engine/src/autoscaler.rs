@@ -29,7 +29,7 @@ pub fn evictions(need: u64, budget: u64, resident: &[Resident]) -> Result<Vec<St
         )));
     }
     let mut idle: Vec<&Resident> = resident.iter().filter(|r| !r.busy).collect();
-    idle.sort_by(|a, b| b.idle_for.cmp(&a.idle_for));
+    idle.sort_by_key(|r| std::cmp::Reverse(r.idle_for));
     let mut freed = 0;
     let mut victims = Vec::new();
     for r in idle {

@@ -76,13 +76,13 @@ impl ShapeConfig {
         if let Some((name, _)) = fields.iter().find(|(_, v)| *v == 0) {
             return bad(format!("{name} must be positive"));
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.num_attention_heads % self.kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
             return bad(format!(
                 "num_attention_heads {} is not divisible by num_key_value_heads {}",
                 self.num_attention_heads,
@@ -201,10 +201,10 @@ impl Checkpoint {
         if let Some(v) = &config.eos_token_id {
             collect_ids(v, &mut eos_token_ids);
         }
-        if let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-                collect_ids(&v["eos_token_id"], &mut eos_token_ids);
-            }
+        if let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json"))
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+        {
+            collect_ids(&v["eos_token_id"], &mut eos_token_ids);
         }
 
         Ok(Self { dir, arch, config, config_json, weight_files, tensors, tokenizer_path, eos_token_ids, weight_bytes })

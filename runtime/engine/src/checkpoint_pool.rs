@@ -68,10 +68,6 @@ impl Drop for PooledCheckpoint {
     }
 }
 
-fn typed<'a, T: bytemuck_free::Pod>(bytes: &'a [u8]) -> Option<&'a [T]> {
-    bytemuck_free::cast_slice(bytes)
-}
-
 /// The two casts this module needs, without a dependency for them.
 mod bytemuck_free {
     /// Plain-old-data element types whose every bit pattern is valid.
@@ -82,7 +78,7 @@ mod bytemuck_free {
 
     pub fn cast_slice<T: Pod>(bytes: &[u8]) -> Option<&[T]> {
         let size = std::mem::size_of::<T>();
-        if bytes.len() % size != 0 || (bytes.as_ptr() as usize) % std::mem::align_of::<T>() != 0 {
+        if !bytes.len().is_multiple_of(size) || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) {
             return None;
         }
         // SAFETY: length and alignment checked above; T is Pod so any bytes are a valid T.
@@ -131,7 +127,7 @@ impl PooledCheckpoint {
         shape: &[usize],
         device: &Device,
     ) -> candle_core::Result<Tensor> {
-        match typed::<T>(bytes) {
+        match bytemuck_free::cast_slice::<T>(bytes) {
             Some(values) => Tensor::from_slice(values, shape, device),
             // Misaligned data (legal in safetensors, rare in practice): copy to an aligned buffer.
             None => {

@@ -59,32 +59,30 @@ fn top_left_singular_vectors(l: &[f64], n: usize, rank: usize, rng: &mut SplitMi
     let mut q: Vec<f64> = (0..n * rank).map(|_| f64::from(rng.normal())).collect();
     orthonormalize(&mut q, n, rank);
     for _ in 0..8 {
-        // z = Lᵀ q, then q = L z: one step of power iteration on L Lᵀ.
-        let mut z = vec![0f64; n * rank];
-        for a in 0..n {
-            for b in 0..n {
-                let lab = l[a * n + b];
-                if lab != 0.0 {
-                    for k in 0..rank {
-                        z[b * rank + k] += lab * q[a * rank + k];
-                    }
-                }
-            }
-        }
-        q.iter_mut().for_each(|v| *v = 0.0);
-        for a in 0..n {
-            for b in 0..n {
-                let lab = l[a * n + b];
-                if lab != 0.0 {
-                    for k in 0..rank {
-                        q[a * rank + k] += lab * z[b * rank + k];
-                    }
-                }
-            }
-        }
+        // One step of power iteration on L Lᵀ: z = Lᵀ q, then q = L z.
+        let z = multiply(l, n, rank, &q, true);
+        q = multiply(l, n, rank, &z, false);
         orthonormalize(&mut q, n, rank);
     }
     q
+}
+
+/// `L x` (or `Lᵀ x` when `transpose`) for square `n × n` L and `n × rank` x, both row-major.
+fn multiply(l: &[f64], n: usize, rank: usize, x: &[f64], transpose: bool) -> Vec<f64> {
+    let mut out = vec![0f64; n * rank];
+    for a in 0..n {
+        for b in 0..n {
+            let lab = l[a * n + b];
+            if lab == 0.0 {
+                continue;
+            }
+            let (dst, src) = if transpose { (b, a) } else { (a, b) };
+            for k in 0..rank {
+                out[dst * rank + k] += lab * x[src * rank + k];
+            }
+        }
+    }
+    out
 }
 
 /// Modified Gram-Schmidt on the columns of a row-major `n × rank` matrix.
