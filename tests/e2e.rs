@@ -296,6 +296,10 @@ fn bad_prompts_get_clear_errors() {
     assert_eq!(answer.json()["error"]["code"], "PromptTooLong");
     let answer = server.post_raw("/hello", b"{\"prompt\": \"\xff\xfe\"}");
     assert_eq!(answer.status, 400, "{}", answer.body);
+    // The manifest caps tokens per generation at 64 whatever the handler asks for.
+    let capped = server.post_json("/hello", &json!({ "prompt": "Once", "max_tokens": 1000 })).json();
+    assert_eq!(capped["usage"]["completion_tokens"], 64, "{capped}");
+    assert_eq!(capped["finish_reason"], "length");
     let answer = server.post_json("/hello", &json!({ "prompt": "x", "temperature": -1 }));
     assert_eq!(answer.status, 400, "{}", answer.body);
     assert_eq!(answer.json()["error"]["code"], "InvalidParams");
