@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # Sets up and runs every test: unit tests of each crate and the end-to-end suite, which starts
 # the real server, builds guest components from source and checks generations against an
-# independent numpy implementation.
+# independent numpy implementation. Ends with one line totalling all test binaries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo build --locked -p kindling
-cargo test --locked --workspace -- --test-threads 2
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --locked --workspace --all-targets -- --test-threads 2 2>&1 | tee "$log" || status=$?
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "%d passed, %d failed\n", p, f }' "$log"
+exit "$status"
