@@ -518,3 +518,28 @@ fn the_openai_plugin_serves_the_official_openai_client() {
     assert_eq!(got["completion_stream"]["text"], hello_text);
     assert_eq!(got["error"]["status"], 403, "a model outside the manifest: {got}");
 }
+
+#[test]
+fn a_javascript_handler_generates_the_same_text_as_the_python_one() {
+    let server = server_with_models();
+    let js_manifest =
+        std::fs::read_to_string(kindling_e2e::workspace_root().join("examples/hello-js/kindling.toml")).unwrap();
+    let deployed = server.deploy(&js_manifest, &kindling_e2e::js_guest(Path::new("examples/hello-js")));
+    assert_eq!(deployed.status, 201, "{}", deployed.body);
+    assert_eq!(server.deploy(HELLO_MANIFEST, &hello()).status, 201);
+    let req = json!({ "prompt": "Hello, world! Tell me about the lighthouse.", "max_tokens": 20 });
+    let js = server.post_json("/hello-js", &req);
+    assert_eq!(js.status, 200, "{}", js.body);
+    let py = server.post_json("/hello", &req).json();
+    assert_eq!(js.json()["text"], py["text"]);
+    assert_eq!(js.json()["usage"], py["usage"]);
+    let streamed = server.post_json(
+        "/hello-js",
+        &json!({ "prompt": "Hello, world! Tell me about the lighthouse.", "max_tokens": 20, "stream": true }),
+    );
+    assert_eq!(streamed.body, py["text"].as_str().unwrap());
+    let refused = server.post_json("/hello-js", &json!({ "model": "tiny-llama" }));
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    assert_eq!(refused.json()["error"]["code"], "model-not-allowed");
+    assert_eq!(server.post_raw("/hello-js", b"{oops").status, 400);
+}

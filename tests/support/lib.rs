@@ -105,6 +105,31 @@ pub fn python_guest(source_dir: &Path) -> PathBuf {
     out
 }
 
+/// Builds a JavaScript guest (a directory with app.js) with sdk/js/build.mjs (componentize-js),
+/// once per run and only when its sources, the SDK or the WIT changed.
+pub fn js_guest(source_dir: &Path) -> PathBuf {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let root = workspace_root();
+    let source_dir = root.join(source_dir);
+    let name = source_dir.file_name().expect("guest dir name").to_string_lossy().to_string();
+    let out = shared_dir("guests").join(format!("{name}.wasm"));
+    let sources =
+        [source_dir.clone(), root.join("sdk/js/kindling.js"), root.join("sdk/js/build.mjs"), root.join("wit")];
+    let fresh = std::fs::metadata(&out).and_then(|m| m.modified()).is_ok_and(|built| built > newest_mtime(&sources));
+    if !fresh {
+        let status = Command::new("node")
+            .arg(root.join("sdk/js/build.mjs"))
+            .arg(&source_dir)
+            .arg(&out)
+            .current_dir(&root)
+            .status()
+            .expect("node is installed and sdk/js has its dependencies (scripts/setup.sh)");
+        assert!(status.success(), "building {} with componentize-js failed", source_dir.display());
+    }
+    out
+}
+
 pub struct Server {
     child: Child,
     pub url: String,
