@@ -543,3 +543,19 @@ fn a_javascript_handler_generates_the_same_text_as_the_python_one() {
     assert_eq!(refused.json()["error"]["code"], "model-not-allowed");
     assert_eq!(server.post_raw("/hello-js", b"{oops").status, 400);
 }
+
+#[test]
+fn the_rust_sdk_example_type_checks() {
+    // The wasm32 target is not installable here, so this proves the SDK and example agree with
+    // the WIT; building for wasm32-wasip2 produces the deployable component.
+    let root = kindling_e2e::workspace_root();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .args(["check", "--quiet", "--manifest-path"])
+        .arg(root.join("examples/hello-rust/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(kindling_e2e::shared_dir("rust-example"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
