@@ -77,57 +77,44 @@ fn newest_mtime(paths: &[PathBuf]) -> SystemTime {
     newest
 }
 
-/// Builds a Python guest (a directory with app.py) into a component with componentize-py, once
-/// per run and only when its sources, the SDK or the WIT changed since the last build.
-pub fn python_guest(source_dir: &Path) -> PathBuf {
+/// `target/.../guests/NAME.wasm` for the guest in `source_dir`, built by `build(source, out)` once
+/// per run and only when the guest, its SDK files or the WIT changed since the last build.
+fn cached_guest(source_dir: &Path, sdk_files: &[&str], build: impl FnOnce(&Path, &Path, &Path) -> Command) -> PathBuf {
     static LOCK: Mutex<()> = Mutex::new(());
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let root = workspace_root();
     let source_dir = root.join(source_dir);
     let name = source_dir.file_name().expect("guest dir name").to_string_lossy().to_string();
     let out = shared_dir("guests").join(format!("{name}.wasm"));
-    let sources = [source_dir.clone(), root.join("sdk/python"), root.join("wit")];
+    let mut sources = vec![source_dir.clone(), root.join("wit")];
+    sources.extend(sdk_files.iter().map(|f| root.join(f)));
     let fresh = std::fs::metadata(&out).and_then(|m| m.modified()).is_ok_and(|built| built > newest_mtime(&sources));
     if !fresh {
-        let status = Command::new("componentize-py")
-            .arg("-d")
-            .arg(root.join("wit"))
-            .args(["-w", "kindling:llm/handler", "componentize", "-p"])
-            .arg(&source_dir)
-            .arg("-p")
-            .arg(root.join("sdk/python"))
-            .args(["app", "-o"])
-            .arg(&out)
-            .status()
-            .expect("componentize-py is installed (pip install componentize-py)");
-        assert!(status.success(), "componentize-py failed for {}", source_dir.display());
+        let mut cmd = build(&root, &source_dir, &out);
+        let status =
+            cmd.status().unwrap_or_else(|e| panic!("{cmd:?}: {e} (scripts/setup.sh installs the guest toolchains)"));
+        assert!(status.success(), "building {} failed: {cmd:?}", source_dir.display());
     }
     out
 }
 
-/// Builds a JavaScript guest (a directory with app.js) with sdk/js/build.mjs (componentize-js),
-/// once per run and only when its sources, the SDK or the WIT changed.
+/// A Python guest (a directory with app.py), built with componentize-py.
+pub fn python_guest(source_dir: &Path) -> PathBuf {
+    cached_guest(source_dir, &["sdk/python"], |root, source, out| {
+        let mut cmd = Command::new("componentize-py");
+        cmd.arg("-d").arg(root.join("wit")).args(["-w", "kindling:llm/handler", "componentize", "-p"]).arg(source);
+        cmd.arg("-p").arg(root.join("sdk/python")).args(["app", "-o"]).arg(out);
+        cmd
+    })
+}
+
+/// A JavaScript guest (a directory with app.js), built with sdk/js/build.mjs (componentize-js).
 pub fn js_guest(source_dir: &Path) -> PathBuf {
-    static LOCK: Mutex<()> = Mutex::new(());
-    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let root = workspace_root();
-    let source_dir = root.join(source_dir);
-    let name = source_dir.file_name().expect("guest dir name").to_string_lossy().to_string();
-    let out = shared_dir("guests").join(format!("{name}.wasm"));
-    let sources =
-        [source_dir.clone(), root.join("sdk/js/kindling.js"), root.join("sdk/js/build.mjs"), root.join("wit")];
-    let fresh = std::fs::metadata(&out).and_then(|m| m.modified()).is_ok_and(|built| built > newest_mtime(&sources));
-    if !fresh {
-        let status = Command::new("node")
-            .arg(root.join("sdk/js/build.mjs"))
-            .arg(&source_dir)
-            .arg(&out)
-            .current_dir(&root)
-            .status()
-            .expect("node is installed and sdk/js has its dependencies (scripts/setup.sh)");
-        assert!(status.success(), "building {} with componentize-js failed", source_dir.display());
-    }
-    out
+    cached_guest(source_dir, &["sdk/js/kindling.js", "sdk/js/build.mjs"], |root, source, out| {
+        let mut cmd = Command::new("node");
+        cmd.arg(root.join("sdk/js/build.mjs")).arg(source).arg(out).current_dir(root);
+        cmd
+    })
 }
 
 pub struct Server {
