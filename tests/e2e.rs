@@ -559,3 +559,26 @@ fn the_rust_sdk_example_type_checks() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn models_add_with_preload_shows_progress_and_makes_the_first_request_a_pool_hit() {
+    let server = server_with_models();
+    let out = std::process::Command::new(kindling_e2e::kindling_bin())
+        .args(["models", "add", "tiny-copy"])
+        .arg(tiny_model("qwen2"))
+        .args(["--preload", "--url", &server.url])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("100%") && stderr.contains("tiny-copy: pooled in"), "{stderr}");
+    let manifest = "name = \"copy\"\nroutes = [\"/copy\"]\nmodels = [\"tiny-copy\"]\n";
+    assert_eq!(server.deploy(manifest, &hello()).status, 201);
+    let first = server.post_json("/copy", &json!({ "model": "tiny-copy", "max_tokens": 2 }));
+    assert_eq!(first.status, 200, "{}", first.body);
+    let cold = first.header("x-kindling-cold-start").unwrap();
+    assert!(cold.contains("pool=hit"), "{cold}");
+    let again = server.call_as(None, "POST", "/admin/models/tiny-copy/preload", None);
+    assert!(again.body.contains("\"already_pooled\":true"), "{}", again.body);
+    assert_eq!(server.call_as(None, "POST", "/admin/models/nope/preload", None).status, 404);
+}

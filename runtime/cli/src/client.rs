@@ -41,6 +41,43 @@ pub fn print_json(remote: &Remote, method: &str, path: &str, body: Option<serde_
     Ok(())
 }
 
+/// Admits a model to the server's pool, drawing its progress as a bar on stderr.
+pub fn preload(remote: &Remote, name: &str) -> anyhow::Result<()> {
+    let resp = check(request(remote, "POST", &format!("/admin/models/{name}/preload")).call())?;
+    let mut stderr = std::io::stderr();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(resp.into_reader())) {
+        let event: serde_json::Value = serde_json::from_str(&line?)?;
+        if let Some(err) = event["error"].as_str() {
+            writeln!(stderr)?;
+            bail!("preload failed: {err}");
+        }
+        if event["done"].as_bool() == Some(true) {
+            let how = if event["already_pooled"].as_bool() == Some(true) { "already pooled" } else { "pooled" };
+            writeln!(stderr, "\n{name}: {how} in {:.2} s", event["seconds"].as_f64().unwrap_or(0.0))?;
+            return Ok(());
+        }
+        let (done, total) = (event["resident_bytes"].as_u64().unwrap_or(0), event["total_bytes"].as_u64().unwrap_or(1));
+        write!(stderr, "\r{}", progress_bar(done, total))?;
+        stderr.flush()?;
+    }
+    bail!("the server ended the preload without finishing it")
+}
+
+/// `[##########          ]  50%  8.0/16.0 GB`
+fn progress_bar(done: u64, total: u64) -> String {
+    const WIDTH: usize = 30;
+    let fraction = if total == 0 { 1.0 } else { (done as f64 / total as f64).min(1.0) };
+    let filled = (fraction * WIDTH as f64).round() as usize;
+    format!(
+        "[{}{}] {:>3.0}%  {:.1}/{:.1} GB",
+        "#".repeat(filled),
+        " ".repeat(WIDTH - filled),
+        fraction * 100.0,
+        done as f64 / 1e9,
+        total as f64 / 1e9
+    )
+}
+
 pub fn delete(remote: &Remote, name: &str) -> anyhow::Result<()> {
     check(request(remote, "DELETE", &format!("/admin/deployments/{name}")).call())?;
     println!("deleted {name}");
@@ -107,4 +144,20 @@ pub fn invoke(remote: &Remote, path: &str, data: Option<String>, include: bool) 
         bail!("request failed with status {status}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::progress_bar;
+
+    #[test]
+    fn progress_bar_fills_in_proportion() {
+        assert_eq!(progress_bar(0, 100), format!("[{}]   0%  0.0/0.0 GB", " ".repeat(30)));
+        assert!(progress_bar(8_000_000_000, 16_000_000_000).starts_with(&format!(
+            "[{}{}]  50%  8.0/16.0 GB",
+            "#".repeat(15),
+            " ".repeat(15)
+        )));
+        assert!(progress_bar(5, 0).contains("100%"));
+    }
 }

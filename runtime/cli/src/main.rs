@@ -100,6 +100,10 @@ enum ModelsCommand {
     Add {
         name: String,
         path: PathBuf,
+        /// Also admit the weights to the server's checkpoint pool now (with a progress bar), so the
+        /// first request is a pool hit.
+        #[arg(long)]
+        preload: bool,
         #[command(flatten)]
         remote: Remote,
     },
@@ -159,10 +163,14 @@ fn main() -> anyhow::Result<()> {
             BenchCommand::Once(args) => bench::once(args),
         },
         Command::Models { command } => match command {
-            ModelsCommand::Add { name, path, remote } => {
+            ModelsCommand::Add { name, path, preload, remote } => {
                 let path = std::fs::canonicalize(&path).with_context(|| format!("{}", path.display()))?;
                 let body = serde_json::json!({ "name": name, "path": path });
-                client::print_json(&remote, "POST", "/admin/models", Some(body))
+                client::print_json(&remote, "POST", "/admin/models", Some(body))?;
+                if preload {
+                    client::preload(&remote, &name)?;
+                }
+                Ok(())
             }
             ModelsCommand::List { remote } => client::print_json(&remote, "GET", "/admin/models", None),
             ModelsCommand::MakeTiny { dir, arch } => {

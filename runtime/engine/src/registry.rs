@@ -187,6 +187,22 @@ impl ModelRegistry {
         Ok(())
     }
 
+    /// Admits `name`'s checkpoint to the pool ahead of the first request (page-in and pinning can
+    /// take seconds for a large model), reporting progress. Returns whether it was already pooled.
+    pub async fn preload(&self, name: &str, progress: impl Fn(AdmitProgress) + Send + 'static) -> Result<bool> {
+        let path = match self.sources.read().expect("poisoned").get(name) {
+            Some(r) => r.path.clone(),
+            None => return Err(EngineError::ModelNotFound(name.to_string())),
+        };
+        let pool = self.pool.clone();
+        tokio::task::spawn_blocking(move || {
+            let ckpt = Checkpoint::open(&path)?;
+            pool.checkout(ckpt, &progress).map(|(_, hit)| hit)
+        })
+        .await
+        .map_err(|e| EngineError::Load(format!("preload task failed: {e}")))?
+    }
+
     pub fn pool_stats(&self) -> PoolStats {
         self.pool.stats()
     }

@@ -11,8 +11,10 @@ use serde::Deserialize;
 
 use crate::app::{App, DeployError};
 use crate::body::read_limited;
-use crate::http_util::{Body, empty, error, json};
+use crate::http_util::{Body, BoxError, empty, error, json};
 use crate::tenant::{Caller, TenantError, identify};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
 
 const DEPLOY_USAGE: &str =
     "expected multipart/form-data with a 'manifest' part (kindling.toml) and a 'component' part (the .wasm)";
@@ -72,6 +74,7 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
                 not_found("model", name)
             }
         }
+        (Method::POST, ["models", name, "preload"]) => preload(app, name),
         (Method::POST, ["models", name, "unload"]) => {
             let unloaded = app.registry.unload(name);
             json(StatusCode::OK, &serde_json::json!({ "model": name, "unloaded": unloaded }))
@@ -85,6 +88,40 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
         },
         _ => error(StatusCode::NOT_FOUND, "not_found", format!("no admin endpoint {} {path}", req.method())),
     }
+}
+
+/// Streams admission progress as JSON lines: `{"resident_bytes", "total_bytes"}` while pages come
+/// in, then `{"done": true, "already_pooled", "seconds"}` or `{"error"}`.
+fn preload(app: &Arc<App>, name: &str) -> Response<Body> {
+    if !app.registry.contains(name) {
+        return not_found("model", name);
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let (app, name) = (app.clone(), name.to_string());
+    tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let progress_tx = tx.clone();
+        let result = app
+            .registry
+            .preload(&name, move |p| {
+                let line = serde_json::json!({ "resident_bytes": p.resident_bytes, "total_bytes": p.total_bytes });
+                let _ = progress_tx.send(format!("{line}\n"));
+            })
+            .await;
+        let last = match result {
+            Ok(hit) => {
+                serde_json::json!({ "done": true, "already_pooled": hit, "seconds": started.elapsed().as_secs_f64() })
+            }
+            Err(e) => serde_json::json!({ "error": e.to_string() }),
+        };
+        let _ = tx.send(format!("{last}\n"));
+    });
+    let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|line| (Ok::<_, BoxError>(Frame::data(Bytes::from(line))), rx))
+    });
+    let mut resp = Response::new(StreamBody::new(frames).boxed_unsync());
+    resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/x-ndjson"));
+    resp
 }
 
 async fn create_tenant(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
