@@ -224,14 +224,6 @@ impl Server {
         Server { child, url, data_dir, _temp: temp, admin_token: opts.admin_token }
     }
 
-    fn admin(&self, method: &str, path: &str) -> ureq::Request {
-        let req = ureq::request(method, &format!("{}{path}", self.url)).timeout(Duration::from_secs(300));
-        match &self.admin_token {
-            Some(t) => req.set("authorization", &format!("Bearer {t}")),
-            None => req,
-        }
-    }
-
     /// Deploys raw component bytes with a manifest, as `kindling deploy` does.
     pub fn deploy_bytes(&self, manifest: &str, wasm: &[u8]) -> Answer {
         self.deploy_as(self.admin_token.as_deref(), manifest, wasm)
@@ -267,7 +259,7 @@ impl Server {
     }
 
     pub fn admin_call(&self, method: &str, path: &str) -> Answer {
-        answer(self.admin(method, path).call())
+        self.call_as(self.admin_token.as_deref(), method, path, None)
     }
 
     pub fn get(&self, path: &str) -> Answer {
@@ -284,7 +276,7 @@ impl Server {
 
     /// Sends SIGTERM and waits for the process to exit, returning whether it exited cleanly.
     pub fn stop(mut self) -> bool {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        self.terminate();
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -293,10 +285,6 @@ impl Server {
             std::thread::sleep(Duration::from_millis(50));
         }
         false
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
     }
 
     /// Sends SIGTERM without waiting.

@@ -88,17 +88,14 @@ pub fn once(args: OnceArgs) -> anyhow::Result<()> {
 
 /// A worker without warm-up or arena: what a process that starts from nothing has.
 fn cold_worker(device: &str) -> anyhow::Result<kindling_engine::Worker> {
-    if device == "cpu" {
-        return Ok(kindling_engine::Worker::cpu(u64::MAX));
-    }
-    #[cfg(feature = "cuda")]
-    {
-        let ordinal = device.trim_start_matches("cuda").trim_start_matches(':').parse().unwrap_or(0);
-        let device = kindling_engine::Device::new_cuda(ordinal)?;
-        Ok(kindling_engine::Worker::unwarmed(device))
-    }
-    #[cfg(not(feature = "cuda"))]
-    anyhow::bail!("this kindling was built without CUDA")
+    let device = match crate::cuda_ordinal(device)? {
+        None => kindling_engine::Device::Cpu,
+        #[cfg(feature = "cuda")]
+        Some(ordinal) => kindling_engine::Device::new_cuda(ordinal)?,
+        #[cfg(not(feature = "cuda"))]
+        Some(_) => anyhow::bail!("this kindling was built without CUDA"),
+    };
+    Ok(kindling_engine::Worker::unwarmed(device))
 }
 
 fn spawn_timed(cmd: &mut Command) -> anyhow::Result<(f64, Value)> {

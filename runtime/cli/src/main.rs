@@ -126,18 +126,23 @@ pub async fn worker_from_args(device: &str, engine_memory_gib: f64, arena_fracti
     let device = device.to_string();
     let budget = serve::gib(engine_memory_gib);
     let worker = tokio::task::spawn_blocking(move || -> anyhow::Result<Worker> {
-        if device == "cpu" {
-            return Ok(kindling_engine::worker::warm_cpu(budget)?);
+        match cuda_ordinal(&device)? {
+            None => Ok(kindling_engine::worker::warm_cpu(budget)?),
+            Some(ordinal) => cuda_worker(ordinal, arena_fraction),
         }
-        let ordinal: usize = match device.strip_prefix("cuda") {
-            Some("") => 0,
-            Some(n) => n.trim_start_matches(':').parse().with_context(|| format!("--device {device}"))?,
-            None => anyhow::bail!("--device must be cpu, cuda or cuda:N, got {device:?}"),
-        };
-        cuda_worker(ordinal, arena_fraction)
     })
     .await??;
     Ok(worker)
+}
+
+/// `None` for "cpu", the GPU ordinal for "cuda" / "cuda:N".
+pub fn cuda_ordinal(device: &str) -> anyhow::Result<Option<usize>> {
+    match device.strip_prefix("cuda") {
+        _ if device == "cpu" => Ok(None),
+        Some("") => Ok(Some(0)),
+        Some(n) if n.starts_with(':') => Ok(Some(n[1..].parse().with_context(|| format!("--device {device}"))?)),
+        _ => anyhow::bail!("--device must be cpu, cuda or cuda:N, got {device:?}"),
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -190,5 +195,20 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cuda_ordinal;
+
+    #[test]
+    fn device_names_parse_or_explain() {
+        assert_eq!(cuda_ordinal("cpu").unwrap(), None);
+        assert_eq!(cuda_ordinal("cuda").unwrap(), Some(0));
+        assert_eq!(cuda_ordinal("cuda:3").unwrap(), Some(3));
+        for bad in ["gpu", "cuda3", "cuda:x", "cuda:"] {
+            assert!(cuda_ordinal(bad).is_err(), "{bad}");
+        }
     }
 }

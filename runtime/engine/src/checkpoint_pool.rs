@@ -217,11 +217,6 @@ impl CheckpointPool {
         Ok((pooled, false))
     }
 
-    /// Drops `dir` from the pool (its pages stay in the OS page cache).
-    pub fn evict(&self, dir: &std::path::Path) -> bool {
-        self.entries.lock().expect("poisoned").remove(dir).is_some()
-    }
-
     fn lookup(&self, ckpt: &Checkpoint) -> Option<Arc<PooledCheckpoint>> {
         let mut entries = self.entries.lock().expect("poisoned");
         let entry = entries.get_mut(&ckpt.dir)?;

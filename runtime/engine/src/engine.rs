@@ -48,12 +48,6 @@ pub struct LoadBreakdown {
     pub init: Duration,
 }
 
-impl LoadBreakdown {
-    pub fn total(&self) -> Duration {
-        self.admit + self.h2d + self.init
-    }
-}
-
 /// One item of a generation's output stream.
 #[derive(Debug)]
 pub enum StreamItem {

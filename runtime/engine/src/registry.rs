@@ -115,6 +115,14 @@ impl ModelRegistry {
         self.sources.read().expect("poisoned").contains_key(name)
     }
 
+    /// The checkpoint directory and weight size `name` is registered with.
+    fn source(&self, name: &str) -> Result<(PathBuf, u64)> {
+        match self.sources.read().expect("poisoned").get(name) {
+            Some(r) => Ok((r.path.clone(), r.weight_bytes)),
+            None => Err(EngineError::ModelNotFound(name.to_string())),
+        }
+    }
+
     /// The running engine for `name`, if any, without starting one.
     pub fn loaded(&self, name: &str) -> Option<EngineHandle> {
         self.engines.lock().expect("poisoned").get(name).and_then(|c| c.get().cloned())
@@ -122,10 +130,7 @@ impl ModelRegistry {
 
     /// The engine for `name`, starting it if needed. Concurrent callers share one load.
     pub async fn acquire(&self, name: &str) -> Result<Acquired> {
-        let (path, weight_bytes) = match self.sources.read().expect("poisoned").get(name) {
-            Some(r) => (r.path.clone(), r.weight_bytes),
-            None => return Err(EngineError::ModelNotFound(name.to_string())),
-        };
+        let (path, weight_bytes) = self.source(name)?;
         let cell = self.engines.lock().expect("poisoned").entry(name.to_string()).or_default().clone();
         if let Some(engine) = cell.get() {
             return Ok(Acquired { engine: engine.clone(), cold_start: None });
@@ -190,10 +195,7 @@ impl ModelRegistry {
     /// Admits `name`'s checkpoint to the pool ahead of the first request (page-in and pinning can
     /// take seconds for a large model), reporting progress. Returns whether it was already pooled.
     pub async fn preload(&self, name: &str, progress: impl Fn(AdmitProgress) + Send + 'static) -> Result<bool> {
-        let path = match self.sources.read().expect("poisoned").get(name) {
-            Some(r) => r.path.clone(),
-            None => return Err(EngineError::ModelNotFound(name.to_string())),
-        };
+        let (path, _) = self.source(name)?;
         let pool = self.pool.clone();
         tokio::task::spawn_blocking(move || {
             let ckpt = Checkpoint::open(&path)?;
@@ -205,10 +207,6 @@ impl ModelRegistry {
 
     pub fn pool_stats(&self) -> PoolStats {
         self.pool.stats()
-    }
-
-    pub fn worker(&self) -> &Worker {
-        &self.worker
     }
 
     /// Names and sizes of the engines running now.

@@ -24,7 +24,7 @@ pub struct Worker {
 
 impl Worker {
     pub fn cpu(memory_budget: u64) -> Self {
-        Self { device: Device::Cpu, label: "cpu".into(), memory_budget, boot_time: Duration::ZERO, pinner: None }
+        Self { memory_budget, ..Self::unwarmed(Device::Cpu) }
     }
 
     /// A worker around a device that was just created: no warm-up, no arena, no pinning. What a

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use wasmtime::component::{Component, Linker};
+use wasmtime::component::Linker;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap, UpdateDeadline};
 use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
@@ -170,15 +170,6 @@ impl HandlerRuntime {
         let pre = self.linker.instantiate_pre(&component).map_err(|e| PrepareError::UnknownImport(format!("{e:#}")))?;
         let pre = ProxyPre::new(pre).map_err(|e| PrepareError::MissingExport(format!("{e:#}")))?;
         Ok(PreparedHandler { pre, hash })
-    }
-
-    pub fn engine(&self) -> &Engine {
-        &self.engine
-    }
-
-    /// Compiles without linking, e.g. to check a component in tests.
-    pub fn compile(&self, wasm: &[u8]) -> wasmtime::Result<Component> {
-        Component::new(&self.engine, wasm)
     }
 
     /// Runs one request through a handler, in a fresh store with the deployment's limits.

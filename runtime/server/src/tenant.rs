@@ -126,10 +126,6 @@ impl Tenants {
         self.file.read().expect("poisoned").tenants.keys().cloned().collect()
     }
 
-    pub fn exists(&self, name: &str) -> bool {
-        self.file.read().expect("poisoned").tenants.contains_key(name)
-    }
-
     /// The tenant whose key this is.
     pub fn authenticate(&self, key: &str) -> Option<String> {
         let d = digest(key);
