@@ -13,7 +13,14 @@ export PATH="$CUDA_PIP/nvidia/cu13/bin:$PATH"
 export CUDA_ROOT="$CUDA_PIP/nvidia/cu13" CUDA_PATH="$CUDA_PIP/nvidia/cu13" CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 # candle links the CUDA libraries (cudarc's dynamic-linking); this machine has none, so link
 # against stubs with the real SONAMEs (scripts/cuda-stubs.sh) and bind to the real ones there.
-cargo build --locked --release -p kindling-engine --features cuda --target-dir target/cuda
-scripts/cuda-stubs.sh target/cuda/release target/cuda/stubs
-LIBRARY_PATH="$PWD/target/cuda/stubs" cargo build --locked --release -p kindling --features cuda --target-dir target/cuda
+# One cargo invocation, run twice: the first compiles everything and fails only at the final link
+# (no stubs yet), the stubs are made from the compiled objects, the second just links. The same
+# command and environment both times keep every crate's fingerprint, so nothing compiles twice.
+build() { LIBRARY_PATH="$PWD/target/cuda/stubs" cargo build --locked --release -p kindling --features cuda --target-dir target/cuda; }
+mkdir -p target/cuda/stubs
+if [ ! -f target/cuda/stubs/libcuda.so ]; then
+  build 2>/dev/null || true
+  scripts/cuda-stubs.sh target/cuda/release target/cuda/stubs
+fi
+build
 ls -la target/cuda/release/kindling

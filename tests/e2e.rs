@@ -43,6 +43,53 @@ fn hello_generates_what_an_independent_implementation_generates() {
     }
 }
 
+/// Prompts of mixed lengths; the longest crosses mistral's 32-token window with its completion.
+const MIXED_PROMPTS: [&str; 8] = [
+    "Once",
+    "The lighthouse keeper climbed the stairs",
+    "A small boat",
+    "In the morning the fishermen went down to the harbour, looked at the grey sea and the clouds over the cliffs, and decided that",
+    "She",
+    "The old man told the children a story about",
+    "Rain fell on the village",
+    "When the storm came the lamp",
+];
+
+#[test]
+fn thirty_two_concurrent_streams_over_four_architectures_match_the_reference() {
+    let archs = ["qwen2", "llama", "qwen3", "mistral"];
+    let dirs: Vec<std::path::PathBuf> = archs.iter().map(|a| tiny_model(a)).collect();
+    let names: Vec<String> = archs.iter().map(|a| format!("tiny-{a}")).collect();
+    let models: Vec<(&str, &Path)> = names.iter().map(String::as_str).zip(dirs.iter().map(|d| d.as_path())).collect();
+    let server = Server::start(&models);
+    let manifest = format!("name = \"batch\"\nroutes = [\"/batch\"]\nmodels = {names:?}\n[limits]\nmax_tokens = 64\n");
+    assert_eq!(server.deploy(&manifest, &hello()).status, 201);
+    let expected: Vec<Vec<serde_json::Value>> =
+        dirs.iter().map(|d| reference_generations(d, 40, &MIXED_PROMPTS)).collect();
+
+    let clients: Vec<_> = (0..32)
+        .map(|i| {
+            let (url, model) = (server.url.clone(), names[i % 4].clone());
+            let prompt = MIXED_PROMPTS[i / 4];
+            std::thread::spawn(move || {
+                let body = json!({ "prompt": prompt, "model": model, "max_tokens": 40, "stream": true });
+                let resp =
+                    ureq::post(&format!("{url}/batch")).timeout(std::time::Duration::from_secs(120)).send_json(body);
+                let answer = kindling_e2e::Answer::from(resp);
+                (answer.status, answer.body)
+            })
+        })
+        .collect();
+    for (i, client) in clients.into_iter().enumerate() {
+        let (status, text) = client.join().unwrap();
+        assert_eq!(status, 200, "stream {i}: {text}");
+        let reference = &expected[i % 4][i / 4];
+        assert_eq!(text, reference["text"].as_str().unwrap(), "{} on {:?}", names[i % 4], MIXED_PROMPTS[i / 4]);
+    }
+    let metrics = server.get("/metrics").body;
+    assert!(metrics.contains("kindling_engine_kv_blocks_used{model=\"tiny-qwen3\"} 0"), "{metrics}");
+}
+
 #[test]
 fn first_request_reports_a_cold_start_and_later_ones_do_not() {
     let server = server_with_models();

@@ -1,5 +1,7 @@
-"""Independent reference for Kindling's generations: greedy decoding of an HF-format llama or
-qwen2 checkpoint with a plain numpy forward pass (HF semantics), reading safetensors by hand.
+"""Independent reference for Kindling's generations: greedy decoding of an HF-format llama,
+qwen2, qwen3 or mistral checkpoint with a plain numpy forward pass (HF semantics: explicit
+head_dim, qwen3's q/k norms, mistral's sliding window, Llama 3.1 RoPE scaling), reading
+safetensors by hand. Recomputes the whole sequence for every token: no cache, no paging.
 
 usage: reference_generate.py MODEL_DIR MAX_TOKENS PROMPT [PROMPT ...]
 prints one JSON object per prompt: {"prompt", "ids", "text", "finish_reason"}
@@ -44,18 +46,41 @@ def rotate_half(x):
     return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
+def inverse_frequencies(cfg, hd):
+    theta = cfg.get("rope_theta", 10000.0)
+    inv_freq = 1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float32) / hd)
+    scaling = cfg.get("rope_scaling") or {}
+    if scaling.get("rope_type", scaling.get("type")) == "llama3":  # transformers' _compute_llama3_parameters
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old = scaling["original_max_position_embeddings"]
+        wavelen = 2 * np.pi / inv_freq
+        scaled = np.where(wavelen > old / low, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def sliding_window(cfg):
+    if cfg["model_type"] == "mistral" or cfg.get("use_sliding_window"):
+        return cfg.get("sliding_window")
+    return None
+
+
 def forward(w, cfg, ids):
     h, nh = cfg["hidden_size"], cfg["num_attention_heads"]
     nkv = cfg.get("num_key_value_heads") or nh
-    hd, eps = h // nh, cfg["rms_norm_eps"]
-    theta = cfg.get("rope_theta", 10000.0)
+    hd, eps = cfg.get("head_dim") or h // nh, cfg["rms_norm_eps"]
     t = len(ids)
     x = w["model.embed_tokens.weight"][ids]
-    inv_freq = 1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float32) / hd)
-    freqs = np.outer(np.arange(t, dtype=np.float32), inv_freq)
+    freqs = np.outer(np.arange(t, dtype=np.float32), inverse_frequencies(cfg, hd))
     cos = np.cos(np.concatenate([freqs, freqs], axis=-1))[:, None, :]
     sin = np.sin(np.concatenate([freqs, freqs], axis=-1))[:, None, :]
     mask = np.triu(np.full((t, t), -np.inf, dtype=np.float32), k=1)
+    window = sliding_window(cfg)
+    if window is not None:  # query i sees keys i - window + 1 ..= i
+        mask = mask + np.tril(np.full((t, t), -np.inf, dtype=np.float32), k=-window)
     for layer in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{layer}."
         y = rms_norm(x, w[p + "input_layernorm.weight"], eps)
@@ -67,6 +92,9 @@ def forward(w, cfg, ids):
 
         q = proj("q_proj").reshape(t, nh, hd)
         k = proj("k_proj").reshape(t, nkv, hd)
+        if p + "self_attn.q_norm.weight" in w:  # qwen3: RMSNorm over each head before RoPE
+            q = rms_norm(q, w[p + "self_attn.q_norm.weight"], eps)
+            k = rms_norm(k, w[p + "self_attn.k_norm.weight"], eps)
         v = proj("v_proj").reshape(t, nkv, hd)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin

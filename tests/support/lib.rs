@@ -42,12 +42,14 @@ pub fn kindling_bin() -> PathBuf {
     .clone()
 }
 
-/// A tiny model directory of the given architecture ("qwen2" or "llama"), made once per run.
+/// A tiny model directory of the given architecture ("llama", "qwen2", "qwen3", "mistral"), made
+/// again whenever the binary that writes it is newer (the format may have changed).
 pub fn tiny_model(arch: &str) -> PathBuf {
     static LOCK: Mutex<()> = Mutex::new(());
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let dir = shared_dir("models").join(format!("tiny-{arch}"));
-    if !dir.join("model.safetensors").is_file() {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if modified(&dir.join("model.safetensors")) <= modified(&kindling_bin()) {
         let out = Command::new(kindling_bin())
             .args(["models", "make-tiny", "--arch", arch])
             .arg(&dir)

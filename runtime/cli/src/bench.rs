@@ -72,7 +72,7 @@ pub fn once(args: OnceArgs) -> anyhow::Result<()> {
         let ckpt = Checkpoint::open(&args.model)?;
         let pool = CheckpointPool::new(0, None); // nothing kept, nothing pinned
         let (pooled, _) = pool.checkout(ckpt, &|_| {})?;
-        let engine = kindling_engine::engine::start_engine("once", &pooled, false, &worker.device, 1)?;
+        let engine = kindling_engine::engine::start_engine("once", &pooled, false, &worker.device, &one_sequence())?;
         let (_, finish) = engine.generate(PROMPT.into(), first_token_params()).await?;
         let load = engine.info.load;
         println!(
@@ -84,6 +84,11 @@ pub fn once(args: OnceArgs) -> anyhow::Result<()> {
         );
         Ok(())
     })
+}
+
+/// An engine sized for the one sequence a cold-start measurement runs.
+fn one_sequence() -> kindling_engine::EngineConfig {
+    kindling_engine::EngineConfig { max_running: 1, max_waiting: 0, ..Default::default() }
 }
 
 /// A worker without warm-up or arena: what a process that starts from nothing has.

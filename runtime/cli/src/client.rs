@@ -87,11 +87,18 @@ pub fn delete(remote: &Remote, name: &str) -> anyhow::Result<()> {
 pub fn deploy(remote: &Remote, manifest: &Path, component: &Path) -> anyhow::Result<()> {
     let manifest_text = std::fs::read(manifest).with_context(|| format!("reading {}", manifest.display()))?;
     let wasm = std::fs::read(component).with_context(|| format!("reading {}", component.display()))?;
+    eprintln!("deploying {} ({} bytes) ...", component.display(), wasm.len());
+    println!("{}", deploy_bytes(remote, &manifest_text, &wasm)?.trim_end());
+    Ok(())
+}
+
+/// Deploys a manifest and component as multipart form data; returns the server's answer.
+pub fn deploy_bytes(remote: &Remote, manifest: &[u8], wasm: &[u8]) -> anyhow::Result<String> {
     let boundary = format!("kindling-{:016x}", rand::random::<u64>());
-    let mut body = Vec::with_capacity(wasm.len() + manifest_text.len() + 512);
+    let mut body = Vec::with_capacity(wasm.len() + manifest.len() + 512);
     for (name, filename, content_type, bytes) in [
-        ("manifest", "kindling.toml", "application/toml", &manifest_text),
-        ("component", "handler.wasm", "application/wasm", &wasm),
+        ("manifest", "kindling.toml", "application/toml", manifest),
+        ("component", "handler.wasm", "application/wasm", wasm),
     ] {
         write!(
             body,
@@ -101,14 +108,12 @@ pub fn deploy(remote: &Remote, manifest: &Path, component: &Path) -> anyhow::Res
         body.extend_from_slice(b"\r\n");
     }
     write!(body, "--{boundary}--\r\n")?;
-    eprintln!("deploying {} ({} bytes) ...", component.display(), wasm.len());
     let resp = check(
         request(remote, "POST", "/admin/deployments")
             .set("content-type", &format!("multipart/form-data; boundary={boundary}"))
             .send_bytes(&body),
     )?;
-    println!("{}", resp.into_string()?.trim_end());
-    Ok(())
+    Ok(resp.into_string()?)
 }
 
 pub fn invoke(remote: &Remote, path: &str, data: Option<String>, include: bool) -> anyhow::Result<()> {

@@ -1,13 +1,14 @@
 //! `kindling`: run the server and talk to it.
 
 mod bench;
+mod bench_serve;
 mod client;
 mod serve;
 
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use kindling_engine::tiny_model::{TinySpec, make_tiny_model};
 use kindling_engine::{Architecture, Worker};
 
@@ -83,15 +84,16 @@ enum Command {
 enum BenchCommand {
     /// Request to first token for a model with no engine: warm worker + pool vs fresh processes.
     Coldstart(bench::ColdstartArgs),
+    /// Warm-path throughput: N concurrent streams through the OpenAI plugin vs HF transformers.
+    Serve(bench_serve::ServeBenchArgs),
     /// One fresh-process cold start (used by `coldstart` as its baseline).
     #[command(hide = true)]
     Once(bench::OnceArgs),
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum ArchArg {
-    Llama,
-    Qwen2,
+/// Parses `--arch` by the architectures table, so a new family member needs no CLI change.
+fn parse_arch(s: &str) -> Result<Architecture, String> {
+    Architecture::from_model_type(s).map_err(|e| e.to_string())
 }
 
 #[derive(Subcommand)]
@@ -116,8 +118,9 @@ enum ModelsCommand {
     MakeTiny {
         /// Directory to write.
         dir: PathBuf,
-        #[arg(long, value_enum, default_value = "qwen2")]
-        arch: ArchArg,
+        /// llama, qwen2, qwen3 or mistral.
+        #[arg(long, value_parser = parse_arch, default_value = "qwen2")]
+        arch: Architecture,
     },
 }
 
@@ -166,6 +169,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench { command } => match command {
             BenchCommand::Coldstart(args) => bench::coldstart(args),
             BenchCommand::Once(args) => bench::once(args),
+            BenchCommand::Serve(args) => bench_serve::serve(args),
         },
         Command::Models { command } => match command {
             ModelsCommand::Add { name, path, preload, remote } => {
@@ -179,10 +183,6 @@ fn main() -> anyhow::Result<()> {
             }
             ModelsCommand::List { remote } => client::print_json(&remote, "GET", "/admin/models", None),
             ModelsCommand::MakeTiny { dir, arch } => {
-                let arch = match arch {
-                    ArchArg::Llama => Architecture::Llama,
-                    ArchArg::Qwen2 => Architecture::Qwen2,
-                };
                 let config = make_tiny_model(&dir, &TinySpec::new(arch))?;
                 println!(
                     "wrote tiny {} model to {} (vocab {}, hidden {}, {} layers)",
@@ -190,7 +190,7 @@ fn main() -> anyhow::Result<()> {
                     dir.display(),
                     config.vocab_size,
                     config.hidden_size,
-                    config.num_hidden_layers
+                    config.num_layers
                 );
                 Ok(())
             }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use kindling_engine::autoscaler;
-use kindling_engine::{CheckpointPool, ModelRegistry};
+use kindling_engine::{CheckpointPool, EngineConfig, ModelRegistry};
 use kindling_server::{App, ServerConfig};
 use tracing_subscriber::EnvFilter;
 
@@ -37,12 +37,29 @@ pub struct ServeArgs {
     /// Checkpoint pool capacity in GiB: model files kept resident (and pinned on GPU hosts).
     #[arg(long, default_value_t = 64.0)]
     pool_gib: f64,
-    /// On CPU: GiB of weights the engines may hold at once (least recently used are dropped past it).
+    /// On CPU: GiB the engines may hold at once, weights and KV caches (least recently used idle
+    /// engines are dropped past it).
     #[arg(long, default_value_t = 16.0)]
     engine_memory_gib: f64,
     /// On CUDA: fraction of free GPU memory reserved at boot as the engines' arena.
     #[arg(long, default_value_t = 0.8)]
     arena_fraction: f64,
+    /// Sequences one model's engine decodes together in a step (continuous batching).
+    #[arg(long, default_value_t = 256)]
+    max_running: usize,
+    /// Tokens one engine step may feed: decode tokens plus chunks of prompts being prefilled.
+    #[arg(long, default_value_t = 1024)]
+    max_step_tokens: usize,
+    /// GiB of paged KV cache per model (less when its context and --max-running need less);
+    /// default 0.25 on CPU, 16 on a GPU.
+    #[arg(long)]
+    kv_cache_gib: Option<f64>,
+    /// Caps every model's context (prompt + completion tokens) below its max_position_embeddings.
+    #[arg(long)]
+    max_context: Option<usize>,
+    /// Handler instances that may exist at once across all deployments (pooling allocator slots).
+    #[arg(long, default_value_t = 128)]
+    max_instances: u32,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -69,7 +86,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let worker = crate::worker_from_args(&args.device, args.engine_memory_gib, args.arena_fraction).await?;
         tracing::info!(worker = %worker.label, boot_ms = worker.boot_time.as_millis() as u64, "worker ready");
         let pool = Arc::new(CheckpointPool::new(gib(args.pool_gib), worker.pinner()));
-        let registry = Arc::new(ModelRegistry::new(Arc::new(worker), pool));
+        let engine_config = EngineConfig {
+            max_running: args.max_running.max(1),
+            max_step_tokens: args.max_step_tokens.max(args.max_running.max(1)),
+            kv_cache_bytes: gib(args.kv_cache_gib.unwrap_or(if worker.device.is_cpu() { 0.25 } else { 16.0 })),
+            max_context: args.max_context,
+            ..EngineConfig::default()
+        };
+        let registry = Arc::new(ModelRegistry::with_engine_config(Arc::new(worker), pool, engine_config));
         for spec in &args.models {
             let (name, path) = spec.split_once('=').with_context(|| format!("--model {spec:?}: expected NAME=PATH"))?;
             let entry = registry.register(name, path.as_ref()).with_context(|| format!("--model {spec}"))?;
@@ -77,6 +101,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         let mut config = ServerConfig::new(args.data_dir.clone());
         config.admin_token = args.admin_token.clone();
+        config.runtime.max_instances = args.max_instances.max(1);
         if let Some(dir) = &args.compile_cache {
             config.runtime.cache_dir = Some(dir.clone());
         }

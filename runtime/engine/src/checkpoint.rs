@@ -13,122 +13,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
 use crate::error::{EngineError, Result};
-
-/// The model families this engine can run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Architecture {
-    Llama,
-    Qwen2,
-}
-
-impl Architecture {
-    fn from_model_type(model_type: &str) -> Result<Self> {
-        match model_type {
-            "llama" => Ok(Self::Llama),
-            "qwen2" => Ok(Self::Qwen2),
-            other => Err(EngineError::Load(format!(
-                "unsupported model_type {other:?} in config.json (supported: llama, qwen2)"
-            ))),
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Llama => "llama",
-            Self::Qwen2 => "qwen2",
-        }
-    }
-}
-
-/// The subset of `config.json` that determines tensor shapes; shared by both families.
-#[derive(Debug, Clone, Deserialize)]
-pub struct ShapeConfig {
-    pub model_type: String,
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
-    pub num_key_value_heads: Option<usize>,
-    pub max_position_embeddings: usize,
-    #[serde(default)]
-    pub tie_word_embeddings: bool,
-    #[serde(default)]
-    pub eos_token_id: Option<serde_json::Value>,
-}
-
-impl ShapeConfig {
-    pub fn kv_heads(&self) -> usize {
-        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
-    }
-
-    fn check(&self) -> Result<()> {
-        let bad = |m: String| Err(EngineError::Load(format!("config.json: {m}")));
-        let fields = [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("num_key_value_heads", self.kv_heads()),
-            ("max_position_embeddings", self.max_position_embeddings),
-        ];
-        if let Some((name, _)) = fields.iter().find(|(_, v)| *v == 0) {
-            return bad(format!("{name} must be positive"));
-        }
-        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
-            return bad(format!(
-                "hidden_size {} is not divisible by num_attention_heads {}",
-                self.hidden_size, self.num_attention_heads
-            ));
-        }
-        if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {
-            return bad(format!(
-                "num_attention_heads {} is not divisible by num_key_value_heads {}",
-                self.num_attention_heads,
-                self.kv_heads()
-            ));
-        }
-        Ok(())
-    }
-
-    /// Every tensor the loader will read, with the shape the config implies.
-    pub fn expected_tensors(&self, arch: Architecture) -> BTreeMap<String, Vec<usize>> {
-        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
-        let head_dim = h / self.num_attention_heads;
-        let q = self.num_attention_heads * head_dim;
-        let kv = self.kv_heads() * head_dim;
-        let mut t = BTreeMap::new();
-        t.insert("model.embed_tokens.weight".to_string(), vec![v, h]);
-        t.insert("model.norm.weight".to_string(), vec![h]);
-        // Both loaders read a separate head exactly when the embeddings are not tied.
-        if !self.tie_word_embeddings {
-            t.insert("lm_head.weight".to_string(), vec![v, h]);
-        }
-        for l in 0..self.num_hidden_layers {
-            let p = format!("model.layers.{l}");
-            for (name, shape) in [
-                ("input_layernorm.weight", vec![h]),
-                ("post_attention_layernorm.weight", vec![h]),
-                ("self_attn.q_proj.weight", vec![q, h]),
-                ("self_attn.k_proj.weight", vec![kv, h]),
-                ("self_attn.v_proj.weight", vec![kv, h]),
-                ("self_attn.o_proj.weight", vec![h, q]),
-                ("mlp.gate_proj.weight", vec![i, h]),
-                ("mlp.up_proj.weight", vec![i, h]),
-                ("mlp.down_proj.weight", vec![h, i]),
-            ] {
-                t.insert(format!("{p}.{name}"), shape);
-            }
-            if arch == Architecture::Qwen2 {
-                t.insert(format!("{p}.self_attn.q_proj.bias"), vec![q]);
-                t.insert(format!("{p}.self_attn.k_proj.bias"), vec![kv]);
-                t.insert(format!("{p}.self_attn.v_proj.bias"), vec![kv]);
-            }
-        }
-        t
-    }
-}
+pub use crate::network::{Architecture, NetConfig};
 
 /// One tensor as its safetensors header describes it.
 #[derive(Debug, Clone)]
@@ -145,9 +30,7 @@ pub struct TensorEntry {
 pub struct Checkpoint {
     pub dir: PathBuf,
     pub arch: Architecture,
-    pub config: ShapeConfig,
-    /// The raw config.json text, for the architecture-specific loader.
-    pub config_json: String,
+    pub config: NetConfig,
     pub weight_files: Vec<PathBuf>,
     pub tensors: HashMap<String, TensorEntry>,
     pub tokenizer_path: PathBuf,
@@ -178,11 +61,8 @@ impl Checkpoint {
         if !dir.is_dir() {
             return Err(EngineError::Load(format!("{} is not a directory", dir.display())));
         }
-        let config_json = read_to_string(&dir.join("config.json"))?;
-        let config: ShapeConfig =
-            serde_json::from_str(&config_json).map_err(|e| EngineError::Load(format!("config.json: {e}")))?;
-        let arch = Architecture::from_model_type(&config.model_type)?;
-        config.check()?;
+        let config = NetConfig::from_hf_json(&read_to_string(&dir.join("config.json"))?)?;
+        let arch = config.arch;
 
         let tokenizer_path = dir.join("tokenizer.json");
         if !tokenizer_path.is_file() {
@@ -195,7 +75,7 @@ impl Checkpoint {
         for (index, path) in weight_files.iter().enumerate() {
             weight_bytes += Self::read_header(index, path, &mut tensors)?;
         }
-        Self::check_shapes(arch, &config, &tensors)?;
+        Self::check_shapes(&config, &tensors)?;
 
         let mut eos_token_ids = BTreeSet::new();
         if let Some(v) = &config.eos_token_id {
@@ -207,7 +87,7 @@ impl Checkpoint {
             collect_ids(&v["eos_token_id"], &mut eos_token_ids);
         }
 
-        Ok(Self { dir, arch, config, config_json, weight_files, tensors, tokenizer_path, eos_token_ids, weight_bytes })
+        Ok(Self { dir, arch, config, weight_files, tensors, tokenizer_path, eos_token_ids, weight_bytes })
     }
 
     fn find_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -268,8 +148,8 @@ impl Checkpoint {
         Ok(mmap.len() as u64)
     }
 
-    fn check_shapes(arch: Architecture, config: &ShapeConfig, tensors: &HashMap<String, TensorEntry>) -> Result<()> {
-        for (name, expected) in config.expected_tensors(arch) {
+    fn check_shapes(config: &NetConfig, tensors: &HashMap<String, TensorEntry>) -> Result<()> {
+        for (name, expected) in config.expected_tensors() {
             let Some(entry) = tensors.get(&name) else {
                 return Err(EngineError::Load(format!("checkpoint has no tensor {name}")));
             };

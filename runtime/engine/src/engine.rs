@@ -1,29 +1,89 @@
-//! The engine actor: one thread owns one loaded model and serves generation jobs from a bounded
-//! queue, streaming text back on a per-request channel. No lock is held across a generation, and
-//! a handle is all a caller needs; when the last handle is dropped the thread exits and the
-//! model's memory is freed (scale to zero).
+//! The engine actor: one thread owns one loaded model, its paged KV cache and its scheduler, and
+//! runs steps of continuous batching: each step feeds every running sequence through the network
+//! at once, samples for all of them with one host sync and streams each its text on its own
+//! channel. Callers hold cheap handles; no lock is held across a generation. A caller that drops
+//! its stream cancels its sequence at the next step. When the last handle is dropped the thread
+//! exits and the model's memory is freed (scale to zero).
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
 
 use crate::chat_template::{ChatMessage, ChatTemplate};
-use candle_nn::VarBuilder;
-
-use crate::checkpoint::Architecture;
 use crate::checkpoint_pool::PooledCheckpoint;
 use crate::error::{EngineError, Result};
-use crate::generate::{Finish, Flow, generate};
-use crate::model::{LoadedModel, compute_dtype};
+use crate::kv_cache::{BLOCK_SIZE, KvStorage, blocks_for};
+use crate::network::{Architecture, Batch, NetConfig, Network, SeqChunk};
 use crate::params::SamplingParams;
+use crate::sampling::Sampler;
+use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::sequence::{Accepted, Finish, GenerationTiming, SequenceOutput};
 
-/// How many jobs may wait for one engine before new ones are refused as overloaded.
-pub const DEFAULT_QUEUE_DEPTH: usize = 64;
+/// How an engine batches and how much memory its KV cache may take.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Sequences decoding together in one step.
+    pub max_running: usize,
+    /// Sequences admitted but not yet running; beyond this `submit` answers `Overloaded`.
+    pub max_waiting: usize,
+    /// Tokens per step: decode tokens plus prefill chunks (bounds a step's latency and the size
+    /// of the attention scores for long prompts).
+    pub max_step_tokens: usize,
+    /// Bytes of KV cache; the engine takes less when its context and `max_running` need less.
+    pub kv_cache_bytes: u64,
+    /// Caps the context below the model's `max_position_embeddings`.
+    pub max_context: Option<usize>,
+    /// Compute dtype; `None` picks f32 on CPU and bf16 on accelerators.
+    pub dtype: Option<DType>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_running: 256,
+            max_waiting: 256,
+            max_step_tokens: 1024,
+            kv_cache_bytes: 256 << 20,
+            max_context: None,
+            dtype: None,
+        }
+    }
+}
+
+/// The compute dtype for a device: f32 on CPU (fast kernels there), bf16 on accelerators.
+pub fn compute_dtype(device: &Device) -> DType {
+    if device.is_cpu() { DType::F32 } else { DType::BF16 }
+}
+
+/// How an engine's KV memory is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvPlan {
+    pub blocks: usize,
+    /// Tokens one sequence may hold (prompt + completion).
+    pub context: usize,
+    pub bytes: u64,
+}
+
+impl EngineConfig {
+    pub fn dtype_for(&self, device: &Device) -> DType {
+        self.dtype.unwrap_or_else(|| compute_dtype(device))
+    }
+
+    /// Sizes the KV cache: no more blocks than `max_running` full-context sequences use, no more
+    /// bytes than the budget, and a context no longer than the cache can hold.
+    pub fn kv_plan(&self, net: &NetConfig, dtype: DType) -> KvPlan {
+        let wanted = net.max_position_embeddings.min(self.max_context.unwrap_or(usize::MAX)).max(1);
+        let block_bytes = (BLOCK_SIZE * net.kv_bytes_per_token(dtype.size_in_bytes())) as u64;
+        let affordable = (self.kv_cache_bytes / block_bytes).max(1) as usize;
+        let blocks = affordable.min(self.max_running.max(1).saturating_mul(blocks_for(wanted)));
+        KvPlan { blocks, context: wanted.min(blocks * BLOCK_SIZE), bytes: blocks as u64 * block_bytes }
+    }
+}
 
 /// What the rest of the host may know about a loaded model.
 #[derive(Debug)]
@@ -31,7 +91,9 @@ pub struct ModelInfo {
     pub name: String,
     pub arch: Architecture,
     pub weight_bytes: u64,
-    pub max_positions: usize,
+    pub kv_cache_bytes: u64,
+    /// Tokens one sequence may hold (prompt + completion).
+    pub context: usize,
     pub load: LoadBreakdown,
 }
 
@@ -44,8 +106,23 @@ pub struct LoadBreakdown {
     pub admit: Duration,
     /// Weights from pool pages into device tensors.
     pub h2d: Duration,
-    /// Tokenizer, chat template and building the network.
+    /// Building the network (fusing projections, RoPE tables) and the KV cache.
     pub init: Duration,
+}
+
+/// Live counters of one engine, read by the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub running: AtomicUsize,
+    pub waiting: AtomicUsize,
+    pub kv_blocks_total: AtomicUsize,
+    pub kv_blocks_used: AtomicUsize,
+    pub preemptions: AtomicU64,
+    pub steps: AtomicU64,
+    pub generated_tokens: AtomicU64,
+    /// Sum (microseconds) and count of per-sequence time per output token after the first.
+    pub tpot_us_sum: AtomicU64,
+    pub tpot_count: AtomicU64,
 }
 
 /// One item of a generation's output stream.
@@ -55,14 +132,26 @@ pub enum StreamItem {
     Done(Finish),
 }
 
-struct Job {
-    prompt: String,
-    params: SamplingParams,
-    enqueued: Instant,
-    events: mpsc::UnboundedSender<Result<StreamItem>>,
+/// Counts a sequence as in flight from `submit` until the engine drops it, wherever that is.
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
-/// The receiving end of one generation. Dropping it cancels the generation at the next token.
+struct Job {
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    /// Completion tokens allowed.
+    budget: usize,
+    submitted: Instant,
+    events: mpsc::UnboundedSender<Result<StreamItem>>,
+    _in_flight: InFlight,
+}
+
+/// The receiving end of one generation. Dropping it cancels the generation at the next step.
 pub struct GenerationStream {
     rx: mpsc::UnboundedReceiver<Result<StreamItem>>,
     finished: bool,
@@ -98,33 +187,61 @@ impl GenerationStream {
     }
 }
 
-/// A cheap, cloneable handle to a running engine.
+/// A cheap, cloneable handle to a running engine. While any clone is alive (outside the
+/// registry's own) the engine counts as in use and is never evicted.
 #[derive(Clone)]
 pub struct EngineHandle {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::UnboundedSender<Job>,
     pub info: Arc<ModelInfo>,
+    pub stats: Arc<EngineStats>,
+    tokenizer: Arc<Tokenizer>,
     chat_template: Arc<Option<ChatTemplate>>,
+    in_flight: Arc<AtomicUsize>,
+    max_in_flight: usize,
     last_used: Arc<AtomicU64>,
     epoch: Instant,
+    /// Alive while the engine thread runs (and holds the model's memory).
+    alive: Weak<()>,
 }
 
+/// A prompt longer than this many bytes per token of context cannot fit, whatever it tokenizes
+/// to; refusing it before tokenizing keeps a huge prompt from costing tokenizer time and memory.
+const MAX_PROMPT_BYTES_PER_TOKEN: usize = 64;
+
 impl EngineHandle {
-    /// Queues a generation; fails fast with `Overloaded` when the engine's queue is full.
+    /// Tokenizes (on the caller's thread) and queues a generation. Fails at once with
+    /// `PromptTooLong`, `InvalidParams` or `Overloaded`, before the engine sees it.
     pub fn submit(&self, prompt: String, params: SamplingParams) -> Result<GenerationStream> {
         params.validate()?;
         self.touch();
+        let context = self.info.context;
+        if prompt.len() > context.saturating_mul(MAX_PROMPT_BYTES_PER_TOKEN) {
+            return Err(EngineError::PromptTooLong(format!(
+                "prompt has {} bytes; the model's context is {context} tokens",
+                prompt.len()
+            )));
+        }
+        let ids = self.tokenizer.encode(prompt, true).map_err(EngineError::runtime)?.get_ids().to_vec();
+        if ids.is_empty() {
+            return Err(EngineError::InvalidParams("prompt is empty".into()));
+        }
+        if ids.len() >= context {
+            return Err(EngineError::PromptTooLong(format!(
+                "prompt has {} tokens; the model's context is {context} tokens",
+                ids.len()
+            )));
+        }
+        let in_flight = InFlight(self.in_flight.clone());
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) >= self.max_in_flight {
+            return Err(EngineError::Overloaded(format!(
+                "model {} has {} generations running or queued",
+                self.info.name, self.max_in_flight
+            )));
+        }
+        let budget = (params.max_tokens as usize).min(context - ids.len());
         let (events, rx) = mpsc::unbounded_channel();
-        let job = Job { prompt, params, enqueued: Instant::now(), events };
-        self.jobs.try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => EngineError::Overloaded(format!(
-                "model {} has {} requests queued",
-                self.info.name,
-                self.jobs.max_capacity()
-            )),
-            mpsc::error::TrySendError::Closed(_) => {
-                EngineError::Runtime(format!("engine for {} has stopped", self.info.name))
-            }
-        })?;
+        let job = Job { prompt: ids, params, budget, submitted: Instant::now(), events, _in_flight: in_flight };
+        self.jobs.send(job).map_err(|_| EngineError::Runtime(format!("engine for {} has stopped", self.info.name)))?;
         Ok(GenerationStream { rx, finished: false })
     }
 
@@ -139,9 +256,25 @@ impl EngineHandle {
         }
     }
 
-    /// Requests queued or running right now.
-    pub fn queued(&self) -> usize {
-        self.jobs.max_capacity() - self.jobs.capacity()
+    /// Generations submitted and not yet finished or cancelled.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Whether the engine thread is still running.
+    pub fn is_alive(&self) -> bool {
+        !self.jobs.is_closed()
+    }
+
+    /// Alive while the engine thread runs, even after every handle is gone.
+    pub fn alive_token(&self) -> Weak<()> {
+        self.alive.clone()
+    }
+
+    /// In use: generations in flight, or a handle held beyond the one its owner (the registry)
+    /// keeps, e.g. by an invocation that loaded the model and may generate next.
+    pub fn is_busy(&self) -> bool {
+        self.in_flight() > 0 || Arc::strong_count(&self.info) > 1
     }
 
     /// Time since the last request was submitted.
@@ -161,16 +294,17 @@ pub fn start_engine(
     pooled: &PooledCheckpoint,
     pool_hit: bool,
     device: &Device,
-    queue_depth: usize,
+    config: &EngineConfig,
 ) -> Result<EngineHandle> {
     let ckpt = &pooled.ckpt;
+    let dtype = config.dtype_for(device);
+    let kv = config.kv_plan(&ckpt.config, dtype);
     let started = Instant::now();
-    let dtype = compute_dtype(device);
     let tensors = pooled.load_tensors(device, dtype)?;
     let h2d = started.elapsed();
-
     let started = Instant::now();
-    let model = LoadedModel::from_var_builder(ckpt, VarBuilder::from_tensors(tensors, dtype, device), device)?;
+    let network = Network::new(ckpt.config.clone(), tensors, kv.context, device)?;
+    let storage = KvStorage::new(ckpt.config.num_layers, ckpt.config.kv_dim(), kv.blocks, dtype, device)?;
     let load = LoadBreakdown {
         pool_hit,
         admit: if pool_hit { Duration::ZERO } else { pooled.admit_time },
@@ -181,46 +315,207 @@ pub fn start_engine(
         name: name.to_string(),
         arch: ckpt.arch,
         weight_bytes: ckpt.weight_bytes,
-        max_positions: model.max_positions,
+        kv_cache_bytes: storage.bytes(),
+        context: kv.context,
         load,
     };
-    let (tokenizer, chat_template) = (pooled.tokenizer.clone(), pooled.chat_template.clone());
-    spawn_engine(info, model, tokenizer, ckpt.eos_token_ids.clone(), chat_template, queue_depth)
+    let parts = EngineParts {
+        network,
+        storage,
+        tokenizer: pooled.tokenizer.clone(),
+        eos: ckpt.eos_token_ids.clone(),
+        chat_template: pooled.chat_template.clone(),
+    };
+    spawn_engine(info, parts, config)
 }
 
-/// Starts the actor thread around an already-built model.
-pub fn spawn_engine(
-    info: ModelInfo,
-    mut model: LoadedModel,
-    tokenizer: Arc<Tokenizer>,
-    eos: BTreeSet<u32>,
-    chat_template: Arc<Option<ChatTemplate>>,
-    queue_depth: usize,
-) -> Result<EngineHandle> {
-    let (jobs, mut rx) = mpsc::channel::<Job>(queue_depth.max(1));
-    let thread_name = format!("engine-{}", info.name);
+/// Everything the actor thread owns.
+pub struct EngineParts {
+    pub network: Network,
+    pub storage: KvStorage,
+    pub tokenizer: Arc<Tokenizer>,
+    pub eos: BTreeSet<u32>,
+    pub chat_template: Arc<Option<ChatTemplate>>,
+}
+
+/// Starts the actor thread around an already-built network.
+pub fn spawn_engine(info: ModelInfo, parts: EngineParts, config: &EngineConfig) -> Result<EngineHandle> {
+    let (jobs, rx) = mpsc::unbounded_channel::<Job>();
+    let stats = Arc::new(EngineStats::default());
+    let (tokenizer, chat_template) = (parts.tokenizer.clone(), parts.chat_template.clone());
+    let scheduler = SchedulerConfig {
+        max_running: config.max_running.max(1),
+        max_step_tokens: config.max_step_tokens.max(config.max_running.max(1)),
+    };
+    let blocks = parts.storage.blocks;
+    let alive = Arc::new(());
+    let alive_token = Arc::downgrade(&alive);
+    let actor =
+        Actor { parts, stats: stats.clone(), sched: Scheduler::new(scheduler, blocks), next_id: 0, _alive: alive };
     std::thread::Builder::new()
-        .name(thread_name)
-        .spawn(move || {
-            while let Some(job) = rx.blocking_recv() {
-                if job.events.is_closed() {
-                    continue; // the caller gave up while queued
-                }
-                let queued = job.enqueued.elapsed();
-                let events = job.events.clone();
-                let result = generate(&mut model, &tokenizer, &eos, &job.prompt, &job.params, |text| {
-                    match events.send(Ok(StreamItem::Text(text))) {
-                        Ok(()) => Flow::Continue,
-                        Err(_) => Flow::Stop,
-                    }
-                });
-                let _ = job.events.send(result.map(|mut finish| {
-                    finish.timing.queue = queued;
-                    StreamItem::Done(finish)
-                }));
-            }
-        })
+        .name(format!("engine-{}", info.name))
+        .spawn(move || actor.run(rx))
         .map_err(|e| EngineError::Load(format!("cannot start engine thread: {e}")))?;
-    let epoch = Instant::now();
-    Ok(EngineHandle { jobs, info: Arc::new(info), chat_template, last_used: Arc::new(AtomicU64::new(0)), epoch })
+    Ok(EngineHandle {
+        jobs,
+        info: Arc::new(info),
+        stats,
+        tokenizer,
+        chat_template,
+        in_flight: Arc::new(AtomicUsize::new(0)),
+        max_in_flight: config.max_running.max(1) + config.max_waiting,
+        last_used: Arc::new(AtomicU64::new(0)),
+        epoch: Instant::now(),
+        alive: alive_token,
+    })
+}
+
+/// The engine's per-sequence state beside the scheduler's token bookkeeping.
+struct Running {
+    job: Job,
+    sampler: Sampler,
+    output: SequenceOutput,
+    first_step: Option<Instant>,
+    first_token: Option<Duration>,
+}
+
+struct Actor {
+    parts: EngineParts,
+    stats: Arc<EngineStats>,
+    sched: Scheduler<Running>,
+    next_id: u64,
+    _alive: Arc<()>,
+}
+
+impl Actor {
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Job>) {
+        loop {
+            if self.sched.is_idle() {
+                match rx.blocking_recv() {
+                    Some(job) => self.admit(job),
+                    None => return,
+                }
+            }
+            while let Ok(job) = rx.try_recv() {
+                self.admit(job);
+            }
+            // A caller that went away cancels its sequence; its blocks are free for this step.
+            self.sched.remove_where(|r| r.job.events.is_closed());
+            self.step();
+            self.publish();
+        }
+    }
+
+    fn admit(&mut self, mut job: Job) {
+        if job.events.is_closed() {
+            return;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let prompt = std::mem::take(&mut job.prompt);
+        let output = SequenceOutput::new(prompt.len(), job.budget, job.params.stop.clone());
+        let running = Running { sampler: Sampler::new(&job.params), output, first_step: None, first_token: None, job };
+        self.sched.add(id, prompt, running);
+    }
+
+    fn step(&mut self) {
+        let mut plan = self.sched.schedule();
+        if plan.is_empty() {
+            return;
+        }
+        // Decode tokens first: the network attends to all of them in one padded pass.
+        plan.sort_by_key(|s| s.len > 1);
+        let now = Instant::now();
+        let mut batch = Batch::default();
+        for s in &plan {
+            let e = self.sched.get_mut(s.id).expect("scheduled sequences exist");
+            e.payload.first_step.get_or_insert(now);
+            batch.tokens.extend_from_slice(&e.tokens[s.start..s.start + s.len]);
+            batch.chunks.push(SeqChunk { start: s.start, len: s.len, block_table: e.blocks.clone(), sample: s.sample });
+        }
+        let logits = self
+            .parts
+            .network
+            .forward(&batch, &self.parts.storage)
+            .and_then(|l| l.to_vec2::<f32>().map_err(EngineError::runtime));
+        let rows = match logits {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::error!(error = %e, "engine step failed; failing its sequences");
+                for s in &plan {
+                    if let Some(entry) = self.sched.remove(s.id) {
+                        let _ = entry.payload.job.events.send(Err(e.clone()));
+                    }
+                }
+                return;
+            }
+        };
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        let mut rows = rows.into_iter();
+        for s in &plan {
+            self.sched.advance(s.id, s.len);
+            if s.sample {
+                let row = rows.next().expect("one row per sampled chunk");
+                self.sample(s.id, &row);
+            }
+        }
+    }
+
+    /// Samples one sequence's next token and sends what it adds to the text.
+    fn sample(&mut self, id: u64, logits: &[f32]) {
+        let EngineParts { tokenizer, eos, .. } = &self.parts;
+        let entry = self.sched.get_mut(id).expect("sampled sequences exist");
+        let run = &mut entry.payload;
+        let token = run.sampler.sample(logits);
+        if run.first_token.is_none() {
+            run.first_token = run.first_step.map(|t| t.elapsed());
+        }
+        self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+        let (text, finished) = match run.output.accept(token, tokenizer, eos) {
+            Ok(Accepted::Continue(text)) => (text, None),
+            Ok(Accepted::Finished(text, reason)) => (text, Some(reason)),
+            Err(e) => {
+                let entry = self.sched.remove(id).expect("exists");
+                let _ = entry.payload.job.events.send(Err(e));
+                return;
+            }
+        };
+        if !text.is_empty() && run.job.events.send(Ok(StreamItem::Text(text))).is_err() {
+            self.sched.remove(id); // the caller went away
+            return;
+        }
+        match finished {
+            None => entry.tokens.push(token),
+            Some(reason) => {
+                let Running { job, output, first_step, first_token, .. } =
+                    self.sched.remove(id).expect("exists").payload;
+                let Job { events, submitted, _in_flight, .. } = job;
+                // Counted as finished before the caller hears so: it may go idle at once.
+                drop(_in_flight);
+                let first_step = first_step.expect("it ran");
+                let timing = GenerationTiming {
+                    queue: first_step.duration_since(submitted),
+                    first_token: first_token.unwrap_or_default(),
+                    total: first_step.elapsed(),
+                };
+                let completion = output.usage.completion_tokens;
+                if completion > 1 {
+                    let tpot = (timing.total - timing.first_token) / (completion - 1);
+                    self.stats.tpot_us_sum.fetch_add(tpot.as_micros() as u64, Ordering::Relaxed);
+                    self.stats.tpot_count.fetch_add(1, Ordering::Relaxed);
+                }
+                let finish = Finish { reason, usage: output.usage, timing };
+                let _ = events.send(Ok(StreamItem::Done(finish)));
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let s = &self.stats;
+        s.running.store(self.sched.running(), Ordering::Relaxed);
+        s.waiting.store(self.sched.waiting(), Ordering::Relaxed);
+        s.kv_blocks_total.store(self.sched.blocks().total(), Ordering::Relaxed);
+        s.kv_blocks_used.store(self.sched.blocks().used(), Ordering::Relaxed);
+        s.preemptions.store(self.sched.preemptions(), Ordering::Relaxed);
+    }
 }

@@ -2,18 +2,24 @@
 //! its engine is started on the warm worker by the first request that needs it (scale from zero),
 //! from the checkpoint pool; concurrent first requests share one load; `unload` / `unload_idle`
 //! and memory pressure drop engines (scale to zero) while their checkpoints stay pooled.
+//!
+//! Residency has one owner, the table here. Each model is absent, loading (its bytes reserved
+//! before the load starts), or ready (with a count of users); an engine dropped while still in
+//! use is retiring until its thread exits. The memory budget counts all three in full, so two
+//! loads at once cannot both squeeze past it and a busy engine is never evicted. A load runs on
+//! its own task: a request that stops waiting does not cancel it, and its result is kept.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
-use tokio::sync::OnceCell;
+use tokio::sync::watch;
 
 use crate::autoscaler::{Resident, evictions};
 use crate::checkpoint::Checkpoint;
 use crate::checkpoint_pool::{AdmitProgress, CheckpointPool, PoolStats};
-use crate::engine::{DEFAULT_QUEUE_DEPTH, EngineHandle, LoadBreakdown, start_engine};
+use crate::engine::{EngineConfig, EngineHandle, LoadBreakdown, start_engine};
 use crate::error::{EngineError, Result};
 use crate::worker::Worker;
 
@@ -40,6 +46,8 @@ pub struct ModelEntry {
     pub path: PathBuf,
     pub architecture: &'static str,
     pub weight_bytes: u64,
+    /// Weights plus the KV cache its engine takes: what a load reserves.
+    pub engine_bytes: u64,
     pub loaded: bool,
 }
 
@@ -47,14 +55,62 @@ struct Registered {
     path: PathBuf,
     architecture: &'static str,
     weight_bytes: u64,
+    engine_bytes: u64,
+}
+
+type LoadResult = Option<Result<EngineHandle>>;
+
+enum Slot {
+    Loading { id: u64, reserved: u64, done: watch::Receiver<LoadResult> },
+    Ready { engine: EngineHandle, bytes: u64 },
+}
+
+/// Dropped engines whose threads may still hold memory (in-flight generations finishing).
+struct Retiring {
+    bytes: u64,
+    alive: Weak<()>,
+}
+
+#[derive(Default)]
+struct Residency {
+    slots: HashMap<String, Slot>,
+    retiring: Vec<Retiring>,
+    next_load: u64,
+}
+
+impl Residency {
+    /// Bytes held by loads in progress and by retiring engines: not evictable.
+    fn pinned_bytes(&mut self) -> u64 {
+        self.retiring.retain(|r| r.alive.strong_count() > 0);
+        let retiring: u64 = self.retiring.iter().map(|r| r.bytes).sum();
+        let loading: u64 = self
+            .slots
+            .values()
+            .map(|s| match s {
+                Slot::Loading { reserved, .. } => *reserved,
+                Slot::Ready { .. } => 0,
+            })
+            .sum();
+        retiring + loading
+    }
+
+    fn remove(&mut self, name: &str) -> bool {
+        match self.slots.remove(name) {
+            Some(Slot::Ready { engine, bytes }) => {
+                self.retiring.push(Retiring { bytes, alive: engine.alive_token() });
+                true
+            }
+            Some(Slot::Loading { .. }) | None => false,
+        }
+    }
 }
 
 pub struct ModelRegistry {
     worker: Arc<Worker>,
     pool: Arc<CheckpointPool>,
-    queue_depth: usize,
+    engine_config: EngineConfig,
     sources: RwLock<BTreeMap<String, Registered>>,
-    engines: Mutex<HashMap<String, Arc<OnceCell<EngineHandle>>>>,
+    residency: Arc<Mutex<Residency>>,
 }
 
 /// Model names are used in URLs, manifests and file names.
@@ -74,7 +130,11 @@ pub fn validate_model_name(name: &str) -> Result<()> {
 
 impl ModelRegistry {
     pub fn new(worker: Arc<Worker>, pool: Arc<CheckpointPool>) -> Self {
-        Self { worker, pool, queue_depth: DEFAULT_QUEUE_DEPTH, sources: RwLock::default(), engines: Mutex::default() }
+        Self::with_engine_config(worker, pool, EngineConfig::default())
+    }
+
+    pub fn with_engine_config(worker: Arc<Worker>, pool: Arc<CheckpointPool>, engine_config: EngineConfig) -> Self {
+        Self { worker, pool, engine_config, sources: RwLock::default(), residency: Arc::default() }
     }
 
     /// Registers (or re-points) `name` at a checkpoint directory after checking it opens.
@@ -82,8 +142,13 @@ impl ModelRegistry {
     pub fn register(&self, name: &str, dir: &Path) -> Result<ModelEntry> {
         validate_model_name(name)?;
         let ckpt = Checkpoint::open(dir)?;
-        let entry =
-            Registered { path: ckpt.dir.clone(), architecture: ckpt.arch.name(), weight_bytes: ckpt.weight_bytes };
+        let kv = self.engine_config.kv_plan(&ckpt.config, self.engine_config.dtype_for(&self.worker.device));
+        let entry = Registered {
+            path: ckpt.dir.clone(),
+            architecture: ckpt.arch.name(),
+            weight_bytes: ckpt.weight_bytes,
+            engine_bytes: ckpt.weight_bytes + kv.bytes,
+        };
         self.sources.write().expect("poisoned").insert(name.to_string(), entry);
         self.unload(name);
         Ok(self.entry(name).expect("just inserted"))
@@ -102,6 +167,7 @@ impl ModelRegistry {
             path: r.path.clone(),
             architecture: r.architecture,
             weight_bytes: r.weight_bytes,
+            engine_bytes: r.engine_bytes,
             loaded: self.loaded(name).is_some(),
         })
     }
@@ -115,79 +181,141 @@ impl ModelRegistry {
         self.sources.read().expect("poisoned").contains_key(name)
     }
 
-    /// The checkpoint directory and weight size `name` is registered with.
+    /// The checkpoint directory and engine footprint `name` is registered with.
     fn source(&self, name: &str) -> Result<(PathBuf, u64)> {
         match self.sources.read().expect("poisoned").get(name) {
-            Some(r) => Ok((r.path.clone(), r.weight_bytes)),
+            Some(r) => Ok((r.path.clone(), r.engine_bytes)),
             None => Err(EngineError::ModelNotFound(name.to_string())),
         }
     }
 
     /// The running engine for `name`, if any, without starting one.
     pub fn loaded(&self, name: &str) -> Option<EngineHandle> {
-        self.engines.lock().expect("poisoned").get(name).and_then(|c| c.get().cloned())
+        match self.residency.lock().expect("poisoned").slots.get(name) {
+            Some(Slot::Ready { engine, .. }) if engine.is_alive() => Some(engine.clone()),
+            _ => None,
+        }
     }
 
     /// The engine for `name`, starting it if needed. Concurrent callers share one load.
     pub async fn acquire(&self, name: &str) -> Result<Acquired> {
-        let (path, weight_bytes) = self.source(name)?;
-        let cell = self.engines.lock().expect("poisoned").entry(name.to_string()).or_default().clone();
-        if let Some(engine) = cell.get() {
-            return Ok(Acquired { engine: engine.clone(), cold_start: None });
-        }
+        let (path, bytes) = self.source(name)?;
         let waiting_since = Instant::now();
-        let engine = cell
-            .get_or_try_init(|| async {
-                self.make_room(name, weight_bytes)?;
-                let (worker, pool, depth, name) =
-                    (self.worker.clone(), self.pool.clone(), self.queue_depth, name.to_string());
-                tracing::info!(model = %name, path = %path.display(), worker = %worker.label, "cold start: loading model");
-                let handle = tokio::task::spawn_blocking(move || {
-                    let ckpt = Checkpoint::open(&path)?;
-                    let log_progress = |p: AdmitProgress| {
-                        tracing::info!(model = %name, resident = p.resident_bytes, total = p.total_bytes, "admitting checkpoint to the pool");
-                    };
-                    let (pooled, hit) = pool.checkout(ckpt, &log_progress)?;
-                    start_engine(&name, &pooled, hit, &worker.device, depth)
-                })
-                .await
-                .map_err(|e| EngineError::Load(format!("loader task failed: {e}")))??;
-                let load = handle.info.load;
-                tracing::info!(
-                    model = %handle.info.name,
-                    pool_hit = load.pool_hit,
-                    admit_ms = load.admit.as_millis() as u64,
-                    h2d_ms = load.h2d.as_millis() as u64,
-                    init_ms = load.init.as_millis() as u64,
-                    "model loaded"
-                );
-                Ok::<_, EngineError>(handle)
-            })
-            .await?
-            .clone();
+        let mut done = {
+            let mut res = self.residency.lock().expect("poisoned");
+            match res.slots.get(name) {
+                Some(Slot::Ready { engine, .. }) if engine.is_alive() => {
+                    return Ok(Acquired { engine: engine.clone(), cold_start: None });
+                }
+                Some(Slot::Loading { done, .. }) => done.clone(),
+                Some(Slot::Ready { .. }) | None => {
+                    // Absent, or its engine thread died (it is dropped here and loaded afresh).
+                    res.slots.remove(name);
+                    self.make_room(&mut res, name, bytes)?;
+                    let (tx, rx) = watch::channel(None);
+                    let id = res.next_load;
+                    res.next_load += 1;
+                    res.slots.insert(name.to_string(), Slot::Loading { id, reserved: bytes, done: rx.clone() });
+                    self.spawn_load(name.to_string(), path, bytes, id, tx);
+                    rx
+                }
+            }
+        };
+        let result = done
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| EngineError::Load("the load was abandoned".into()))?
+            .clone()
+            .expect("waited for Some");
+        let engine = result?;
         let cold_start = ColdStart { waited: waiting_since.elapsed(), load: engine.info.load };
         Ok(Acquired { engine, cold_start: Some(cold_start) })
     }
 
-    /// Drops least recently used idle engines until `bytes` more fit in the worker's budget.
-    fn make_room(&self, loading: &str, bytes: u64) -> Result<()> {
-        let resident: Vec<Resident> = {
-            let engines = self.engines.lock().expect("poisoned");
-            engines
-                .iter()
-                .filter(|(n, _)| n.as_str() != loading)
-                .filter_map(|(n, c)| c.get().map(|e| (n, e)))
-                .map(|(n, e)| Resident {
+    /// Loads on a task of its own, so the result outlives any one waiter, then publishes it.
+    fn spawn_load(&self, name: String, path: PathBuf, bytes: u64, id: u64, tx: watch::Sender<LoadResult>) {
+        let (worker, pool, config, residency) =
+            (self.worker.clone(), self.pool.clone(), self.engine_config.clone(), self.residency.clone());
+        tokio::spawn(async move {
+            tracing::info!(model = %name, path = %path.display(), worker = %worker.label, "cold start: loading model");
+            let loader_name = name.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                let ckpt = Checkpoint::open(&path)?;
+                let log_progress = |p: AdmitProgress| {
+                    tracing::info!(model = %loader_name, resident = p.resident_bytes, total = p.total_bytes, "admitting checkpoint to the pool");
+                };
+                let (pooled, hit) = pool.checkout(ckpt, &log_progress)?;
+                start_engine(&loader_name, &pooled, hit, &worker.device, &config)
+            })
+            .await
+            .unwrap_or_else(|e| Err(EngineError::Load(format!("loader task failed: {e}"))));
+            {
+                let mut res = residency.lock().expect("poisoned");
+                let ours = matches!(res.slots.get(&name), Some(Slot::Loading { id: current, .. }) if *current == id);
+                if ours {
+                    res.slots.remove(&name);
+                }
+                match &result {
+                    Ok(engine) if ours => {
+                        res.slots.insert(name.clone(), Slot::Ready { engine: engine.clone(), bytes });
+                    }
+                    // Unloaded while loading: whoever waited still gets the engine; count it
+                    // as retiring until they are done with it.
+                    Ok(engine) => res.retiring.push(Retiring { bytes, alive: engine.alive_token() }),
+                    Err(_) => {}
+                }
+            }
+            match &result {
+                Ok(engine) => {
+                    let load = engine.info.load;
+                    tracing::info!(
+                        model = %name,
+                        pool_hit = load.pool_hit,
+                        admit_ms = load.admit.as_millis() as u64,
+                        h2d_ms = load.h2d.as_millis() as u64,
+                        init_ms = load.init.as_millis() as u64,
+                        kv_cache_bytes = engine.info.kv_cache_bytes,
+                        context = engine.info.context,
+                        "model loaded"
+                    );
+                }
+                Err(e) => tracing::warn!(model = %name, error = %e, "model failed to load"),
+            }
+            let _ = tx.send(Some(result));
+        });
+    }
+
+    /// Drops least recently used idle engines until `bytes` more fit in the worker's budget,
+    /// counting loads in progress and retiring engines as taken.
+    fn make_room(&self, res: &mut Residency, loading: &str, bytes: u64) -> Result<()> {
+        let budget = self.worker.memory_budget;
+        if bytes > budget {
+            return Err(EngineError::Load(format!(
+                "model {loading} needs {bytes} bytes (weights and KV cache) but this worker's engine memory budget is {budget} bytes"
+            )));
+        }
+        let pinned = res.pinned_bytes();
+        let resident: Vec<Resident> = res
+            .slots
+            .iter()
+            .filter_map(|(n, s)| match s {
+                Slot::Ready { engine, bytes } => Some(Resident {
                     name: n.clone(),
-                    bytes: e.info.weight_bytes,
-                    idle_for: e.idle_for(),
-                    busy: e.queued() > 0,
-                })
-                .collect()
-        };
-        for victim in evictions(bytes, self.worker.memory_budget, &resident)? {
+                    bytes: *bytes,
+                    idle_for: engine.idle_for(),
+                    busy: engine.is_busy(),
+                }),
+                Slot::Loading { .. } => None,
+            })
+            .collect();
+        let victims = evictions(bytes, budget.saturating_sub(pinned), &resident).map_err(|_| {
+            EngineError::Overloaded(format!(
+                "not enough engine memory for model {loading}: {bytes} bytes needed, the rest of the {budget}-byte budget is held by engines that are busy or loading"
+            ))
+        })?;
+        for victim in victims {
             tracing::info!(model = %victim, for_model = %loading, "evicting engine to make room");
-            self.unload(&victim);
+            res.remove(&victim);
         }
         Ok(())
     }
@@ -209,27 +337,57 @@ impl ModelRegistry {
         self.pool.stats()
     }
 
-    /// Names and sizes of the engines running now.
-    pub fn loaded_engines(&self) -> Vec<(String, u64)> {
-        let engines = self.engines.lock().expect("poisoned");
-        engines.iter().filter_map(|(n, c)| c.get().map(|e| (n.clone(), e.info.weight_bytes))).collect()
-    }
-
-    /// Drops the engine for `name`; in-flight generations finish first (they hold handles).
-    pub fn unload(&self, name: &str) -> bool {
-        self.engines.lock().expect("poisoned").remove(name).is_some_and(|c| c.get().is_some())
-    }
-
-    /// Drops every engine idle for longer than `idle`; returns their names.
-    pub fn unload_idle(&self, idle: Duration) -> Vec<String> {
-        let mut engines = self.engines.lock().expect("poisoned");
-        let idle_names: Vec<String> = engines
+    /// The engines running now, by name.
+    pub fn engines(&self) -> Vec<(String, EngineHandle)> {
+        let res = self.residency.lock().expect("poisoned");
+        let mut out: Vec<(String, EngineHandle)> = res
+            .slots
             .iter()
-            .filter(|(_, c)| c.get().is_some_and(|e| e.queued() == 0 && e.idle_for() > idle))
+            .filter_map(|(n, s)| match s {
+                Slot::Ready { engine, .. } => Some((n.clone(), engine.clone())),
+                Slot::Loading { .. } => None,
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Engine loads started since the registry was made (each cold start that did the work).
+    pub fn loads_started(&self) -> u64 {
+        self.residency.lock().expect("poisoned").next_load
+    }
+
+    /// Bytes the budget counts as taken now: ready, loading and retiring engines.
+    pub fn resident_bytes(&self) -> u64 {
+        let mut res = self.residency.lock().expect("poisoned");
+        let ready: u64 = res
+            .slots
+            .values()
+            .map(|s| match s {
+                Slot::Ready { bytes, .. } => *bytes,
+                Slot::Loading { .. } => 0,
+            })
+            .sum();
+        ready + res.pinned_bytes()
+    }
+
+    /// Drops the engine for `name`; in-flight generations finish first (they hold handles), and
+    /// its memory counts as retiring until they have.
+    pub fn unload(&self, name: &str) -> bool {
+        self.residency.lock().expect("poisoned").remove(name)
+    }
+
+    /// Drops every engine idle for longer than `idle` and not in use; returns their names.
+    pub fn unload_idle(&self, idle: Duration) -> Vec<String> {
+        let mut res = self.residency.lock().expect("poisoned");
+        let idle_names: Vec<String> = res
+            .slots
+            .iter()
+            .filter(|(_, s)| matches!(s, Slot::Ready { engine, .. } if !engine.is_busy() && engine.idle_for() > idle))
             .map(|(n, _)| n.clone())
             .collect();
         for name in &idle_names {
-            engines.remove(name);
+            res.remove(name);
         }
         idle_names
     }
@@ -300,16 +458,77 @@ mod tests {
         assert_eq!(text1, text2);
     }
 
+    /// What one tiny engine reserves: weights plus its KV cache.
+    fn engine_bytes(dir: &Path) -> u64 {
+        registry_over(dir, u64::MAX).list()[0].engine_bytes
+    }
+
     #[tokio::test]
     async fn memory_pressure_evicts_the_least_recently_used_idle_engine() {
         let dir = models();
-        let one = Checkpoint::open(dir.path().join("q")).unwrap().weight_bytes;
-        // Budget for one tiny model, not two.
-        let registry = registry_over(dir.path(), one * 3 / 2);
+        // Budget for one tiny engine, not two.
+        let registry = registry_over(dir.path(), engine_bytes(dir.path()) * 3 / 2);
         drop(registry.acquire("q").await.unwrap());
         drop(registry.acquire("l").await.unwrap());
         assert!(registry.loaded("q").is_none(), "q was evicted to make room for l");
         assert!(registry.loaded("l").is_some());
+    }
+
+    #[tokio::test]
+    async fn an_engine_in_use_is_never_evicted_or_reaped() {
+        let dir = models();
+        let registry = registry_over(dir.path(), engine_bytes(dir.path()) * 3 / 2);
+        let q = registry.acquire("q").await.unwrap().engine;
+        // Held by an invocation (it may generate next): neither pressure nor the reaper drops it.
+        assert!(matches!(registry.acquire("l").await, Err(EngineError::Overloaded(_))));
+        assert!(registry.unload_idle(Duration::ZERO).is_empty());
+        // Generating without a handle beyond the registry's own still counts as in use.
+        let stream = q.submit("Once".into(), SamplingParams { max_tokens: 200, ..Default::default() }).unwrap();
+        drop(q);
+        assert!(registry.unload_idle(Duration::ZERO).is_empty(), "a generation is in flight");
+        assert!(matches!(registry.acquire("l").await, Err(EngineError::Overloaded(_))));
+        stream.collect().await.unwrap();
+        assert!(registry.acquire("l").await.is_ok(), "once idle, q makes room");
+        assert!(registry.loaded("q").is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_loads_of_different_models_respect_the_budget() {
+        let dir = models();
+        let one = engine_bytes(dir.path());
+        let registry = Arc::new(registry_over(dir.path(), one * 3 / 2));
+        let loads: Vec<_> = ["q", "l"]
+            .into_iter()
+            .map(|name| {
+                let r = registry.clone();
+                tokio::spawn(async move { r.acquire(name).await.map(|a| a.engine) })
+            })
+            .collect();
+        let mut held = Vec::new();
+        for load in loads {
+            match load.await.unwrap() {
+                Ok(engine) => held.push(engine),
+                Err(e) => assert!(matches!(e, EngineError::Overloaded(_)), "{e}"),
+            }
+            assert!(registry.resident_bytes() <= one * 3 / 2, "the budget held at every point");
+        }
+        assert_eq!(held.len(), 1, "only one of the two fits; the other is told to retry");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiters_that_give_up_do_not_waste_the_load() {
+        let (_d, registry) = registry(u64::MAX);
+        for _ in 0..5 {
+            let gave_up = tokio::time::timeout(Duration::from_micros(1), registry.acquire("q")).await;
+            assert!(gave_up.is_err(), "the load takes longer than a microsecond");
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while registry.loaded("q").is_none() {
+            assert!(Instant::now() < deadline, "the abandoned load finished and was kept");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(registry.loads_started(), 1, "five impatient requests, one load");
+        assert!(registry.acquire("q").await.unwrap().cold_start.is_none());
     }
 
     #[tokio::test]

@@ -10,6 +10,8 @@ use candle_core::Device;
 
 use crate::checkpoint_pool::HostPinner;
 use crate::error::{EngineError, Result};
+use crate::kv_cache::KvStorage;
+use crate::network::{Batch, Network, SeqChunk};
 
 pub struct Worker {
     pub device: Device,
@@ -39,21 +41,27 @@ impl Worker {
         self.pinner.clone()
     }
 
-    /// Runs a tiny model of each architecture once so every kernel is loaded (and, on CUDA,
-    /// JIT-compiled from PTX) before the first real request.
+    /// Runs a tiny model of each architecture through a prefill and a decode step, so every
+    /// kernel is loaded (and, on CUDA, JIT-compiled from PTX) before the first real request.
     pub fn warm_up(&self) -> Result<()> {
         let dir = std::env::temp_dir().join(format!("kindling-warmup-{}", std::process::id()));
         let result = (|| {
-            for arch in [crate::Architecture::Llama, crate::Architecture::Qwen2] {
-                let spec = crate::tiny_model::TinySpec::new(arch);
+            let pool = crate::CheckpointPool::new(u64::MAX, None);
+            for arch in crate::Architecture::ALL {
                 let model_dir = dir.join(arch.name());
-                crate::tiny_model::make_tiny_model(&model_dir, &spec)?;
-                let ckpt = crate::Checkpoint::open(&model_dir)?;
-                let mut model = crate::model::LoadedModel::load_mmapped(&ckpt, &self.device)?;
-                model.begin_sequence();
-                let logits = model.forward(&[1, 2, 3, 4], 0)?;
-                let _ = model.forward(&[5], 4)?;
-                logits.argmax(0).and_then(|t| t.to_scalar::<u32>()).map_err(EngineError::runtime)?;
+                crate::tiny_model::make_tiny_model(&model_dir, &crate::tiny_model::TinySpec::new(arch))?;
+                let (pooled, _) = pool.checkout(crate::Checkpoint::open(&model_dir)?, &|_| {})?;
+                let config = pooled.ckpt.config.clone();
+                let dtype = crate::engine::compute_dtype(&self.device);
+                let network =
+                    Network::new(config.clone(), pooled.load_tensors(&self.device, dtype)?, 64, &self.device)?;
+                let kv = KvStorage::new(config.num_layers, config.kv_dim(), 1, dtype, &self.device)?;
+                let chunk = |start, len| SeqChunk { start, len, block_table: vec![0], sample: true };
+                let prefill = Batch { tokens: vec![1, 2, 3, 4], chunks: vec![chunk(0, 4)] };
+                network.forward(&prefill, &kv)?;
+                let decode = Batch { tokens: vec![5], chunks: vec![chunk(4, 1)] };
+                let logits = network.forward(&decode, &kv)?;
+                logits.argmax(1).and_then(|t| t.to_vec1::<u32>()).map_err(EngineError::runtime)?;
             }
             Ok(())
         })();

@@ -6,7 +6,9 @@ use std::fmt::Write;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use kindling_engine::ModelRegistry;
+use std::sync::atomic::Ordering::Relaxed;
+
+use kindling_engine::{EngineHandle, ModelRegistry};
 use kindling_host::LlmReport;
 
 /// Latency buckets in seconds: from a warm small-model token to a long generation.
@@ -147,11 +149,59 @@ impl Metrics {
             let n = section_into(&mut out, name, "gauge", help);
             let _ = writeln!(out, "{n} {v}");
         }
-        let n = section_into(&mut out, "kindling_engine_loaded_bytes", "gauge", "Weight bytes of each running engine.");
-        for (model, bytes) in registry.loaded_engines() {
-            let _ = writeln!(out, "{n}{{model=\"{}\"}} {bytes}", label(&model));
-        }
+        render_engines(&mut out, &registry.engines());
         out
+    }
+}
+
+/// A per-engine series: name, Prometheus type, help, how to read it off an engine.
+type EngineSeries = (&'static str, &'static str, &'static str, fn(&EngineHandle) -> f64);
+
+/// Per-engine gauges and counters: memory, batch occupancy, KV blocks, preemptions, decode speed.
+fn render_engines(out: &mut String, engines: &[(String, EngineHandle)]) {
+    let rows: [EngineSeries; 9] = [
+        ("kindling_engine_loaded_bytes", "gauge", "Weight bytes of each running engine.", |e| {
+            e.info.weight_bytes as f64
+        }),
+        ("kindling_engine_kv_cache_bytes", "gauge", "KV cache bytes of each running engine.", |e| {
+            e.info.kv_cache_bytes as f64
+        }),
+        ("kindling_engine_running_sequences", "gauge", "Sequences in the running batch.", |e| {
+            e.stats.running.load(Relaxed) as f64
+        }),
+        ("kindling_engine_waiting_sequences", "gauge", "Sequences admitted and waiting to run.", |e| {
+            e.stats.waiting.load(Relaxed) as f64
+        }),
+        ("kindling_engine_kv_blocks_used", "gauge", "KV cache blocks held by sequences.", |e| {
+            e.stats.kv_blocks_used.load(Relaxed) as f64
+        }),
+        ("kindling_engine_kv_blocks_free", "gauge", "KV cache blocks free.", |e| {
+            (e.stats.kv_blocks_total.load(Relaxed) - e.stats.kv_blocks_used.load(Relaxed)) as f64
+        }),
+        (
+            "kindling_engine_preemptions_total",
+            "counter",
+            "Sequences preempted for KV blocks and recomputed later.",
+            |e| e.stats.preemptions.load(Relaxed) as f64,
+        ),
+        ("kindling_engine_steps_total", "counter", "Batched forward steps run.", |e| {
+            e.stats.steps.load(Relaxed) as f64
+        }),
+        (
+            "kindling_engine_time_per_output_token_seconds",
+            "gauge",
+            "Mean time per output token after the first, over finished sequences.",
+            |e| {
+                let n = e.stats.tpot_count.load(Relaxed);
+                if n == 0 { 0.0 } else { e.stats.tpot_us_sum.load(Relaxed) as f64 / n as f64 / 1e6 }
+            },
+        ),
+    ];
+    for (name, kind, help, value) in rows {
+        let n = section_into(out, name, kind, help);
+        for (model, engine) in engines {
+            let _ = writeln!(out, "{n}{{model=\"{}\"}} {}", label(model), value(engine));
+        }
     }
 }
 

@@ -1,0 +1,187 @@
+//! Attention over the paged cache. A step's index tensors (positions, cache slots to write, the
+//! slots each sequence reads, causal/window masks) are built once per step on the host and
+//! shared by every layer. Grouped-query attention folds the query heads of one K/V head into the
+//! row dimension, so K and V are never repeated per query head; scores are at most
+//! `[heads, chunk, context]`, never `[prompt, prompt]` for a whole long prompt.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::config::NetConfig;
+use super::{Batch, SeqChunk};
+use crate::kv_cache::slots;
+
+/// One sequence's view of the step.
+pub struct SeqAttention {
+    /// Offset of the sequence's tokens in the packed batch.
+    offset: usize,
+    len: usize,
+    /// Cache slots of the keys it attends to, in position order.
+    read_slots: Tensor,
+    /// `[len, keys]` additive mask (0 or -inf); `None` when every key is visible to every query.
+    mask: Option<Tensor>,
+}
+
+/// The decode tokens at the front of the batch (one token each), attended together: keys padded
+/// to the longest context and masked.
+pub struct DecodeGroup {
+    seqs: usize,
+    keys: usize,
+    /// `[seqs * keys]` cache slots, padding repeating a valid slot.
+    read_slots: Tensor,
+    /// `[seqs, 1, 1, keys]` additive mask hiding the padding.
+    mask: Option<Tensor>,
+}
+
+pub struct StepPlan {
+    /// Position of each packed token, `[tokens]`.
+    pub positions: Tensor,
+    /// Cache slot of each packed token, broadcast to `[tokens, kv_dim]` for `scatter_set`.
+    pub write_slots: Tensor,
+    /// Rows of the packed batch whose logits are wanted.
+    pub sample_rows: Tensor,
+    pub samples: usize,
+    pub decode: Option<DecodeGroup>,
+    /// The sequences after the decode group, one by one.
+    pub seqs: Vec<SeqAttention>,
+}
+
+/// First key position a query at `pos` may see.
+fn first_visible(pos: usize, window: Option<usize>) -> usize {
+    window.map_or(0, |w| (pos + 1).saturating_sub(w))
+}
+
+fn decode_group(chunks: &[SeqChunk], window: Option<usize>, device: &Device) -> candle_core::Result<DecodeGroup> {
+    let ranges: Vec<(usize, usize)> = chunks.iter().map(|c| (first_visible(c.start, window), c.start + 1)).collect();
+    let keys = ranges.iter().map(|(lo, hi)| hi - lo).max().unwrap_or(0);
+    let mut slots_flat = Vec::with_capacity(chunks.len() * keys);
+    let mut mask = Vec::with_capacity(chunks.len() * keys);
+    for (c, (lo, hi)) in chunks.iter().zip(&ranges) {
+        let n = hi - lo;
+        let first = slots(&c.block_table, *lo..*lo + 1).next().expect("one key at least");
+        slots_flat.extend(slots(&c.block_table, *lo..*hi));
+        slots_flat.extend(std::iter::repeat_n(first, keys - n));
+        mask.extend((0..keys).map(|k| if k < n { 0f32 } else { f32::NEG_INFINITY }));
+    }
+    let padded = ranges.iter().any(|(lo, hi)| hi - lo < keys);
+    Ok(DecodeGroup {
+        seqs: chunks.len(),
+        keys,
+        read_slots: Tensor::from_vec(slots_flat, chunks.len() * keys, device)?,
+        mask: if padded { Some(Tensor::from_vec(mask, (chunks.len(), 1, 1, keys), device)?) } else { None },
+    })
+}
+
+fn seq_attention(
+    chunk: &SeqChunk,
+    offset: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> candle_core::Result<SeqAttention> {
+    let end = chunk.start + chunk.len;
+    let key_start = first_visible(chunk.start, window);
+    let read: Vec<u32> = slots(&chunk.block_table, key_start..end).collect();
+    let keys = read.len();
+    let mask = if chunk.len > 1 {
+        let mut m = Vec::with_capacity(chunk.len * keys);
+        for i in 0..chunk.len {
+            let pos = chunk.start + i;
+            let lo = first_visible(pos, window);
+            m.extend((key_start..end).map(|k| if k <= pos && k >= lo { 0f32 } else { f32::NEG_INFINITY }));
+        }
+        Some(Tensor::from_vec(m, (chunk.len, keys), device)?)
+    } else {
+        None
+    };
+    Ok(SeqAttention { offset, len: chunk.len, read_slots: Tensor::from_vec(read, keys, device)?, mask })
+}
+
+impl StepPlan {
+    pub fn new(batch: &Batch, config: &NetConfig, device: &Device) -> candle_core::Result<Self> {
+        let n = batch.tokens.len();
+        let mut positions = Vec::with_capacity(n);
+        let mut write = Vec::with_capacity(n);
+        let mut sample_rows = Vec::new();
+        let mut seqs = Vec::with_capacity(batch.chunks.len());
+        let decoding = batch.chunks.iter().take_while(|c| c.len == 1).count();
+        let decode = match decoding {
+            0 => None,
+            _ => Some(decode_group(&batch.chunks[..decoding], config.sliding_window, device)?),
+        };
+        let mut offset = 0;
+        for (i, chunk) in batch.chunks.iter().enumerate() {
+            let range = chunk.start..chunk.start + chunk.len;
+            positions.extend(range.clone().map(|p| p as u32));
+            write.extend(slots(&chunk.block_table, range));
+            if i >= decoding {
+                seqs.push(seq_attention(chunk, offset, config.sliding_window, device)?);
+            }
+            offset += chunk.len;
+            if chunk.sample {
+                sample_rows.push((offset - 1) as u32);
+            }
+        }
+        if offset != n {
+            candle_core::bail!("batch has {n} tokens but its chunks cover {offset}");
+        }
+        let samples = sample_rows.len();
+        let write_slots = Tensor::from_vec(write, (n, 1), device)?.broadcast_as((n, config.kv_dim()))?.contiguous()?;
+        Ok(Self {
+            positions: Tensor::from_vec(positions, n, device)?,
+            write_slots,
+            sample_rows: Tensor::from_vec(sample_rows, samples, device)?,
+            samples,
+            decode,
+            seqs,
+        })
+    }
+}
+
+/// Attention of every sequence in the step: `q` is `[tokens, heads, head_dim]`, the caches
+/// `[slots, kv_dim]` (this step's keys and values already written); returns `[tokens, q_dim]`.
+pub fn paged(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    plan: &StepPlan,
+    c: &NetConfig,
+) -> candle_core::Result<Tensor> {
+    let (kvh, hd, group) = (c.num_kv_heads, c.head_dim, c.num_heads / c.num_kv_heads);
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut outs = Vec::with_capacity(plan.seqs.len() + 1);
+    if let Some(d) = &plan.decode {
+        // [seqs, heads, hd] -> [seqs, kv_heads, group, hd] against keys [seqs, kv_heads, keys, hd].
+        let qd = q.narrow(0, 0, d.seqs)?.reshape((d.seqs, kvh, group, hd))?;
+        let gather = |cache: &Tensor| -> candle_core::Result<Tensor> {
+            cache.index_select(&d.read_slots, 0)?.reshape((d.seqs, d.keys, kvh, hd))?.transpose(1, 2)?.contiguous()
+        };
+        let (ks, vs) = (gather(k_cache)?, gather(v_cache)?);
+        let mut scores = (qd.matmul(&ks.transpose(2, 3)?)?.to_dtype(DType::F32)? * scale)?;
+        if let Some(mask) = &d.mask {
+            scores = scores.broadcast_add(mask)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(vs.dtype())?;
+        outs.push(probs.matmul(&vs)?.reshape((d.seqs, kvh * group * hd))?);
+    }
+    for s in &plan.seqs {
+        let keys = s.read_slots.dim(0)?;
+        // [len, heads, hd] -> [kv_heads, group * len, hd]: the query heads of one K/V head as rows.
+        let qs = q.narrow(0, s.offset, s.len)?.transpose(0, 1)?.contiguous()?.reshape((kvh, group * s.len, hd))?;
+        let gather = |cache: &Tensor| -> candle_core::Result<Tensor> {
+            cache.index_select(&s.read_slots, 0)?.reshape((keys, kvh, hd))?.transpose(0, 1)?.contiguous()
+        };
+        let (ks, vs) = (gather(k_cache)?, gather(v_cache)?);
+        let mut scores = (qs.matmul(&ks.t()?)?.to_dtype(DType::F32)? * scale)?;
+        if let Some(mask) = &s.mask {
+            scores =
+                scores.reshape((kvh, group, s.len, keys))?.broadcast_add(mask)?.reshape((kvh, group * s.len, keys))?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(vs.dtype())?;
+        let out = probs
+            .matmul(&vs)?
+            .reshape((kvh * group, s.len, hd))?
+            .transpose(0, 1)?
+            .reshape((s.len, kvh * group * hd))?;
+        outs.push(out);
+    }
+    Tensor::cat(&outs, 0)
+}

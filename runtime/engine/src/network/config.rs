@@ -1,0 +1,360 @@
+//! The llama family as one table: which `model_type`s we run, how each maps its `config.json`
+//! onto one `NetConfig`, and the tensors (with shapes) that config implies. Adding a family
+//! member means one row in `ARCHITECTURES` and, if it brings a new feature, one flag here; the
+//! checkpoint checks, the network, the tiny-model writer and the warm-up all read this.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use crate::error::{EngineError, Result};
+
+/// The model families this engine can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Architecture {
+    Llama,
+    Qwen2,
+    Qwen3,
+    Mistral,
+}
+
+/// What distinguishes one family member from another, as data.
+#[derive(Debug, Clone, Copy)]
+pub struct ArchSpec {
+    pub arch: Architecture,
+    /// `model_type` in config.json.
+    pub model_type: &'static str,
+    /// The HF class name written into tiny models' `architectures`.
+    pub hf_class: &'static str,
+    /// q/k/v projections carry a bias (qwen2).
+    pub qkv_bias: bool,
+    /// Per-head RMSNorm on q and k before RoPE (qwen3).
+    pub qk_norm: bool,
+    /// `sliding_window` in config.json is honoured without a `use_sliding_window` switch (mistral).
+    pub sliding_window_always: bool,
+}
+
+pub const ARCHITECTURES: [ArchSpec; 4] = [
+    ArchSpec {
+        arch: Architecture::Llama,
+        model_type: "llama",
+        hf_class: "LlamaForCausalLM",
+        qkv_bias: false,
+        qk_norm: false,
+        sliding_window_always: false,
+    },
+    ArchSpec {
+        arch: Architecture::Qwen2,
+        model_type: "qwen2",
+        hf_class: "Qwen2ForCausalLM",
+        qkv_bias: true,
+        qk_norm: false,
+        sliding_window_always: false,
+    },
+    ArchSpec {
+        arch: Architecture::Qwen3,
+        model_type: "qwen3",
+        hf_class: "Qwen3ForCausalLM",
+        qkv_bias: false,
+        qk_norm: true,
+        sliding_window_always: false,
+    },
+    ArchSpec {
+        arch: Architecture::Mistral,
+        model_type: "mistral",
+        hf_class: "MistralForCausalLM",
+        qkv_bias: false,
+        qk_norm: false,
+        sliding_window_always: true,
+    },
+];
+
+impl Architecture {
+    pub const ALL: [Architecture; 4] = [Self::Llama, Self::Qwen2, Self::Qwen3, Self::Mistral];
+
+    pub fn spec(self) -> &'static ArchSpec {
+        ARCHITECTURES.iter().find(|s| s.arch == self).expect("every architecture has a row")
+    }
+
+    pub fn name(self) -> &'static str {
+        self.spec().model_type
+    }
+
+    pub fn from_model_type(model_type: &str) -> Result<Self> {
+        ARCHITECTURES.iter().find(|s| s.model_type == model_type).map(|s| s.arch).ok_or_else(|| {
+            let known: Vec<&str> = ARCHITECTURES.iter().map(|s| s.model_type).collect();
+            EngineError::Load(format!(
+                "unsupported model_type {model_type:?} in config.json (supported: {})",
+                known.join(", ")
+            ))
+        })
+    }
+}
+
+/// Llama 3.1's long-context frequency scaling (HF `rope_type: "llama3"`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Llama3RopeScaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: usize,
+}
+
+/// Everything the network needs from `config.json`, normalised across the family.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetConfig {
+    pub arch: Architecture,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<Llama3RopeScaling>,
+    pub tie_word_embeddings: bool,
+    pub qkv_bias: bool,
+    pub qk_norm: bool,
+    /// Each token attends to at most this many most recent positions (itself included).
+    pub sliding_window: Option<usize>,
+    pub eos_token_id: Option<Value>,
+}
+
+fn field<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
+    v.get(key).filter(|x| !x.is_null())
+}
+
+fn usize_field(v: &Value, key: &str) -> Result<Option<usize>> {
+    match field(v, key) {
+        None => Ok(None),
+        Some(x) => x
+            .as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .map(Some)
+            .ok_or_else(|| EngineError::Load(format!("config.json: {key} must be a non-negative integer, got {x}"))),
+    }
+}
+
+fn required(v: &Value, key: &str) -> Result<usize> {
+    let n = usize_field(v, key)?.ok_or_else(|| EngineError::Load(format!("config.json: {key} is missing")))?;
+    if n == 0 {
+        return Err(EngineError::Load(format!("config.json: {key} must be positive")));
+    }
+    Ok(n)
+}
+
+fn f64_field(v: &Value, key: &str, default: f64) -> Result<f64> {
+    match field(v, key) {
+        None => Ok(default),
+        Some(x) => x
+            .as_f64()
+            .filter(|f| f.is_finite() && *f > 0.0)
+            .ok_or_else(|| EngineError::Load(format!("config.json: {key} must be a positive number, got {x}"))),
+    }
+}
+
+fn rope_scaling(v: &Value) -> Result<Option<Llama3RopeScaling>> {
+    let Some(s) = field(v, "rope_scaling") else { return Ok(None) };
+    let kind = field(s, "rope_type").or_else(|| field(s, "type")).and_then(Value::as_str).unwrap_or("default");
+    match kind {
+        "default" => Ok(None),
+        "llama3" => Ok(Some(Llama3RopeScaling {
+            factor: f64_field(s, "factor", 8.0)?,
+            low_freq_factor: f64_field(s, "low_freq_factor", 1.0)?,
+            high_freq_factor: f64_field(s, "high_freq_factor", 4.0)?,
+            original_max_position_embeddings: required(s, "original_max_position_embeddings")?,
+        })),
+        other => Err(EngineError::Load(format!(
+            "config.json: rope_scaling type {other:?} is not supported (supported: llama3)"
+        ))),
+    }
+}
+
+impl NetConfig {
+    /// Parses and checks an HF `config.json`.
+    pub fn from_hf_json(text: &str) -> Result<Self> {
+        let v: Value = serde_json::from_str(text).map_err(|e| EngineError::Load(format!("config.json: {e}")))?;
+        if !v.is_object() {
+            return Err(EngineError::Load("config.json is not an object".into()));
+        }
+        let model_type = field(&v, "model_type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| EngineError::Load("config.json: model_type is missing".into()))?;
+        let spec = Architecture::from_model_type(model_type)?.spec();
+        let hidden_size = required(&v, "hidden_size")?;
+        let num_heads = required(&v, "num_attention_heads")?;
+        let num_kv_heads = usize_field(&v, "num_key_value_heads")?.unwrap_or(num_heads);
+        let head_dim = match usize_field(&v, "head_dim")? {
+            Some(d) => d,
+            None if hidden_size.is_multiple_of(num_heads) => hidden_size / num_heads,
+            None => {
+                return Err(EngineError::Load(format!(
+                    "config.json: hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}"
+                )));
+            }
+        };
+        let use_window =
+            spec.sliding_window_always || field(&v, "use_sliding_window").and_then(Value::as_bool) == Some(true);
+        let config = Self {
+            arch: spec.arch,
+            vocab_size: required(&v, "vocab_size")?,
+            hidden_size,
+            intermediate_size: required(&v, "intermediate_size")?,
+            num_layers: required(&v, "num_hidden_layers")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            max_position_embeddings: required(&v, "max_position_embeddings")?,
+            rms_norm_eps: f64_field(&v, "rms_norm_eps", 1e-6)?,
+            rope_theta: f64_field(&v, "rope_theta", 10000.0)?,
+            rope_scaling: rope_scaling(&v)?,
+            tie_word_embeddings: field(&v, "tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
+            qkv_bias: spec.qkv_bias,
+            qk_norm: spec.qk_norm,
+            sliding_window: if use_window { usize_field(&v, "sliding_window")? } else { None },
+            eos_token_id: field(&v, "eos_token_id").cloned(),
+        };
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(EngineError::Load(format!("config.json: {m}")));
+        if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
+            return bad(format!(
+                "num_attention_heads {} is not divisible by num_key_value_heads {}",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
+            return bad(format!("head_dim {} must be positive and even (RoPE rotates pairs)", self.head_dim));
+        }
+        if self.sliding_window == Some(0) {
+            return bad("sliding_window must be positive".into());
+        }
+        // Guards against configs whose products overflow or would ask for absurd allocations.
+        let params = [self.vocab_size, self.hidden_size, self.intermediate_size, self.num_heads * self.head_dim]
+            .iter()
+            .try_fold(1u128, |acc, &x| acc.checked_mul(x as u128));
+        if params.is_none_or(|p| p > 1u128 << 80) || self.max_position_embeddings > 1 << 24 {
+            return bad("sizes are out of any supported range".into());
+        }
+        Ok(())
+    }
+
+    pub fn q_dim(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+
+    /// Every tensor the network reads, with the shape this config implies.
+    pub fn expected_tensors(&self) -> BTreeMap<String, Vec<usize>> {
+        let (h, i, v, q, kv, d) =
+            (self.hidden_size, self.intermediate_size, self.vocab_size, self.q_dim(), self.kv_dim(), self.head_dim);
+        let mut t = BTreeMap::new();
+        t.insert("model.embed_tokens.weight".to_string(), vec![v, h]);
+        t.insert("model.norm.weight".to_string(), vec![h]);
+        if !self.tie_word_embeddings {
+            t.insert("lm_head.weight".to_string(), vec![v, h]);
+        }
+        for l in 0..self.num_layers {
+            let p = format!("model.layers.{l}");
+            let mut layer = vec![
+                ("input_layernorm.weight", vec![h]),
+                ("post_attention_layernorm.weight", vec![h]),
+                ("self_attn.q_proj.weight", vec![q, h]),
+                ("self_attn.k_proj.weight", vec![kv, h]),
+                ("self_attn.v_proj.weight", vec![kv, h]),
+                ("self_attn.o_proj.weight", vec![h, q]),
+                ("mlp.gate_proj.weight", vec![i, h]),
+                ("mlp.up_proj.weight", vec![i, h]),
+                ("mlp.down_proj.weight", vec![h, i]),
+            ];
+            if self.qkv_bias {
+                layer.extend([
+                    ("self_attn.q_proj.bias", vec![q]),
+                    ("self_attn.k_proj.bias", vec![kv]),
+                    ("self_attn.v_proj.bias", vec![kv]),
+                ]);
+            }
+            if self.qk_norm {
+                layer.extend([("self_attn.q_norm.weight", vec![d]), ("self_attn.k_norm.weight", vec![d])]);
+            }
+            for (name, shape) in layer {
+                t.insert(format!("{p}.{name}"), shape);
+            }
+        }
+        t
+    }
+
+    /// Bytes of K and V one token occupies in the cache, over all layers.
+    pub fn kv_bytes_per_token(&self, dtype_bytes: usize) -> usize {
+        2 * self.num_layers * self.kv_dim() * dtype_bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Value {
+        serde_json::json!({
+            "model_type": "llama", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 512,
+        })
+    }
+
+    fn parse(v: &Value) -> Result<NetConfig> {
+        NetConfig::from_hf_json(&v.to_string())
+    }
+
+    #[test]
+    fn each_family_member_maps_its_own_features() {
+        let mut v = base();
+        assert_eq!(parse(&v).unwrap().head_dim, 16);
+        v["model_type"] = "qwen3".into();
+        v["head_dim"] = 32.into();
+        let c = parse(&v).unwrap();
+        assert!(c.qk_norm && !c.qkv_bias);
+        assert_eq!((c.head_dim, c.q_dim()), (32, 128));
+        assert!(c.expected_tensors().contains_key("model.layers.1.self_attn.k_norm.weight"));
+        v["model_type"] = "qwen2".into();
+        v["sliding_window"] = 32.into();
+        let c = parse(&v).unwrap();
+        assert!(c.qkv_bias && c.sliding_window.is_none(), "qwen2 ignores the window unless switched on");
+        v["model_type"] = "mistral".into();
+        assert_eq!(parse(&v).unwrap().sliding_window, Some(32));
+    }
+
+    #[test]
+    fn llama3_rope_scaling_is_read_and_unknown_kinds_are_named() {
+        let mut v = base();
+        v["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        assert_eq!(parse(&v).unwrap().rope_scaling.unwrap().original_max_position_embeddings, 8192);
+        v["rope_scaling"] = serde_json::json!({"type": "yarn", "factor": 4.0});
+        assert!(parse(&v).unwrap_err().to_string().contains("\"yarn\""));
+    }
+
+    #[test]
+    fn impossible_configs_are_load_errors() {
+        for (key, value) in [
+            ("num_attention_heads", Value::from(5)),
+            ("hidden_size", Value::Null),
+            ("vocab_size", Value::from(-3)),
+            ("model_type", Value::from("mamba")),
+            ("vocab_size", Value::from(u64::MAX)),
+        ] {
+            let mut v = base();
+            v[key] = value;
+            assert!(matches!(parse(&v), Err(EngineError::Load(_))), "{key}");
+        }
+    }
+}
