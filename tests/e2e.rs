@@ -524,6 +524,34 @@ fn load_across_tenants_with_misbehaving_neighbours_leaves_healthy_tenants_error_
 }
 
 #[test]
+fn bench_serve_drives_concurrent_streams_through_the_openai_plugin() {
+    let plugin = python_guest(Path::new("plugins/openai-python"));
+    let out = std::process::Command::new(kindling_e2e::kindling_bin())
+        .args(["bench", "serve", "--concurrency", "1,6", "--prompt-tokens", "4-40", "--output-tokens", "12"])
+        .arg("--model")
+        .arg(format!("tiny={}", tiny_model("llama").display()))
+        .arg("--plugin")
+        .arg(&plugin)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let levels = report["levels"].as_array().unwrap();
+    assert_eq!(levels.len(), 2);
+    for level in levels {
+        let ours = &level["kindling"];
+        let streams = level["streams"].as_u64().unwrap();
+        assert_eq!(ours["errors"], 0, "{level}");
+        // Tiny models may stop early at their end-of-text token; never beyond the budget.
+        let tokens = ours["output_tokens"].as_u64().unwrap();
+        assert!(tokens > 0 && tokens <= streams * 12, "{level}");
+        assert!(ours["ttft_p50_s"].as_f64().unwrap() <= ours["wall_s"].as_f64().unwrap(), "{level}");
+    }
+    let metrics = report["engine_metrics"].as_array().unwrap();
+    assert!(metrics.iter().any(|m| m.as_str().unwrap().starts_with("kindling_engine_steps_total")), "{report}");
+}
+
+#[test]
 fn the_openai_plugin_serves_the_official_openai_client() {
     let server = server_with_models();
     let plugin = python_guest(Path::new("plugins/openai-python"));

@@ -52,13 +52,15 @@ pub fn tables(config: &NetConfig, positions: usize, device: &Device) -> candle_c
     Ok((cos, sin))
 }
 
-/// Rotates `x` (`[tokens, heads, head_dim]`, any float dtype) by each token's angles (`cos`/`sin`
-/// rows already gathered per token, f32), computing in f32; returns `x`'s dtype.
+/// Rotates `x` (`[tokens, heads, head_dim]`, any float dtype, contiguous) by each token's angles
+/// (`cos`/`sin` rows already gathered per token, f32), computing in f32; returns `x`'s dtype.
+/// Each token is its own batch element of candle's rope kernel, so no transposes are needed.
 pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let (tokens, heads, d) = x.dims3()?;
     let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
-    let rotated = candle_nn::rotary_emb::rope(&x, cos, sin)?;
-    rotated.squeeze(0)?.transpose(0, 1)?.to_dtype(dtype)?.contiguous()
+    let x = x.to_dtype(DType::F32)?.reshape((tokens, heads, 1, d))?;
+    let (cos, sin) = (cos.reshape((tokens, 1, d / 2))?, sin.reshape((tokens, 1, d / 2))?);
+    candle_nn::rotary_emb::rope(&x, &cos, &sin)?.reshape((tokens, heads, d))?.to_dtype(dtype)
 }
 
 #[cfg(test)]
