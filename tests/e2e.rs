@@ -90,6 +90,44 @@ fn thirty_two_concurrent_streams_over_four_architectures_match_the_reference() {
     assert!(metrics.contains("kindling_engine_kv_blocks_used{model=\"tiny-qwen3\"} 0"), "{metrics}");
 }
 
+/// One sample of a per-model engine series from `/metrics`.
+fn engine_metric(server: &Server, series: &str, model: &str) -> f64 {
+    let text = server.get("/metrics").body;
+    let prefix = format!("{series}{{model=\"{model}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN)
+}
+
+#[test]
+fn a_client_that_goes_away_stops_its_generation_at_the_next_step() {
+    let server = Server::start(&[("tiny", &tiny_model("qwen2"))]);
+    let manifest = "name = \"long\"\nroutes = [\"/long\"]\nmodels = [\"tiny\"]\n[limits]\nmax_tokens = 4000\n";
+    assert_eq!(server.deploy(manifest, &hello()).status, 201);
+    let body = json!({ "prompt": "Once upon a time", "max_tokens": 4000 });
+    // Uninterrupted, a whole completion runs to the end of the context: long enough to cut short.
+    let started = std::time::Instant::now();
+    let full = server.post_json("/long", &body);
+    let full_time = started.elapsed();
+    let full_tokens = full.json()["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(full_tokens >= 300, "the test needs a long generation: {}", full.body);
+    let steps_before = engine_metric(&server, "kindling_engine_steps_total", "tiny");
+
+    // The same request from a client that gives up a fifth of the way through.
+    let started = std::time::Instant::now();
+    let gave_up = ureq::post(&format!("{}/long", server.url)).timeout(full_time / 5).send_json(body);
+    assert!(gave_up.is_err(), "the client timed out");
+    let deadline = started + full_time * 3 / 4;
+    while engine_metric(&server, "kindling_engine_running_sequences", "tiny") != 0.0
+        || started.elapsed() < full_time / 5
+    {
+        assert!(std::time::Instant::now() < deadline, "the generation ran on after its client left");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let steps = engine_metric(&server, "kindling_engine_steps_total", "tiny") - steps_before;
+    assert!(steps < full_tokens as f64 * 0.75, "{steps} steps for an abandoned request of {full_tokens} tokens");
+    // And the engine is free for the next caller at once.
+    assert_eq!(server.post_json("/long", &json!({ "prompt": "Hi", "max_tokens": 4 })).status, 200);
+}
+
 #[test]
 fn first_request_reports_a_cold_start_and_later_ones_do_not() {
     let server = server_with_models();

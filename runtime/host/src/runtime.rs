@@ -85,6 +85,19 @@ pub struct Invocation {
     pub response: hyper::Response<HyperOutgoingBody>,
     /// Filled in as the handler runs; final once the response body has ended.
     pub report: Arc<Mutex<LlmReport>>,
+    /// Keep until the response is over: dropping it ends the guest (and so its generations).
+    pub guest: GuestTask,
+}
+
+/// The task running a guest instance. Dropping it aborts the guest at its next yield, which
+/// drops its store: its model resources and token streams go with it, so the engine cancels
+/// their generations at its next step instead of computing for a client that has gone.
+pub struct GuestTask(tokio::task::AbortHandle);
+
+impl Drop for GuestTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 pub struct HandlerRuntime {
@@ -231,8 +244,10 @@ impl HandlerRuntime {
             result
         });
 
+        // If the caller stops waiting (its client went away), the guard aborts the guest.
+        let guest = GuestTask(task.abort_handle());
         match receiver.await {
-            Ok(Ok(response)) => Ok(Invocation { response, report }),
+            Ok(Ok(response)) => Ok(Invocation { response, report, guest }),
             Ok(Err(code)) => Err(InvokeError::ErrorResponse(format!("{code:?}"))),
             Err(_) => match task.await {
                 Ok(Ok(())) => Err(InvokeError::NoResponse),

@@ -111,7 +111,10 @@ async fn handle_routed(
             parts.headers.insert("x-kindling-deployment", HeaderValue::from_str(&name).expect("validated name"));
             let report = invocation.report.clone();
             let app = app.clone();
+            let guest = invocation.guest;
             let on_end = Box::new(move || {
+                drop(guest); // the body is over or its client is gone: so is the guest
+
                 let r = report.lock().expect("poisoned");
                 app.metrics.invocation(&name, &r);
                 tracing::info!(
