@@ -2,7 +2,9 @@
 
 use std::path::Path;
 
-use kindling_e2e::{Server, ServerOptions, python_guest, reference_generations, tiny_model};
+use kindling_e2e::{
+    Server, ServerOptions, python_guest, reference_generations, reference_gguf_generations, smollm2, tiny_model,
+};
 use serde_json::json;
 
 const HELLO_MANIFEST: &str = r#"
@@ -126,6 +128,88 @@ fn a_client_that_goes_away_stops_its_generation_at_the_next_step() {
     assert!(steps < full_tokens as f64 * 0.75, "{steps} steps for an abandoned request of {full_tokens} tokens");
     // And the engine is free for the next caller at once.
     assert_eq!(server.post_json("/long", &json!({ "prompt": "Hi", "max_tokens": 4 })).status, 200);
+}
+
+const SMOLLM2_MANIFEST: &str =
+    "name = \"smol\"\nroutes = [\"/smol\"]\nmodels = [\"smollm2\"]\n[limits]\nmax_tokens = 64\n";
+
+#[test]
+fn a_real_gguf_model_generates_what_an_independent_dequantizing_reference_generates() {
+    let model = smollm2();
+    let server = Server::start(&[("smollm2", &model)]);
+    assert_eq!(server.deploy(SMOLLM2_MANIFEST, &hello()).status, 201);
+    let prompts = ["The capital of France is", "Write a short poem about the sea.\n"];
+    let expected = reference_gguf_generations(&model, 32, &prompts);
+    for (prompt, reference) in prompts.iter().zip(&expected) {
+        let req = json!({ "prompt": prompt, "model": "smollm2", "max_tokens": 32, "temperature": 0 });
+        let got = server.post_json("/smol", &req);
+        assert_eq!(got.status, 200, "{}", got.body);
+        let got = got.json();
+        assert_eq!(got["text"], reference["text"], "on {prompt:?}");
+        assert_eq!(got["usage"]["completion_tokens"], reference["ids"].as_array().unwrap().len(), "on {prompt:?}");
+    }
+    // Token ids from the file's own tokenizer equal the reference's, special tokens and digits too.
+    let text = "<|im_start|>user\nWhat is 1234 + 5678? Ça va, naïve café…<|im_end|>\n";
+    let ours = std::process::Command::new(kindling_e2e::kindling_bin())
+        .args(["models", "tokenize"])
+        .arg(&model)
+        .arg(text)
+        .output()
+        .unwrap();
+    let ours: serde_json::Value = serde_json::from_slice(&ours.stdout).unwrap();
+    assert_eq!(ours["ids"], reference_gguf_generations(&model, 0, &[text])[0]["prompt_ids"]);
+}
+
+#[test]
+fn a_real_model_answers_a_chat_through_the_openai_plugin() {
+    let model = smollm2();
+    let server = Server::start(&[("smollm2", &model)]);
+    let plugin = python_guest(Path::new("plugins/openai-python"));
+    let manifest = std::fs::read_to_string(kindling_e2e::workspace_root().join("plugins/openai-python/kindling.toml"))
+        .unwrap()
+        .replace("models = [\"tiny\"]", "models = [\"smollm2\"]");
+    assert_eq!(server.deploy(&manifest, &plugin).status, 201);
+    let question = json!({ "model": "smollm2", "max_tokens": 24, "temperature": 0,
+        "messages": [{ "role": "user", "content": "What is the capital of France?" }] });
+    let answer = server.post_json("/v1/chat/completions", &question);
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let content = answer.json()["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    assert!(content.contains("Paris"), "{content:?}");
+}
+
+#[test]
+fn weights_kept_quantized_track_the_reference_where_it_is_not_a_near_tie() {
+    // Quantized matmuls round activations to 8 bits (about 0.1 on a logit), so only tokens with a
+    // clear margin are expected to agree: the first ones of this prompt are.
+    let model = smollm2();
+    let opts = ServerOptions { extra_args: vec!["--quantized-matmul".into()], ..Default::default() };
+    let server = Server::start_with(&[("smollm2", &model)], opts);
+    assert_eq!(server.deploy(SMOLLM2_MANIFEST, &hello()).status, 201);
+    let prompt = "The capital of France is";
+    let reference = &reference_gguf_generations(&model, 3, &[prompt])[0];
+    let got = server.post_json("/smol", &json!({ "prompt": prompt, "model": "smollm2", "max_tokens": 3 }));
+    assert_eq!(got.status, 200, "{}", got.body);
+    assert_eq!(got.json()["text"], reference["text"]);
+}
+
+#[test]
+fn truncated_or_ambiguous_gguf_checkpoints_are_refused_at_registration() {
+    let server = Server::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(smollm2()).unwrap();
+    let truncated = dir.path().join("cut.gguf");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let answer = server.post_json("/admin/models", &json!({ "name": "cut", "path": truncated }));
+    assert_eq!(answer.status, 400, "{}", answer.body);
+    assert!(answer.body.contains("past the end of the file"), "{}", answer.body);
+    let two = dir.path().join("two");
+    std::fs::create_dir(&two).unwrap();
+    std::fs::write(two.join("a.gguf"), b"x").unwrap();
+    std::fs::write(two.join("b.gguf"), b"y").unwrap();
+    let answer = server.post_json("/admin/models", &json!({ "name": "two", "path": two }));
+    assert_eq!(answer.status, 400, "{}", answer.body);
+    assert!(answer.body.contains("several GGUF files"), "{}", answer.body);
+    assert_eq!(server.get("/healthz").status, 200);
 }
 
 #[test]

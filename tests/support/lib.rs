@@ -317,10 +317,27 @@ impl Drop for Server {
 
 /// Greedy generations from the independent numpy implementation (tests/reference).
 pub fn reference_generations(model_dir: &Path, max_tokens: u32, prompts: &[&str]) -> Vec<serde_json::Value> {
-    let script = workspace_root().join("tests/reference/reference_generate.py");
+    run_reference("reference_generate.py", model_dir, max_tokens, prompts)
+}
+
+/// The same from `reference_gguf.py`: the GGUF dequantized by the `gguf` package, its tokenizer
+/// rebuilt from the file's metadata in Python.
+pub fn reference_gguf_generations(file: &Path, max_tokens: u32, prompts: &[&str]) -> Vec<serde_json::Value> {
+    run_reference("reference_gguf.py", file, max_tokens, prompts)
+}
+
+/// SmolLM2-135M-Instruct (Q4_1 GGUF), which scripts/setup.sh unpacks from its PyPI package.
+pub fn smollm2() -> PathBuf {
+    let path = workspace_root().join(".kindling/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(path.is_file(), "{} is missing: run scripts/setup.sh", path.display());
+    path
+}
+
+fn run_reference(script: &str, model: &Path, max_tokens: u32, prompts: &[&str]) -> Vec<serde_json::Value> {
+    let script = workspace_root().join("tests/reference").join(script);
     let out = Command::new("python3")
         .arg(script)
-        .arg(model_dir)
+        .arg(model)
         .arg(max_tokens.to_string())
         .args(prompts)
         .output()

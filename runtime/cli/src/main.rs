@@ -98,7 +98,8 @@ fn parse_arch(s: &str) -> Result<Architecture, String> {
 
 #[derive(Subcommand)]
 enum ModelsCommand {
-    /// Register a model directory (HF format: config.json, tokenizer.json, safetensors) with a running server.
+    /// Register a model with a running server: an HF directory (config.json, tokenizer.json,
+    /// safetensors) or a GGUF file (or a directory holding one).
     Add {
         name: String,
         path: PathBuf,
@@ -114,6 +115,8 @@ enum ModelsCommand {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Print the token ids a model's own tokenizer gives a text (HF directory or GGUF file).
+    Tokenize { path: PathBuf, text: String },
     /// Write a deterministic tiny model of a real architecture (for tests and offline demos).
     MakeTiny {
         /// Directory to write.
@@ -182,6 +185,12 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
             ModelsCommand::List { remote } => client::print_json(&remote, "GET", "/admin/models", None),
+            ModelsCommand::Tokenize { path, text } => {
+                let tokenizer = kindling_engine::Checkpoint::open(&path)?.load_tokenizer()?;
+                let encoding = tokenizer.encode(text, true).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+                println!("{}", serde_json::json!({ "ids": encoding.get_ids(), "tokens": encoding.get_tokens() }));
+                Ok(())
+            }
             ModelsCommand::MakeTiny { dir, arch } => {
                 let config = make_tiny_model(&dir, &TinySpec::new(arch))?;
                 println!(

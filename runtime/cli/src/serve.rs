@@ -22,7 +22,7 @@ pub struct ServeArgs {
     /// Where compiled components are cached (default: DATA_DIR/compiled). Safe to share between servers.
     #[arg(long)]
     compile_cache: Option<PathBuf>,
-    /// Register a model at start: NAME=PATH to an HF-format directory. Repeatable.
+    /// Register a model at start: NAME=PATH to an HF-format directory or a GGUF file. Repeatable.
     #[arg(long = "model", value_name = "NAME=PATH")]
     models: Vec<String>,
     /// Require this bearer token on the admin API.
@@ -57,6 +57,10 @@ pub struct ServeArgs {
     /// Caps every model's context (prompt + completion tokens) below its max_position_embeddings.
     #[arg(long)]
     max_context: Option<usize>,
+    /// Keep GGUF weights quantized and multiply with quantized matmuls on CPU too (the GPU
+    /// default; activations are quantized to 8 bits). CPU default: dequantize to f32 at load.
+    #[arg(long)]
+    quantized_matmul: bool,
     /// Handler instances that may exist at once across all deployments (pooling allocator slots).
     #[arg(long, default_value_t = 128)]
     max_instances: u32,
@@ -88,9 +92,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let pool = Arc::new(CheckpointPool::new(gib(args.pool_gib), worker.pinner()));
         let engine_config = EngineConfig {
             max_running: args.max_running.max(1),
+            max_waiting: args.max_running.max(1),
             max_step_tokens: args.max_step_tokens.max(args.max_running.max(1)),
             kv_cache_bytes: gib(args.kv_cache_gib.unwrap_or(if worker.device.is_cpu() { 0.25 } else { 16.0 })),
             max_context: args.max_context,
+            dequantize: if args.quantized_matmul { Some(false) } else { None },
             ..EngineConfig::default()
         };
         let registry = Arc::new(ModelRegistry::with_engine_config(Arc::new(worker), pool, engine_config));

@@ -11,7 +11,7 @@ use crate::checkpoint_pool::CheckpointPool;
 use crate::engine::{EngineConfig, EngineHandle, start_engine};
 use crate::error::EngineError;
 use crate::kv_cache::{BLOCK_SIZE, KvStorage};
-use crate::network::{Architecture, Batch, Network, SeqChunk};
+use crate::network::{Architecture, Batch, Network, SeqChunk, WeightHandling};
 use crate::params::SamplingParams;
 use crate::sequence::FinishReason;
 use crate::tiny_model::{TinySpec, make_tiny_model};
@@ -201,7 +201,8 @@ fn bf16_rope_stays_exact_past_a_thousand_positions() {
         let (pooled, _) = pool.checkout(Checkpoint::open(dir.path()).unwrap(), &|_| {}).unwrap();
         let build = |dtype| {
             let tensors = pooled.load_tensors(&Device::Cpu, dtype).unwrap();
-            Network::new(pooled.ckpt.config.clone(), tensors, 2048, &Device::Cpu).unwrap()
+            let how = WeightHandling { dtype, dequantize: false };
+            Network::new(pooled.ckpt.config.clone(), tensors, 2048, how, &Device::Cpu).unwrap()
         };
         let (f32_net, bf16_net) = (build(DType::F32), build(DType::BF16));
         let vocab = f32_net.config.vocab_size as u32;

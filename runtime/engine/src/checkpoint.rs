@@ -1,4 +1,9 @@
-//! An HF-format model directory, opened and checked before any weights are touched.
+//! A model checkpoint, opened and checked before any weights are touched: an HF-format directory
+//! (config.json, tokenizer.json, safetensors) or a GGUF file (`gguf.rs`).
+//!
+//! Which one a path means: a path to a `.gguf` file is that file. A directory with `config.json`
+//! and safetensors weights is an HF checkpoint, even if it also holds GGUF files; otherwise a
+//! directory holding exactly one `.gguf` file is that file (several are an error that names them).
 //!
 //! `Checkpoint::open` reads `config.json`, finds the safetensors files (single file or sharded
 //! index), parses every header and checks each tensor the architecture needs against the shape the
@@ -12,28 +17,49 @@ use std::path::{Path, PathBuf};
 use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
+use candle_core::quantized::GgmlDType;
+
+use crate::chat_template::ChatTemplate;
 use crate::error::{EngineError, Result};
+use crate::gguf::{GgufCheckpoint, GgufTokenizer};
 pub use crate::network::{Architecture, NetConfig};
 
 /// One tensor as its safetensors header describes it.
 #[derive(Debug, Clone)]
 pub struct TensorEntry {
     pub file: usize,
-    pub dtype: Dtype,
+    pub dtype: WeightDType,
     pub shape: Vec<usize>,
     /// Byte range inside the file (absolute, header included).
     pub offsets: (usize, usize),
 }
 
-/// A checked, not yet loaded, model directory.
+/// How a tensor's bytes are stored.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum WeightDType {
+    Safetensors(Dtype),
+    Ggml(GgmlDType),
+}
+
+/// Where the tokenizer (and chat template) come from.
+#[derive(Debug, Clone)]
+pub enum TokenizerSource {
+    /// `tokenizer.json` (and `tokenizer_config.json` beside it for the chat template).
+    File(PathBuf),
+    Gguf(Box<GgufTokenizer>),
+}
+
+/// A checked, not yet loaded, checkpoint.
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
+    /// The path it was opened from (a directory or a `.gguf` file); opening it again gives the same.
     pub dir: PathBuf,
+    pub format: &'static str,
     pub arch: Architecture,
     pub config: NetConfig,
     pub weight_files: Vec<PathBuf>,
     pub tensors: HashMap<String, TensorEntry>,
-    pub tokenizer_path: PathBuf,
+    pub tokenizer: TokenizerSource,
     pub eos_token_ids: BTreeSet<u32>,
     /// Sum of the weight files' sizes.
     pub weight_bytes: u64,
@@ -56,11 +82,84 @@ fn collect_ids(value: &serde_json::Value, into: &mut BTreeSet<u32>) {
 }
 
 impl Checkpoint {
-    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
-        let dir = dir.as_ref().to_path_buf();
-        if !dir.is_dir() {
-            return Err(EngineError::Load(format!("{} is not a directory", dir.display())));
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+            return Self::open_gguf(path.clone(), &path);
         }
+        if !path.is_dir() {
+            return Err(EngineError::Load(format!("{} is neither a directory nor a .gguf file", path.display())));
+        }
+        let hf = path.join("config.json").is_file()
+            && (path.join("model.safetensors").is_file() || path.join("model.safetensors.index.json").is_file());
+        if !hf {
+            let mut ggufs: Vec<PathBuf> = std::fs::read_dir(&path)
+                .map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "gguf"))
+                .collect();
+            ggufs.sort();
+            match ggufs.len() {
+                0 => {}
+                1 => return Self::open_gguf(path, &ggufs[0]),
+                _ => {
+                    let names: Vec<String> = ggufs.iter().map(|p| p.display().to_string()).collect();
+                    return Err(EngineError::Load(format!(
+                        "{} holds several GGUF files ({}); register one of them by its path",
+                        path.display(),
+                        names.join(", ")
+                    )));
+                }
+            }
+        }
+        Self::open_hf(path)
+    }
+
+    /// The checkpoint's tokenizer (parsed or built: tens of milliseconds for a large vocabulary,
+    /// which is why the pool does it once per admission).
+    pub fn load_tokenizer(&self) -> Result<tokenizers::Tokenizer> {
+        match &self.tokenizer {
+            TokenizerSource::File(path) => tokenizers::Tokenizer::from_file(path)
+                .map_err(|e| EngineError::Load(format!("{}: {e}", path.display()))),
+            TokenizerSource::Gguf(t) => t.build(),
+        }
+    }
+
+    /// The chat template, if the checkpoint has one.
+    pub fn load_chat_template(&self) -> Result<Option<ChatTemplate>> {
+        match &self.tokenizer {
+            TokenizerSource::File(path) => ChatTemplate::from_model_dir(path.parent().unwrap_or(&self.dir)),
+            TokenizerSource::Gguf(t) => match &t.chat_template {
+                Some(source) => ChatTemplate::new(source, t.token_text(t.bos), t.token_text(t.eos)).map(Some),
+                None => Ok(None),
+            },
+        }
+    }
+
+    fn open_gguf(dir: PathBuf, file: &Path) -> Result<Self> {
+        let g = GgufCheckpoint::open(file)?;
+        let tensors = g
+            .tensors
+            .into_iter()
+            .map(|(name, t)| {
+                (name, TensorEntry { file: 0, dtype: WeightDType::Ggml(t.dtype), shape: t.shape, offsets: t.offsets })
+            })
+            .collect();
+        Ok(Self {
+            dir,
+            format: "gguf",
+            arch: g.config.arch,
+            config: g.config,
+            weight_files: vec![file.to_path_buf()],
+            tensors,
+            tokenizer: TokenizerSource::Gguf(Box::new(g.tokenizer)),
+            eos_token_ids: g.eos_token_ids,
+            weight_bytes: g.file_bytes,
+        })
+    }
+
+    fn open_hf(dir: PathBuf) -> Result<Self> {
         let config = NetConfig::from_hf_json(&read_to_string(&dir.join("config.json"))?)?;
         let arch = config.arch;
 
@@ -87,7 +186,17 @@ impl Checkpoint {
             collect_ids(&v["eos_token_id"], &mut eos_token_ids);
         }
 
-        Ok(Self { dir, arch, config, weight_files, tensors, tokenizer_path, eos_token_ids, weight_bytes })
+        Ok(Self {
+            dir,
+            format: "safetensors",
+            arch,
+            config,
+            weight_files,
+            tensors,
+            tokenizer: TokenizerSource::File(tokenizer_path),
+            eos_token_ids,
+            weight_bytes,
+        })
     }
 
     fn find_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -137,7 +246,7 @@ impl Checkpoint {
             debug_assert!(start >= header_len);
             let entry = TensorEntry {
                 file: index,
-                dtype: view.dtype(),
+                dtype: WeightDType::Safetensors(view.dtype()),
                 shape: view.shape().to_vec(),
                 offsets: (start, start + view.data().len()),
             };
@@ -159,7 +268,7 @@ impl Checkpoint {
                     entry.shape
                 )));
             }
-            if !matches!(entry.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+            if !matches!(entry.dtype, WeightDType::Safetensors(Dtype::F32 | Dtype::F16 | Dtype::BF16)) {
                 return Err(EngineError::Load(format!(
                     "tensor {name} has dtype {:?}; only f32, f16 and bf16 are supported",
                     entry.dtype
@@ -244,7 +353,7 @@ mod tests {
         let dir = tiny();
         std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
         assert!(open_err(dir.path()).contains("neither model.safetensors"));
-        assert!(open_err(Path::new("/nonexistent/model")).contains("not a directory"));
+        assert!(open_err(Path::new("/nonexistent/model")).contains("neither a directory nor a .gguf file"));
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use memmap2::{Advice, Mmap};
 use safetensors::Dtype;
@@ -16,8 +17,9 @@ use safetensors::Dtype;
 use tokenizers::Tokenizer;
 
 use crate::chat_template::ChatTemplate;
-use crate::checkpoint::{Checkpoint, TensorEntry};
+use crate::checkpoint::{Checkpoint, TensorEntry, WeightDType};
 use crate::error::{EngineError, Result};
+use crate::network::Weight;
 
 /// Makes host memory DMA-able by an accelerator (cuMemHostRegister on CUDA).
 pub trait HostPinner: Send + Sync {
@@ -99,24 +101,38 @@ impl PooledCheckpoint {
         &self.maps[entry.file][entry.offsets.0..entry.offsets.1]
     }
 
-    /// Copies every tensor onto `device` as `dtype`. From pinned pages each copy is a DMA straight
-    /// into the tensor's device allocation; the copies are queued on the device's stream and this
-    /// returns once all of them have landed.
-    pub fn load_tensors(&self, device: &Device, dtype: DType) -> Result<HashMap<String, Tensor>> {
+    /// Copies every tensor onto `device`: float tensors as `dtype`, quantized ones as they are
+    /// (they stay quantized on the device). From pinned pages each copy is a DMA straight into the
+    /// tensor's device allocation; the copies are queued on the device's stream and this returns
+    /// once all of them have landed.
+    pub fn load_tensors(&self, device: &Device, dtype: DType) -> Result<HashMap<String, Weight>> {
         let mut out = HashMap::with_capacity(self.ckpt.tensors.len());
         for (name, entry) in &self.ckpt.tensors {
             let bytes = self.bytes(entry);
             let shape = entry.shape.as_slice();
-            let tensor = match entry.dtype {
-                Dtype::BF16 => Self::from_bytes::<half::bf16>(bytes, shape, device),
-                Dtype::F16 => Self::from_bytes::<half::f16>(bytes, shape, device),
-                Dtype::F32 => Self::from_bytes::<f32>(bytes, shape, device),
+            let err = |e: candle_core::Error| EngineError::Load(format!("tensor {name}: {e}"));
+            let weight = match entry.dtype {
+                WeightDType::Safetensors(Dtype::BF16) | WeightDType::Ggml(GgmlDType::BF16) => {
+                    Self::from_bytes::<half::bf16>(bytes, shape, device)
+                }
+                WeightDType::Safetensors(Dtype::F16) | WeightDType::Ggml(GgmlDType::F16) => {
+                    Self::from_bytes::<half::f16>(bytes, shape, device)
+                }
+                WeightDType::Safetensors(Dtype::F32) | WeightDType::Ggml(GgmlDType::F32) => {
+                    Self::from_bytes::<f32>(bytes, shape, device)
+                }
+                WeightDType::Ggml(q) => {
+                    let qtensor =
+                        candle_core::quantized::ggml_file::qtensor_from_ggml(q, bytes, shape.to_vec(), device);
+                    out.insert(name.clone(), Weight::Quantized(Arc::new(qtensor.map_err(err)?)));
+                    continue;
+                }
                 // Non-float tensors (e.g. quantization metadata) are not read by our networks.
-                _ => continue,
+                WeightDType::Safetensors(_) => continue,
             }
             .and_then(|t| t.to_dtype(dtype))
-            .map_err(|e| EngineError::Load(format!("tensor {name}: {e}")))?;
-            out.insert(name.clone(), tensor);
+            .map_err(err)?;
+            out.insert(name.clone(), Weight::Dense(weight));
         }
         device.synchronize().map_err(EngineError::load)?;
         Ok(out)
@@ -254,9 +270,7 @@ impl CheckpointPool {
     fn admit(&self, ckpt: Checkpoint, pin: bool, progress: &dyn Fn(AdmitProgress)) -> Result<PooledCheckpoint> {
         let started = Instant::now();
         // Before any page is pinned, so a failure here leaves nothing to undo.
-        let tokenizer = Tokenizer::from_file(&ckpt.tokenizer_path)
-            .map_err(|e| EngineError::Load(format!("{}: {e}", ckpt.tokenizer_path.display())))?;
-        let chat_template = ChatTemplate::from_model_dir(&ckpt.dir)?;
+        let (tokenizer, chat_template) = (ckpt.load_tokenizer()?, ckpt.load_chat_template()?);
         let mut maps = Vec::new();
         let mut stamps = Vec::new();
         let total = ckpt.weight_bytes;
@@ -368,7 +382,7 @@ mod tests {
         // Compare against candle's own safetensors reader on the same file.
         let reference = candle_core::safetensors::load(&ckpt.weight_files[0], &Device::Cpu).unwrap();
         for (name, t) in &reference {
-            let ours = &tensors[name];
+            let crate::network::Weight::Dense(ours) = &tensors[name] else { panic!("{name} is not dense") };
             let diff = (ours - t.to_dtype(DType::F32).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
             assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name}");
         }

@@ -18,7 +18,7 @@ use crate::chat_template::{ChatMessage, ChatTemplate};
 use crate::checkpoint_pool::PooledCheckpoint;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{BLOCK_SIZE, KvStorage, blocks_for};
-use crate::network::{Architecture, Batch, NetConfig, Network, SeqChunk};
+use crate::network::{Architecture, Batch, NetConfig, Network, SeqChunk, WeightHandling};
 use crate::params::SamplingParams;
 use crate::sampling::Sampler;
 use crate::scheduler::{Scheduler, SchedulerConfig};
@@ -40,6 +40,9 @@ pub struct EngineConfig {
     pub max_context: Option<usize>,
     /// Compute dtype; `None` picks f32 on CPU and bf16 on accelerators.
     pub dtype: Option<DType>,
+    /// Dequantize quantized (GGUF) weights at load; `None` does on CPU, keeps them quantized on
+    /// accelerators (see `WeightHandling`).
+    pub dequantize: Option<bool>,
 }
 
 impl Default for EngineConfig {
@@ -51,6 +54,7 @@ impl Default for EngineConfig {
             kv_cache_bytes: 256 << 20,
             max_context: None,
             dtype: None,
+            dequantize: None,
         }
     }
 }
@@ -72,6 +76,10 @@ pub struct KvPlan {
 impl EngineConfig {
     pub fn dtype_for(&self, device: &Device) -> DType {
         self.dtype.unwrap_or_else(|| compute_dtype(device))
+    }
+
+    pub fn weights_for(&self, device: &Device) -> WeightHandling {
+        WeightHandling { dtype: self.dtype_for(device), dequantize: self.dequantize.unwrap_or(device.is_cpu()) }
     }
 
     /// Sizes the KV cache: no more blocks than `max_running` full-context sequences use, no more
@@ -303,7 +311,7 @@ pub fn start_engine(
     let tensors = pooled.load_tensors(device, dtype)?;
     let h2d = started.elapsed();
     let started = Instant::now();
-    let network = Network::new(ckpt.config.clone(), tensors, kv.context, device)?;
+    let network = Network::new(ckpt.config.clone(), tensors, kv.context, config.weights_for(device), device)?;
     let storage = KvStorage::new(ckpt.config.num_layers, ckpt.config.kv_dim(), kv.blocks, dtype, device)?;
     let load = LoadBreakdown {
         pool_hit,

@@ -12,6 +12,7 @@ pub mod checkpoint_pool;
 pub mod decode;
 pub mod engine;
 pub mod error;
+pub mod gguf;
 pub mod kv_cache;
 pub mod network;
 pub mod params;

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 
 use crate::checkpoint_pool::HostPinner;
+use crate::engine::EngineConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvStorage;
 use crate::network::{Batch, Network, SeqChunk};
@@ -53,8 +54,13 @@ impl Worker {
                 let (pooled, _) = pool.checkout(crate::Checkpoint::open(&model_dir)?, &|_| {})?;
                 let config = pooled.ckpt.config.clone();
                 let dtype = crate::engine::compute_dtype(&self.device);
-                let network =
-                    Network::new(config.clone(), pooled.load_tensors(&self.device, dtype)?, 64, &self.device)?;
+                let network = Network::new(
+                    config.clone(),
+                    pooled.load_tensors(&self.device, dtype)?,
+                    64,
+                    EngineConfig::default().weights_for(&self.device),
+                    &self.device,
+                )?;
                 let kv = KvStorage::new(config.num_layers, config.kv_dim(), 1, dtype, &self.device)?;
                 let chunk = |start, len| SeqChunk { start, len, block_table: vec![0], sample: true };
                 let prefill = Batch { tokens: vec![1, 2, 3, 4], chunks: vec![chunk(0, 4)] };

@@ -115,6 +115,9 @@ pub struct NetConfig {
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub rope_scaling: Option<Llama3RopeScaling>,
+    /// RoPE rotates adjacent pairs (llama.cpp's layout: its converter permutes Q/K rows so) rather
+    /// than the two halves of each head (HF's rotate_half).
+    pub rope_interleaved: bool,
     pub tie_word_embeddings: bool,
     pub qkv_bias: bool,
     pub qk_norm: bool,
@@ -211,6 +214,7 @@ impl NetConfig {
             rms_norm_eps: f64_field(&v, "rms_norm_eps", 1e-6)?,
             rope_theta: f64_field(&v, "rope_theta", 10000.0)?,
             rope_scaling: rope_scaling(&v)?,
+            rope_interleaved: false,
             tie_word_embeddings: field(&v, "tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
             qkv_bias: spec.qkv_bias,
             qk_norm: spec.qk_norm,
@@ -221,7 +225,7 @@ impl NetConfig {
         Ok(config)
     }
 
-    fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         let bad = |m: String| Err(EngineError::Load(format!("config.json: {m}")));
         if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(

@@ -10,25 +10,108 @@ pub mod config;
 pub mod rope;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{D, DType, Device, Module, Tensor};
 
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvStorage;
 pub use config::{ARCHITECTURES, ArchSpec, Architecture, NetConfig};
 
+/// A weight as the checkpoint pool hands it over: a dense tensor in the compute dtype, or a
+/// quantized one (GGUF) that stays quantized on the device.
+pub enum Weight {
+    Dense(Tensor),
+    Quantized(Arc<QTensor>),
+}
+
+impl Weight {
+    /// As a dense tensor of `dtype` (quantized weights are dequantized: norms, embeddings).
+    fn dense(self, dtype: DType) -> candle_core::Result<Tensor> {
+        match self {
+            Weight::Dense(t) => t.to_dtype(dtype),
+            Weight::Quantized(q) => q.dequantize(&q.device())?.to_dtype(dtype),
+        }
+    }
+}
+
+/// `x @ w.T`, with `w` dense or quantized.
+enum Linear {
+    Dense(Tensor),
+    Quantized(QMatMul),
+}
+
+impl Linear {
+    fn new(w: Weight, how: &WeightHandling) -> candle_core::Result<Self> {
+        Ok(match w {
+            Weight::Dense(t) => Linear::Dense(t),
+            Weight::Quantized(q) if how.dequantize => Linear::Dense(Weight::Quantized(q).dense(how.dtype)?),
+            Weight::Quantized(q) => Linear::Quantized(QMatMul::from_arc(q)?),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Linear::Dense(w) => x.matmul(&w.t()?),
+            // Quantized matmuls take f32 activations.
+            Linear::Quantized(q) => q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype()),
+        }
+    }
+}
+
+/// Projections that share an input, fused into one matmul when dense (rows concatenated at
+/// load); quantized ones run one by one and their outputs are concatenated.
+enum Projection {
+    Fused(Linear),
+    Parts(Vec<Linear>),
+}
+
+impl Projection {
+    fn new(parts: Vec<Weight>, how: &WeightHandling) -> candle_core::Result<Self> {
+        if how.dequantize || parts.iter().all(|w| matches!(w, Weight::Dense(_))) {
+            let dense: Vec<Tensor> =
+                parts.into_iter().map(|w| w.dense(how.dtype)).collect::<candle_core::Result<_>>()?;
+            Ok(Projection::Fused(Linear::Dense(Tensor::cat(&dense, 0)?)))
+        } else {
+            Ok(Projection::Parts(parts.into_iter().map(|w| Linear::new(w, how)).collect::<candle_core::Result<_>>()?))
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Projection::Fused(l) => l.forward(x),
+            Projection::Parts(ls) => {
+                Tensor::cat(&ls.iter().map(|l| l.forward(x)).collect::<candle_core::Result<Vec<_>>>()?, 1)
+            }
+        }
+    }
+}
+
+/// How the network holds its weights.
+#[derive(Debug, Clone, Copy)]
+pub struct WeightHandling {
+    /// The compute dtype of activations and dense weights.
+    pub dtype: DType,
+    /// Dequantize quantized weights at load. Candle's quantized matmuls quantize activations to 8
+    /// bits (as llama.cpp does), which moves logits by about 0.1: enough to flip a near tie. On a
+    /// CPU host memory is plentiful and f32 weights give the exact numerics an f32 reference
+    /// checks; on a GPU the weights stay quantized (4x less memory and memory traffic).
+    pub dequantize: bool,
+}
+
 struct Layer {
     attn_norm: Tensor,
-    /// `[q_dim + 2 kv_dim, hidden]`.
-    qkv: Tensor,
+    /// Output `[tokens, q_dim + 2 kv_dim]`.
+    qkv: Projection,
     qkv_bias: Option<Tensor>,
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
-    o_proj: Tensor,
+    o_proj: Linear,
     mlp_norm: Tensor,
-    /// `[2 intermediate, hidden]`: gate rows, then up rows.
-    gate_up: Tensor,
-    down: Tensor,
+    /// Output `[tokens, 2 intermediate]`: gate, then up.
+    gate_up: Projection,
+    down: Linear,
 }
 
 pub struct Network {
@@ -38,7 +121,7 @@ pub struct Network {
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: Tensor,
+    lm_head: Linear,
     /// f32 RoPE tables for positions `0..context`.
     cos: Tensor,
     sin: Tensor,
@@ -62,12 +145,8 @@ pub struct Batch {
     pub chunks: Vec<SeqChunk>,
 }
 
-fn take(weights: &mut HashMap<String, Tensor>, name: &str) -> Result<Tensor> {
+fn take(weights: &mut HashMap<String, Weight>, name: &str) -> Result<Weight> {
     weights.remove(name).ok_or_else(|| EngineError::Load(format!("checkpoint has no tensor {name}")))
-}
-
-fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    x.matmul(&w.t()?)
 }
 
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
@@ -79,45 +158,66 @@ impl Network {
     /// pool's output). `context` bounds the positions RoPE tables are built for.
     pub fn new(
         config: NetConfig,
-        mut weights: HashMap<String, Tensor>,
+        mut weights: HashMap<String, Weight>,
         context: usize,
+        how: WeightHandling,
         device: &Device,
     ) -> Result<Self> {
         let w = &mut weights;
-        let embed = take(w, "model.embed_tokens.weight")?;
-        let dtype = embed.dtype();
-        let fuse = |parts: &[Tensor]| Tensor::cat(parts, 0).map_err(EngineError::load);
+        let load = EngineError::load;
+        let dtype = how.dtype;
+        let embed_weight = take(w, "model.embed_tokens.weight")?;
+        // A tied head multiplies by the embedding table as stored (quantized stays quantized
+        // unless the handling dequantizes everything).
+        let tied_head = match (&embed_weight, config.tie_word_embeddings) {
+            (Weight::Quantized(q), true) if !how.dequantize => {
+                Some(Linear::Quantized(QMatMul::from_arc(q.clone()).map_err(load)?))
+            }
+            _ => None,
+        };
+        let embed = embed_weight.dense(dtype).map_err(load)?;
+        let dense = |w: Weight| w.dense(dtype).map_err(load);
         let mut layers = Vec::with_capacity(config.num_layers);
         for l in 0..config.num_layers {
             let p = format!("model.layers.{l}.");
             let mut t = |name: &str| take(w, &format!("{p}{name}"));
-            let qkv =
-                fuse(&[t("self_attn.q_proj.weight")?, t("self_attn.k_proj.weight")?, t("self_attn.v_proj.weight")?])?;
+            let qkv = Projection::new(
+                vec![t("self_attn.q_proj.weight")?, t("self_attn.k_proj.weight")?, t("self_attn.v_proj.weight")?],
+                &how,
+            )
+            .map_err(load)?;
             let qkv_bias = if config.qkv_bias {
-                Some(fuse(&[t("self_attn.q_proj.bias")?, t("self_attn.k_proj.bias")?, t("self_attn.v_proj.bias")?])?)
+                let parts = [t("self_attn.q_proj.bias")?, t("self_attn.k_proj.bias")?, t("self_attn.v_proj.bias")?];
+                let parts = parts.into_iter().map(dense).collect::<Result<Vec<_>>>()?;
+                Some(Tensor::cat(&parts, 0).map_err(load)?)
             } else {
                 None
             };
             let (q_norm, k_norm) = if config.qk_norm {
-                (Some(t("self_attn.q_norm.weight")?), Some(t("self_attn.k_norm.weight")?))
+                (Some(dense(t("self_attn.q_norm.weight")?)?), Some(dense(t("self_attn.k_norm.weight")?)?))
             } else {
                 (None, None)
             };
             layers.push(Layer {
-                attn_norm: t("input_layernorm.weight")?,
+                attn_norm: dense(t("input_layernorm.weight")?)?,
                 qkv,
                 qkv_bias,
                 q_norm,
                 k_norm,
-                o_proj: t("self_attn.o_proj.weight")?,
-                mlp_norm: t("post_attention_layernorm.weight")?,
-                gate_up: fuse(&[t("mlp.gate_proj.weight")?, t("mlp.up_proj.weight")?])?,
-                down: t("mlp.down_proj.weight")?,
+                o_proj: Linear::new(t("self_attn.o_proj.weight")?, &how).map_err(load)?,
+                mlp_norm: dense(t("post_attention_layernorm.weight")?)?,
+                gate_up: Projection::new(vec![t("mlp.gate_proj.weight")?, t("mlp.up_proj.weight")?], &how)
+                    .map_err(load)?,
+                down: Linear::new(t("mlp.down_proj.weight")?, &how).map_err(load)?,
             });
         }
-        let norm = take(w, "model.norm.weight")?;
-        let lm_head = if config.tie_word_embeddings { embed.clone() } else { take(w, "lm_head.weight")? };
-        let (cos, sin) = rope::tables(&config, context, device).map_err(EngineError::load)?;
+        let norm = dense(take(w, "model.norm.weight")?)?;
+        let lm_head = match tied_head {
+            Some(head) => head,
+            None if config.tie_word_embeddings => Linear::Dense(embed.clone()),
+            None => Linear::new(take(w, "lm_head.weight")?, &how).map_err(load)?,
+        };
+        let (cos, sin) = rope::tables(&config, context, device).map_err(load)?;
         Ok(Self { config, device: device.clone(), dtype, embed, layers, norm, lm_head, cos, sin })
     }
 
@@ -137,7 +237,7 @@ impl Network {
         let mut x = self.embed.index_select(&tokens, 0)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.attn_norm, c.rms_norm_eps)?;
-            let mut qkv = linear(&h, &layer.qkv)?;
+            let mut qkv = layer.qkv.forward(&h)?;
             if let Some(b) = &layer.qkv_bias {
                 qkv = qkv.broadcast_add(b)?;
             }
@@ -148,23 +248,23 @@ impl Network {
                 (Some(qn), Some(kn)) => (rms_norm(&q, qn, c.rms_norm_eps)?, rms_norm(&k, kn, c.rms_norm_eps)?),
                 _ => (q, k),
             };
-            let q = rope::apply(&q, &cos, &sin)?;
-            let k = rope::apply(&k, &cos, &sin)?.reshape((n, c.kv_dim()))?;
+            let q = rope::apply(&q, &cos, &sin, c.rope_interleaved)?;
+            let k = rope::apply(&k, &cos, &sin, c.rope_interleaved)?.reshape((n, c.kv_dim()))?;
             kv.k[l].scatter_set(&plan.write_slots, &k, 0)?;
             kv.v[l].scatter_set(&plan.write_slots, &v, 0)?;
             let attn = attention::paged(&q, &kv.k[l], &kv.v[l], &plan, c)?;
-            x = (x + linear(&attn, &layer.o_proj)?)?;
+            x = (x + layer.o_proj.forward(&attn)?)?;
             let h = rms_norm(&x, &layer.mlp_norm, c.rms_norm_eps)?;
-            let gate_up = linear(&h, &layer.gate_up)?;
+            let gate_up = layer.gate_up.forward(&h)?;
             let gate = gate_up.narrow(D::Minus1, 0, c.intermediate_size)?;
             let up = gate_up.narrow(D::Minus1, c.intermediate_size, c.intermediate_size)?;
-            x = (x + linear(&(candle_nn::ops::silu(&gate)? * up)?, &layer.down)?)?;
+            x = (x + layer.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?)?;
         }
         if plan.samples == 0 {
             return Tensor::zeros((0, c.vocab_size), DType::F32, &self.device);
         }
         let last = x.index_select(&plan.sample_rows, 0)?;
         let last = rms_norm(&last, &self.norm, c.rms_norm_eps)?;
-        linear(&last, &self.lm_head)?.to_dtype(DType::F32)
+        self.lm_head.forward(&last)?.to_dtype(DType::F32)
     }
 }

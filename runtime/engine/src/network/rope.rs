@@ -55,12 +55,17 @@ pub fn tables(config: &NetConfig, positions: usize, device: &Device) -> candle_c
 /// Rotates `x` (`[tokens, heads, head_dim]`, any float dtype, contiguous) by each token's angles
 /// (`cos`/`sin` rows already gathered per token, f32), computing in f32; returns `x`'s dtype.
 /// Each token is its own batch element of candle's rope kernel, so no transposes are needed.
-pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> candle_core::Result<Tensor> {
     let (tokens, heads, d) = x.dims3()?;
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?.reshape((tokens, heads, 1, d))?;
     let (cos, sin) = (cos.reshape((tokens, 1, d / 2))?, sin.reshape((tokens, 1, d / 2))?);
-    candle_nn::rotary_emb::rope(&x, &cos, &sin)?.reshape((tokens, heads, d))?.to_dtype(dtype)
+    let rotated = if interleaved {
+        candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?
+    } else {
+        candle_nn::rotary_emb::rope(&x, &cos, &sin)?
+    };
+    rotated.reshape((tokens, heads, d))?.to_dtype(dtype)
 }
 
 #[cfg(test)]
@@ -85,7 +90,7 @@ mod tests {
         let d = config.head_dim;
         // One head per position, all ones: its rotation shows the angle directly.
         let x = Tensor::ones((positions.len(), 1, d), DType::BF16, &Device::Cpu).unwrap();
-        let rotated = apply(&x, &cos, &sin).unwrap().to_dtype(DType::F32).unwrap().to_vec3::<f32>().unwrap();
+        let rotated = apply(&x, &cos, &sin, false).unwrap().to_dtype(DType::F32).unwrap().to_vec3::<f32>().unwrap();
         let inv = inverse_frequencies(&config);
         for (row, p) in rotated.iter().zip(positions) {
             for (i, f) in inv.iter().enumerate() {
