@@ -173,7 +173,7 @@ async fn a_full_engine_answers_overloaded() {
 fn last_logits(network: &Network, ids: &[u32], chunk: usize) -> Vec<f32> {
     let c = &network.config;
     let blocks = ids.len().div_ceil(BLOCK_SIZE);
-    let kv = KvStorage::new(c.num_layers, c.kv_dim(), blocks, network.dtype, &network.device).unwrap();
+    let kv = KvStorage::new(c.num_layers, c.num_kv_heads, c.head_dim, blocks, network.dtype, &network.device).unwrap();
     let table: Vec<u32> = (0..blocks as u32).collect();
     let mut logits = None;
     for start in (0..ids.len()).step_by(chunk) {

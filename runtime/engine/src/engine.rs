@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc;
 
@@ -21,7 +21,7 @@ use crate::kv_cache::{BLOCK_SIZE, KvStorage, blocks_for};
 use crate::network::{Architecture, Batch, NetConfig, Network, SeqChunk, WeightHandling};
 use crate::params::SamplingParams;
 use crate::sampling::Sampler;
-use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::scheduler::{Scheduled, Scheduler, SchedulerConfig};
 use crate::sequence::{Accepted, Finish, GenerationTiming, SequenceOutput};
 
 /// How an engine batches and how much memory its KV cache may take.
@@ -312,7 +312,14 @@ pub fn start_engine(
     let h2d = started.elapsed();
     let started = Instant::now();
     let network = Network::new(ckpt.config.clone(), tensors, kv.context, config.weights_for(device), device)?;
-    let storage = KvStorage::new(ckpt.config.num_layers, ckpt.config.kv_dim(), kv.blocks, dtype, device)?;
+    let storage = KvStorage::new(
+        ckpt.config.num_layers,
+        ckpt.config.num_kv_heads,
+        ckpt.config.head_dim,
+        kv.blocks,
+        dtype,
+        device,
+    )?;
     let load = LoadBreakdown {
         pool_hit,
         admit: if pool_hit { Duration::ZERO } else { pooled.admit_time },
@@ -441,13 +448,9 @@ impl Actor {
             batch.tokens.extend_from_slice(&e.tokens[s.start..s.start + s.len]);
             batch.chunks.push(SeqChunk { start: s.start, len: s.len, block_table: e.blocks.clone(), sample: s.sample });
         }
-        let logits = self
-            .parts
-            .network
-            .forward(&batch, &self.parts.storage)
-            .and_then(|l| l.to_vec2::<f32>().map_err(EngineError::runtime));
-        let rows = match logits {
-            Ok(rows) => rows,
+        let tokens = self.parts.network.forward(&batch, &self.parts.storage).and_then(|l| self.sample_all(&plan, &l));
+        let tokens = match tokens {
+            Ok(tokens) => tokens,
             Err(e) => {
                 tracing::error!(error = %e, "engine step failed; failing its sequences");
                 for s in &plan {
@@ -459,22 +462,40 @@ impl Actor {
             }
         };
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
-        let mut rows = rows.into_iter();
+        let mut tokens = tokens.into_iter();
         for s in &plan {
             self.sched.advance(s.id, s.len);
             if s.sample {
-                let row = rows.next().expect("one row per sampled chunk");
-                self.sample(s.id, &row);
+                let token = tokens.next().expect("one token per sampled chunk");
+                self.accept(s.id, token);
             }
         }
     }
 
-    /// Samples one sequence's next token and sends what it adds to the text.
-    fn sample(&mut self, id: u64, logits: &[f32]) {
+    /// The next token of every sampled sequence of the step, in plan order, with one host sync.
+    /// When every one is greedy on an accelerator, the argmax runs there and only the ids cross
+    /// (not `[sequences, vocab]` logits); on CPU the host argmax keeps numpy's tie-breaking.
+    fn sample_all(&mut self, plan: &[Scheduled], logits: &Tensor) -> Result<Vec<u32>> {
+        let sampled: Vec<u64> = plan.iter().filter(|s| s.sample).map(|s| s.id).collect();
+        let sampler = |sched: &Scheduler<Running>, id: u64| sched.get(id).map(|e| e.payload.sampler.is_greedy());
+        let greedy = sampled.iter().all(|id| sampler(&self.sched, *id) == Some(true));
+        if greedy && !logits.device().is_cpu() {
+            return logits.argmax(1).and_then(|t| t.to_vec1::<u32>()).map_err(EngineError::runtime);
+        }
+        let rows: Vec<Vec<f32>> = logits.to_vec2::<f32>().map_err(EngineError::runtime)?;
+        let mut tokens = Vec::with_capacity(rows.len());
+        for (id, row) in sampled.iter().zip(&rows) {
+            let entry = self.sched.get_mut(*id).expect("sampled sequences exist");
+            tokens.push(entry.payload.sampler.sample(row));
+        }
+        Ok(tokens)
+    }
+
+    /// Takes one sequence's next token and sends what it adds to the text.
+    fn accept(&mut self, id: u64, token: u32) {
         let EngineParts { tokenizer, eos, .. } = &self.parts;
         let entry = self.sched.get_mut(id).expect("sampled sequences exist");
         let run = &mut entry.payload;
-        let token = run.sampler.sample(logits);
         if run.first_token.is_none() {
             run.first_token = run.first_step.map(|t| t.elapsed());
         }

@@ -64,7 +64,9 @@ pub fn slots(table: &[u32], range: std::ops::Range<usize>) -> impl Iterator<Item
     range.map(move |pos| table[pos / BLOCK_SIZE] * BLOCK_SIZE as u32 + (pos % BLOCK_SIZE) as u32)
 }
 
-/// The device memory behind the blocks: per layer, K and V as `[blocks * BLOCK_SIZE, kv_dim]`.
+/// The device memory behind the blocks: per layer, K and V as `[kv_heads, blocks * BLOCK_SIZE,
+/// head_dim]`, so the keys a sequence gathers come out head-major, in the layout attention's
+/// batched matmuls read, with no transposing copy.
 pub struct KvStorage {
     pub k: Vec<Tensor>,
     pub v: Vec<Tensor>,
@@ -72,8 +74,16 @@ pub struct KvStorage {
 }
 
 impl KvStorage {
-    pub fn new(layers: usize, kv_dim: usize, blocks: usize, dtype: DType, device: &Device) -> Result<Self> {
-        let alloc = || Tensor::zeros((blocks * BLOCK_SIZE, kv_dim), dtype, device).map_err(EngineError::load);
+    pub fn new(
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        blocks: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let alloc =
+            || Tensor::zeros((kv_heads, blocks * BLOCK_SIZE, head_dim), dtype, device).map_err(EngineError::load);
         let mut k = Vec::with_capacity(layers);
         let mut v = Vec::with_capacity(layers);
         for _ in 0..layers {

@@ -37,6 +37,11 @@ impl Sampler {
         Self { temperature: params.temperature, top_p: params.top_p, rng }
     }
 
+    /// Greedy: the token is the argmax, no randomness.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         if self.temperature == 0.0 {
             return argmax(logits);

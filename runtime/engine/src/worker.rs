@@ -61,7 +61,8 @@ impl Worker {
                     EngineConfig::default().weights_for(&self.device),
                     &self.device,
                 )?;
-                let kv = KvStorage::new(config.num_layers, config.kv_dim(), 1, dtype, &self.device)?;
+                let kv =
+                    KvStorage::new(config.num_layers, config.num_kv_heads, config.head_dim, 1, dtype, &self.device)?;
                 let chunk = |start, len| SeqChunk { start, len, block_table: vec![0], sample: true };
                 let prefill = Batch { tokens: vec![1, 2, 3, 4], chunks: vec![chunk(0, 4)] };
                 network.forward(&prefill, &kv)?;

@@ -28,14 +28,14 @@ pub struct DecodeGroup {
     keys: usize,
     /// `[seqs * keys]` cache slots, padding repeating a valid slot.
     read_slots: Tensor,
-    /// `[seqs, 1, 1, keys]` additive mask hiding the padding.
+    /// `[1, seqs, 1, keys]` additive mask hiding the padding.
     mask: Option<Tensor>,
 }
 
 pub struct StepPlan {
     /// Position of each packed token, `[tokens]`.
     pub positions: Tensor,
-    /// Cache slot of each packed token, broadcast to `[tokens, kv_dim]` for `scatter_set`.
+    /// Cache slot of each packed token, broadcast to `[kv_heads, tokens, head_dim]` for `scatter_set`.
     pub write_slots: Tensor,
     /// Rows of the packed batch whose logits are wanted.
     pub sample_rows: Tensor,
@@ -67,7 +67,7 @@ fn decode_group(chunks: &[SeqChunk], window: Option<usize>, device: &Device) -> 
         seqs: chunks.len(),
         keys,
         read_slots: Tensor::from_vec(slots_flat, chunks.len() * keys, device)?,
-        mask: if padded { Some(Tensor::from_vec(mask, (chunks.len(), 1, 1, keys), device)?) } else { None },
+        mask: if padded { Some(Tensor::from_vec(mask, (1, chunks.len(), 1, keys), device)?) } else { None },
     })
 }
 
@@ -124,7 +124,8 @@ impl StepPlan {
             candle_core::bail!("batch has {n} tokens but its chunks cover {offset}");
         }
         let samples = sample_rows.len();
-        let write_slots = Tensor::from_vec(write, (n, 1), device)?.broadcast_as((n, config.kv_dim()))?.contiguous()?;
+        let (kvh, hd) = (config.num_kv_heads, config.head_dim);
+        let write_slots = Tensor::from_vec(write, (1, n, 1), device)?.broadcast_as((kvh, n, hd))?.contiguous()?;
         Ok(Self {
             positions: Tensor::from_vec(positions, n, device)?,
             write_slots,
@@ -137,7 +138,9 @@ impl StepPlan {
 }
 
 /// Attention of every sequence in the step: `q` is `[tokens, heads, head_dim]`, the caches
-/// `[slots, kv_dim]` (this step's keys and values already written); returns `[tokens, q_dim]`.
+/// `[kv_heads, slots, head_dim]` (this step's keys and values already written); returns
+/// `[tokens, q_dim]`. Batched matmuls run over (kv head, sequence) pairs with the query heads of
+/// one K/V head as rows, so K and V are read as gathered: never repeated, never transposed.
 pub fn paged(
     q: &Tensor,
     k_cache: &Tensor,
@@ -149,28 +152,24 @@ pub fn paged(
     let scale = 1.0 / (hd as f64).sqrt();
     let mut outs = Vec::with_capacity(plan.seqs.len() + 1);
     if let Some(d) = &plan.decode {
-        // [seqs, heads, hd] -> [seqs, kv_heads, group, hd] against keys [seqs, kv_heads, keys, hd].
-        let qd = q.narrow(0, 0, d.seqs)?.reshape((d.seqs, kvh, group, hd))?;
-        let gather = |cache: &Tensor| -> candle_core::Result<Tensor> {
-            cache.index_select(&d.read_slots, 0)?.reshape((d.seqs, d.keys, kvh, hd))?.transpose(1, 2)?.contiguous()
-        };
+        // q: [seqs, heads, hd] -> [kv_heads, seqs, group, hd]; keys: [kv_heads, seqs, keys, hd].
+        let qd = q.narrow(0, 0, d.seqs)?.reshape((d.seqs, kvh, group, hd))?.transpose(0, 1)?.contiguous()?;
+        let gather = |cache: &Tensor| cache.index_select(&d.read_slots, 1)?.reshape((kvh, d.seqs, d.keys, hd));
         let (ks, vs) = (gather(k_cache)?, gather(v_cache)?);
         let mut scores = (qd.matmul(&ks.transpose(2, 3)?)?.to_dtype(DType::F32)? * scale)?;
         if let Some(mask) = &d.mask {
             scores = scores.broadcast_add(mask)?;
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(vs.dtype())?;
-        outs.push(probs.matmul(&vs)?.reshape((d.seqs, kvh * group * hd))?);
+        // [kv_heads, seqs, group, hd] -> [seqs, heads * hd]
+        outs.push(probs.matmul(&vs)?.transpose(0, 1)?.reshape((d.seqs, kvh * group * hd))?);
     }
     for s in &plan.seqs {
         let keys = s.read_slots.dim(0)?;
         // [len, heads, hd] -> [kv_heads, group * len, hd]: the query heads of one K/V head as rows.
         let qs = q.narrow(0, s.offset, s.len)?.transpose(0, 1)?.contiguous()?.reshape((kvh, group * s.len, hd))?;
-        let gather = |cache: &Tensor| -> candle_core::Result<Tensor> {
-            cache.index_select(&s.read_slots, 0)?.reshape((keys, kvh, hd))?.transpose(0, 1)?.contiguous()
-        };
-        let (ks, vs) = (gather(k_cache)?, gather(v_cache)?);
-        let mut scores = (qs.matmul(&ks.t()?)?.to_dtype(DType::F32)? * scale)?;
+        let (ks, vs) = (k_cache.index_select(&s.read_slots, 1)?, v_cache.index_select(&s.read_slots, 1)?);
+        let mut scores = (qs.matmul(&ks.transpose(1, 2)?)?.to_dtype(DType::F32)? * scale)?;
         if let Some(mask) = &s.mask {
             scores =
                 scores.reshape((kvh, group, s.len, keys))?.broadcast_add(mask)?.reshape((kvh, group * s.len, keys))?;

@@ -243,15 +243,16 @@ impl Network {
             }
             let q = qkv.narrow(1, 0, c.q_dim())?.reshape((n, c.num_heads, c.head_dim))?;
             let k = qkv.narrow(1, c.q_dim(), c.kv_dim())?.reshape((n, c.num_kv_heads, c.head_dim))?;
-            let v = qkv.narrow(1, c.q_dim() + c.kv_dim(), c.kv_dim())?.contiguous()?;
+            let v = qkv.narrow(1, c.q_dim() + c.kv_dim(), c.kv_dim())?.reshape((n, c.num_kv_heads, c.head_dim))?;
             let (q, k) = match (&layer.q_norm, &layer.k_norm) {
                 (Some(qn), Some(kn)) => (rms_norm(&q, qn, c.rms_norm_eps)?, rms_norm(&k, kn, c.rms_norm_eps)?),
                 _ => (q, k),
             };
             let q = rope::apply(&q, &cos, &sin, c.rope_interleaved)?;
-            let k = rope::apply(&k, &cos, &sin, c.rope_interleaved)?.reshape((n, c.kv_dim()))?;
-            kv.k[l].scatter_set(&plan.write_slots, &k, 0)?;
-            kv.v[l].scatter_set(&plan.write_slots, &v, 0)?;
+            let k = rope::apply(&k, &cos, &sin, c.rope_interleaved)?;
+            // The cache is head-major: [kv_heads, slots, hd].
+            kv.k[l].scatter_set(&plan.write_slots, &k.transpose(0, 1)?.contiguous()?, 1)?;
+            kv.v[l].scatter_set(&plan.write_slots, &v.transpose(0, 1)?.contiguous()?, 1)?;
             let attn = attention::paged(&q, &kv.k[l], &kv.v[l], &plan, c)?;
             x = (x + layer.o_proj.forward(&attn)?)?;
             let h = rms_norm(&x, &layer.mlp_norm, c.rms_norm_eps)?;
