@@ -114,6 +114,17 @@ def forward(w, cfg, ids):
     return x[-1] @ head.T
 
 
+def greedy(weights, cfg, ids, max_tokens, eos):
+    """Greedy decoding, recomputing the whole sequence for each token: (new ids, finish reason)."""
+    out = []
+    for _ in range(max_tokens):
+        nxt = int(np.argmax(forward(weights, cfg, ids + out)))
+        if nxt in eos:
+            return out, "stop"
+        out.append(nxt)
+    return out, "length"
+
+
 def main():
     model_dir, max_tokens, prompts = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
     cfg = json.loads((model_dir / "config.json").read_text())
@@ -122,14 +133,7 @@ def main():
     weights = load_safetensors(model_dir / "model.safetensors")
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     for prompt in prompts:
-        ids = tokenizer.encode(prompt).ids
-        out, reason = [], "length"
-        for _ in range(max_tokens):
-            nxt = int(np.argmax(forward(weights, cfg, ids + out)))
-            if nxt in eos:
-                reason = "stop"
-                break
-            out.append(nxt)
+        out, reason = greedy(weights, cfg, tokenizer.encode(prompt).ids, max_tokens, eos)
         text = tokenizer.decode(out, skip_special_tokens=True)
         print(json.dumps({"prompt": prompt, "ids": out, "text": text, "finish_reason": reason}))
 

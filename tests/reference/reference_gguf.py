@@ -18,7 +18,7 @@ from gguf.quants import dequantize
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 sys.path.insert(0, str(Path(__file__).parent))
-from reference_generate import forward  # noqa: E402
+from reference_generate import greedy  # noqa: E402
 
 NAMES = {
     "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
@@ -97,13 +97,7 @@ def main():
     eos = {field(reader, "tokenizer.ggml.eos_token_id")}
     for prompt in prompts:
         ids = tok.encode(prompt).ids
-        out, reason = [], "length"
-        for _ in range(max_tokens):
-            nxt = int(np.argmax(forward(weights, cfg, ids + out)))
-            if nxt in eos:
-                reason = "stop"
-                break
-            out.append(nxt)
+        out, reason = greedy(weights, cfg, ids, max_tokens, eos)
         print(json.dumps({"prompt": prompt, "prompt_ids": ids, "ids": out, "text": tok.decode(out),
                           "finish_reason": reason}), flush=True)
 

@@ -65,6 +65,24 @@ enum Slot {
     Ready { engine: EngineHandle, bytes: u64 },
 }
 
+impl Slot {
+    /// Bytes of a ready engine.
+    fn ready_bytes(&self) -> u64 {
+        match self {
+            Slot::Ready { bytes, .. } => *bytes,
+            Slot::Loading { .. } => 0,
+        }
+    }
+
+    /// Bytes reserved by a load in progress.
+    fn reserved_bytes(&self) -> u64 {
+        match self {
+            Slot::Loading { reserved, .. } => *reserved,
+            Slot::Ready { .. } => 0,
+        }
+    }
+}
+
 /// Dropped engines whose threads may still hold memory (in-flight generations finishing).
 struct Retiring {
     bytes: u64,
@@ -83,15 +101,7 @@ impl Residency {
     fn pinned_bytes(&mut self) -> u64 {
         self.retiring.retain(|r| r.alive.strong_count() > 0);
         let retiring: u64 = self.retiring.iter().map(|r| r.bytes).sum();
-        let loading: u64 = self
-            .slots
-            .values()
-            .map(|s| match s {
-                Slot::Loading { reserved, .. } => *reserved,
-                Slot::Ready { .. } => 0,
-            })
-            .sum();
-        retiring + loading
+        retiring + self.slots.values().map(Slot::reserved_bytes).sum::<u64>()
     }
 
     fn remove(&mut self, name: &str) -> bool {
@@ -360,14 +370,7 @@ impl ModelRegistry {
     /// Bytes the budget counts as taken now: ready, loading and retiring engines.
     pub fn resident_bytes(&self) -> u64 {
         let mut res = self.residency.lock().expect("poisoned");
-        let ready: u64 = res
-            .slots
-            .values()
-            .map(|s| match s {
-                Slot::Ready { bytes, .. } => *bytes,
-                Slot::Loading { .. } => 0,
-            })
-            .sum();
+        let ready: u64 = res.slots.values().map(Slot::ready_bytes).sum();
         ready + res.pinned_bytes()
     }
 
