@@ -160,6 +160,11 @@ mod cuda {
                 pinner: Some(Arc::new(CudaPinner { ctx })),
             };
             worker.warm_up()?;
+            match crate::network::paged_kernel::self_check(&worker.device) {
+                Ok(diff) if diff < 0.02 => tracing::info!(max_abs_diff = diff, "paged decode kernel checked"),
+                Ok(diff) => crate::network::paged_kernel::disable(&format!("self-check differs by {diff}")),
+                Err(e) => crate::network::paged_kernel::disable(&format!("self-check failed: {e}")),
+            }
             worker.boot_time = started.elapsed();
             tracing::info!(
                 worker = %worker.label,

@@ -25,6 +25,9 @@ pub struct SeqAttention {
 /// to the longest context and masked.
 pub struct DecodeGroup {
     seqs: usize,
+    /// For the paged kernel: `[seqs, 2 + max blocks]` (first visible key, keys, block table).
+    /// When set, `read_slots` and `mask` are not built.
+    kernel_meta: Option<Tensor>,
     keys: usize,
     /// `[seqs * keys]` cache slots, padding repeating a valid slot.
     read_slots: Tensor,
@@ -50,8 +53,24 @@ fn first_visible(pos: usize, window: Option<usize>) -> usize {
     window.map_or(0, |w| (pos + 1).saturating_sub(w))
 }
 
-fn decode_group(chunks: &[SeqChunk], window: Option<usize>, device: &Device) -> candle_core::Result<DecodeGroup> {
+fn kernel_meta(chunks: &[SeqChunk], ranges: &[(usize, usize)], device: &Device) -> candle_core::Result<Tensor> {
+    let width = 2 + chunks.iter().map(|c| c.block_table.len()).max().unwrap_or(0);
+    let mut meta = Vec::with_capacity(chunks.len() * width);
+    for (c, (lo, hi)) in chunks.iter().zip(ranges) {
+        meta.extend([*lo as u32, (hi - lo) as u32]);
+        meta.extend(c.block_table.iter().copied().chain(std::iter::repeat(0)).take(width - 2));
+    }
+    Tensor::from_vec(meta, (chunks.len(), width), device)
+}
+
+fn decode_group(chunks: &[SeqChunk], config: &NetConfig, device: &Device) -> candle_core::Result<DecodeGroup> {
+    let window = config.sliding_window;
     let ranges: Vec<(usize, usize)> = chunks.iter().map(|c| (first_visible(c.start, window), c.start + 1)).collect();
+    if super::paged_kernel::applies(config, device) {
+        let meta = kernel_meta(chunks, &ranges, device)?;
+        let empty = Tensor::zeros(0, DType::U32, device)?;
+        return Ok(DecodeGroup { seqs: chunks.len(), kernel_meta: Some(meta), keys: 0, read_slots: empty, mask: None });
+    }
     let keys = ranges.iter().map(|(lo, hi)| hi - lo).max().unwrap_or(0);
     let mut slots_flat = Vec::with_capacity(chunks.len() * keys);
     let mut mask = Vec::with_capacity(chunks.len() * keys);
@@ -65,6 +84,7 @@ fn decode_group(chunks: &[SeqChunk], window: Option<usize>, device: &Device) -> 
     let padded = ranges.iter().any(|(lo, hi)| hi - lo < keys);
     Ok(DecodeGroup {
         seqs: chunks.len(),
+        kernel_meta: None,
         keys,
         read_slots: Tensor::from_vec(slots_flat, chunks.len() * keys, device)?,
         mask: if padded { Some(Tensor::from_vec(mask, (1, chunks.len(), 1, keys), device)?) } else { None },
@@ -105,7 +125,7 @@ impl StepPlan {
         let decoding = batch.chunks.iter().take_while(|c| c.len == 1).count();
         let decode = match decoding {
             0 => None,
-            _ => Some(decode_group(&batch.chunks[..decoding], config.sliding_window, device)?),
+            _ => Some(decode_group(&batch.chunks[..decoding], config, device)?),
         };
         let mut offset = 0;
         for (i, chunk) in batch.chunks.iter().enumerate() {
@@ -151,7 +171,13 @@ pub fn paged(
     let (kvh, hd, group) = (c.num_kv_heads, c.head_dim, c.num_heads / c.num_kv_heads);
     let scale = 1.0 / (hd as f64).sqrt();
     let mut outs = Vec::with_capacity(plan.seqs.len() + 1);
-    if let Some(d) = &plan.decode {
+    #[cfg(feature = "cuda")]
+    if let Some(DecodeGroup { seqs, kernel_meta: Some(meta), .. }) = &plan.decode {
+        let op = super::paged_kernel::PagedDecode { meta: meta.clone(), scale: scale as f32 };
+        let qd = q.narrow(0, 0, *seqs)?.contiguous()?;
+        outs.push(qd.apply_op3_no_bwd(k_cache, v_cache, &op)?.reshape((*seqs, kvh * group * hd))?);
+    }
+    if let Some(d) = plan.decode.as_ref().filter(|d| d.kernel_meta.is_none()) {
         // q: [seqs, heads, hd] -> [kv_heads, seqs, group, hd]; keys: [kv_heads, seqs, keys, hd].
         let qd = q.narrow(0, 0, d.seqs)?.reshape((d.seqs, kvh, group, hd))?.transpose(0, 1)?.contiguous()?;
         let gather = |cache: &Tensor| cache.index_select(&d.read_slots, 1)?.reshape((kvh, d.seqs, d.keys, hd));

@@ -7,6 +7,7 @@
 
 pub mod attention;
 pub mod config;
+pub mod paged_kernel;
 pub mod rope;
 
 use std::collections::HashMap;
