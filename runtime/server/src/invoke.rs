@@ -114,7 +114,6 @@ async fn handle_routed(
             let guest = invocation.guest;
             let on_end = Box::new(move || {
                 drop(guest); // the body is over or its client is gone: so is the guest
-
                 let r = report.lock().expect("poisoned");
                 app.metrics.invocation(&name, &r);
                 tracing::info!(

@@ -4,9 +4,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Mutex;
-use std::time::Duration;
-
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
 
 use kindling_engine::{EngineHandle, ModelRegistry};
 use kindling_host::LlmReport;
@@ -176,7 +175,8 @@ fn render_engines(out: &mut String, engines: &[(String, EngineHandle)]) {
             e.stats.kv_blocks_used.load(Relaxed) as f64
         }),
         ("kindling_engine_kv_blocks_free", "gauge", "KV cache blocks free.", |e| {
-            (e.stats.kv_blocks_total.load(Relaxed) - e.stats.kv_blocks_used.load(Relaxed)) as f64
+            // Two loads, not one snapshot: never below zero.
+            e.stats.kv_blocks_total.load(Relaxed).saturating_sub(e.stats.kv_blocks_used.load(Relaxed)) as f64
         }),
         (
             "kindling_engine_preemptions_total",

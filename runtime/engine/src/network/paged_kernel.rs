@@ -84,11 +84,19 @@ mod cuda {
                 None => bail!("paged decode: inputs must be contiguous"),
             };
             let (oq, ok, ov) = (contiguous(lq)?, contiguous(lk)?, contiguous(lv)?);
-            let cfg = LaunchConfig { grid_dim: (seqs as u32, kv_heads as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            let cfg = LaunchConfig {
+                grid_dim: (seqs as u32, kv_heads as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
             let args = (heads as i32, kv_heads as i32, slots as i32, meta_stride as i32, self.scale);
             let slice = match (&q.slice, &k.slice, &v.slice) {
                 (CudaStorageSlice::BF16(q), CudaStorageSlice::BF16(k), CudaStorageSlice::BF16(v)) => {
-                    let func = dev.get_or_load_custom_func(&format!("paged_decode_bf16_g{group}_d{}", hd / 32), "kindling_paged_decode", PTX)?;
+                    let func = dev.get_or_load_custom_func(
+                        &format!("paged_decode_bf16_g{group}_d{}", hd / 32),
+                        "kindling_paged_decode",
+                        PTX,
+                    )?;
                     // SAFETY: every element is written by the kernel.
                     let out = unsafe { dev.alloc::<half::bf16>(seqs * heads * hd)? };
                     let (q, k, v) = (q.slice(oq.0..oq.1), k.slice(ok.0..ok.1), v.slice(ov.0..ov.1));
@@ -100,7 +108,11 @@ mod cuda {
                     CudaStorageSlice::BF16(out)
                 }
                 (CudaStorageSlice::F32(q), CudaStorageSlice::F32(k), CudaStorageSlice::F32(v)) => {
-                    let func = dev.get_or_load_custom_func(&format!("paged_decode_f32_g{group}_d{}", hd / 32), "kindling_paged_decode", PTX)?;
+                    let func = dev.get_or_load_custom_func(
+                        &format!("paged_decode_f32_g{group}_d{}", hd / 32),
+                        "kindling_paged_decode",
+                        PTX,
+                    )?;
                     // SAFETY: every element is written by the kernel.
                     let out = unsafe { dev.alloc::<f32>(seqs * heads * hd)? };
                     let (q, k, v) = (q.slice(oq.0..oq.1), k.slice(ok.0..ok.1), v.slice(ov.0..ov.1));
@@ -142,7 +154,8 @@ mod cuda {
             let slots: Vec<u32> =
                 (*first..first + keys).map(|p| table[p as usize / bs] * bs as u32 + p % bs as u32).collect();
             let idx = Tensor::from_vec(slots, *keys as usize, device)?;
-            let (ks, vs) = (k.index_select(&idx, 1)?.to_dtype(DType::F32)?, v.index_select(&idx, 1)?.to_dtype(DType::F32)?);
+            let (ks, vs) =
+                (k.index_select(&idx, 1)?.to_dtype(DType::F32)?, v.index_select(&idx, 1)?.to_dtype(DType::F32)?);
             let qi = q.get(i)?.to_dtype(DType::F32)?.reshape((kvh, group, hd))?;
             let probs = candle_nn::ops::softmax_last_dim(&(qi.matmul(&ks.transpose(1, 2)?)? * scale as f64)?)?;
             let reference = probs.matmul(&vs)?.reshape((heads, hd))?;
