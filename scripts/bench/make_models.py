@@ -2,7 +2,7 @@
 benchmark, with a tokenizer.json of the right vocabulary size (byte-level BPE alphabet plus filler
 tokens). Runs where transformers and a GPU are (the lent H100); nothing is downloaded.
 
-usage: make_models.py OUT_DIR [NAME ...]
+usage: make_models.py OUT_DIR [NAME ...]   (qwen2-0.5b, qwen3-0.6b, llama3-8b, llama3.1-8b)
 """
 
 import json
@@ -15,6 +15,17 @@ SHAPES = {
                        num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
                        tie_word_embeddings=True, max_position_embeddings=32768, rope_theta=1000000.0,
                        eos_token_id=151643, bos_token_id=151643),
+    # The seeds' own workloads (ServerlessLLM store tables): Qwen3-0.6B and Llama-3.1-8B shapes.
+    "qwen3-0.6b": dict(model_type="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                       tie_word_embeddings=True, max_position_embeddings=40960, rope_theta=1000000.0,
+                       rms_norm_eps=1e-6, eos_token_id=151645, bos_token_id=151643),
+    "llama3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                        max_position_embeddings=131072, rope_theta=500000.0, eos_token_id=128001,
+                        bos_token_id=128000, rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                               high_freq_factor=4.0,
+                                                               original_max_position_embeddings=8192)),
     "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                       max_position_embeddings=8192, rope_theta=500000.0, eos_token_id=128001, bos_token_id=128000),

@@ -103,6 +103,18 @@ fn finish_to_wit(finish: &Finish) -> (llm::FinishReason, llm::Usage) {
     (reason, llm::Usage { prompt_tokens, completion_tokens })
 }
 
+/// Submits on a blocking thread: tokenizing a prompt of up to the engine's byte ceiling (hundreds
+/// of kilobytes for long contexts) must not stall the async executor the other guests run on.
+async fn submit(
+    engine: EngineHandle,
+    prompt: String,
+    params: kindling_engine::SamplingParams,
+) -> wasmtime::Result<Result<GenerationStream, EngineError>> {
+    tokio::task::spawn_blocking(move || engine.submit(prompt, params))
+        .await
+        .map_err(|e| wasmtime::Error::msg(format!("tokenizer task failed: {e}")))
+}
+
 impl llm::Host for LlmView<'_> {
     async fn load(&mut self, name: String) -> wasmtime::Result<Result<Resource<ModelResource>, llm::Error>> {
         if !self.ctx.allowed.contains(&name) {
@@ -135,7 +147,11 @@ impl llm::HostModel for LlmView<'_> {
     ) -> wasmtime::Result<Result<llm::Completion, llm::Error>> {
         let params = self.ctx.params(params);
         let engine = self.table.get(&model)?.engine.clone();
-        match engine.generate(prompt, params).await {
+        let generated = match submit(engine, prompt, params).await? {
+            Ok(stream) => stream.collect().await,
+            Err(e) => Err(e),
+        };
+        match generated {
             Ok((text, finish)) => {
                 self.ctx.report.lock().expect("poisoned").record(&finish);
                 let (finish_reason, usage) = finish_to_wit(&finish);
@@ -153,7 +169,7 @@ impl llm::HostModel for LlmView<'_> {
     ) -> wasmtime::Result<Result<Resource<TokenStreamResource>, llm::Error>> {
         let params = self.ctx.params(params);
         let engine = self.table.get(&model)?.engine.clone();
-        match engine.submit(prompt, params) {
+        match submit(engine, prompt, params).await? {
             Ok(stream) => Ok(Ok(self.table.push(TokenStreamResource { stream, finish: None })?)),
             Err(e) => Ok(Err(to_wit(e))),
         }

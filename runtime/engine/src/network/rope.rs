@@ -34,22 +34,16 @@ fn llama3_scale(freq: f32, s: &Llama3RopeScaling) -> f32 {
     }
 }
 
-/// cos and sin, `[positions, head_dim / 2]` f32, on `device`.
+/// cos and sin, `[positions, head_dim / 2]` f32, computed on `device` (a 128k-position table
+/// built on the host would add tens of milliseconds to every cold start). Angles are the f32
+/// product `position * frequency`, as HF computes them.
 pub fn tables(config: &NetConfig, positions: usize, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
     let inv = inverse_frequencies(config);
     let half = inv.len();
-    let mut cos = Vec::with_capacity(positions * half);
-    let mut sin = Vec::with_capacity(positions * half);
-    for p in 0..positions {
-        for f in &inv {
-            let angle = p as f32 * f;
-            cos.push(angle.cos());
-            sin.push(angle.sin());
-        }
-    }
-    let cos = Tensor::from_vec(cos, (positions, half), device)?.to_dtype(DType::F32)?;
-    let sin = Tensor::from_vec(sin, (positions, half), device)?.to_dtype(DType::F32)?;
-    Ok((cos, sin))
+    let inv = Tensor::from_vec(inv, (1, half), device)?;
+    let positions = Tensor::arange(0u32, positions as u32, device)?.to_dtype(DType::F32)?.unsqueeze(1)?;
+    let angles = positions.broadcast_mul(&inv)?;
+    Ok((angles.cos()?, angles.sin()?))
 }
 
 /// Rotates `x` (`[tokens, heads, head_dim]`, any float dtype, contiguous) by each token's angles
