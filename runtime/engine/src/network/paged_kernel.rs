@@ -30,8 +30,8 @@ pub use cuda::{PagedDecode, self_check};
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
     use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, bail};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/paged_decode.ptx"));
@@ -90,43 +90,43 @@ mod cuda {
                 shared_mem_bytes: 0,
             };
             let args = (heads as i32, kv_heads as i32, slots as i32, meta_stride as i32, self.scale);
+            let (n, dpl) = (seqs * heads * hd, hd / 32);
             let slice = match (&q.slice, &k.slice, &v.slice) {
                 (CudaStorageSlice::BF16(q), CudaStorageSlice::BF16(k), CudaStorageSlice::BF16(v)) => {
-                    let func = dev.get_or_load_custom_func(
-                        &format!("paged_decode_bf16_g{group}_d{}", hd / 32),
-                        "kindling_paged_decode",
-                        PTX,
-                    )?;
-                    // SAFETY: every element is written by the kernel.
-                    let out = unsafe { dev.alloc::<half::bf16>(seqs * heads * hd)? };
+                    let kernel = format!("paged_decode_bf16_g{group}_d{dpl}");
                     let (q, k, v) = (q.slice(oq.0..oq.1), k.slice(ok.0..ok.1), v.slice(ov.0..ov.1));
-                    let mut b = func.builder();
-                    b.arg(&q).arg(&k).arg(&v).arg(&meta).arg(&out);
-                    b.arg(&args.0).arg(&args.1).arg(&args.2).arg(&args.3).arg(&args.4);
-                    // SAFETY: the launch matches the kernel's signature; sizes checked above.
-                    unsafe { b.launch(cfg) }.w()?;
-                    CudaStorageSlice::BF16(out)
+                    CudaStorageSlice::BF16(launch(&dev, &kernel, [q, k, v], &meta, n, cfg, args)?)
                 }
                 (CudaStorageSlice::F32(q), CudaStorageSlice::F32(k), CudaStorageSlice::F32(v)) => {
-                    let func = dev.get_or_load_custom_func(
-                        &format!("paged_decode_f32_g{group}_d{}", hd / 32),
-                        "kindling_paged_decode",
-                        PTX,
-                    )?;
-                    // SAFETY: every element is written by the kernel.
-                    let out = unsafe { dev.alloc::<f32>(seqs * heads * hd)? };
+                    let kernel = format!("paged_decode_f32_g{group}_d{dpl}");
                     let (q, k, v) = (q.slice(oq.0..oq.1), k.slice(ok.0..ok.1), v.slice(ov.0..ov.1));
-                    let mut b = func.builder();
-                    b.arg(&q).arg(&k).arg(&v).arg(&meta).arg(&out);
-                    b.arg(&args.0).arg(&args.1).arg(&args.2).arg(&args.3).arg(&args.4);
-                    // SAFETY: as above.
-                    unsafe { b.launch(cfg) }.w()?;
-                    CudaStorageSlice::F32(out)
+                    CudaStorageSlice::F32(launch(&dev, &kernel, [q, k, v], &meta, n, cfg, args)?)
                 }
                 _ => bail!("paged decode: q, k and v must all be bf16 or all f32"),
             };
             Ok((CudaStorage { slice, device: dev }, Shape::from((seqs, heads, hd))))
         }
+    }
+
+    /// Launches one instantiation of the kernel on q, k and v; returns the output `[seqs, heads, hd]`.
+    fn launch<T: DeviceRepr>(
+        dev: &CudaDevice,
+        kernel: &str,
+        [q, k, v]: [CudaView<'_, T>; 3],
+        meta: &CudaView<'_, u32>,
+        elems: usize,
+        cfg: LaunchConfig,
+        (heads, kv_heads, slots, meta_stride, scale): (i32, i32, i32, i32, f32),
+    ) -> Result<CudaSlice<T>> {
+        let func = dev.get_or_load_custom_func(kernel, "kindling_paged_decode", PTX)?;
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { dev.alloc::<T>(elems)? };
+        let mut b = func.builder();
+        b.arg(&q).arg(&k).arg(&v).arg(meta).arg(&out);
+        b.arg(&heads).arg(&kv_heads).arg(&slots).arg(&meta_stride).arg(&scale);
+        // SAFETY: the arguments match the kernel's signature; the caller checked the shapes.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(out)
     }
 
     /// Runs the kernel and a plain reference (gather, softmax, weighted sum) on random data with
