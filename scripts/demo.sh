@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo build --locked -p kindling
 scripts/build-guests.sh
-KINDLING=target/debug/kindling
+KINDLING=${CARGO_TARGET_DIR:-target}/debug/kindling
 DEMO=.kindling/demo
 rm -rf "$DEMO"; mkdir -p "$DEMO"
 $KINDLING models make-tiny "$DEMO/models/tiny"
