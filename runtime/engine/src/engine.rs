@@ -454,9 +454,7 @@ impl Actor {
             Err(e) => {
                 tracing::error!(error = %e, "engine step failed; failing its sequences");
                 for s in &plan {
-                    if let Some(entry) = self.sched.remove(s.id) {
-                        let _ = entry.payload.job.events.send(Err(e.clone()));
-                    }
+                    self.fail(s.id, e.clone());
                 }
                 return;
             }
@@ -491,6 +489,13 @@ impl Actor {
         Ok(tokens)
     }
 
+    /// Ends a sequence with an error: its blocks are freed and its caller is told.
+    fn fail(&mut self, id: u64, error: EngineError) {
+        if let Some(entry) = self.sched.remove(id) {
+            let _ = entry.payload.job.events.send(Err(error));
+        }
+    }
+
     /// Takes one sequence's next token and sends what it adds to the text.
     fn accept(&mut self, id: u64, token: u32) {
         let EngineParts { tokenizer, eos, .. } = &self.parts;
@@ -503,11 +508,7 @@ impl Actor {
         let (text, finished) = match run.output.accept(token, tokenizer, eos) {
             Ok(Accepted::Continue(text)) => (text, None),
             Ok(Accepted::Finished(text, reason)) => (text, Some(reason)),
-            Err(e) => {
-                let entry = self.sched.remove(id).expect("exists");
-                let _ = entry.payload.job.events.send(Err(e));
-                return;
-            }
+            Err(e) => return self.fail(id, e),
         };
         if !text.is_empty() && run.job.events.send(Ok(StreamItem::Text(text))).is_err() {
             self.sched.remove(id); // the caller went away

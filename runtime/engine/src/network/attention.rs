@@ -21,18 +21,25 @@ pub struct SeqAttention {
     mask: Option<Tensor>,
 }
 
-/// The decode tokens at the front of the batch (one token each), attended together: keys padded
-/// to the longest context and masked.
+/// The decode tokens at the front of the batch (one token each), attended together.
 pub struct DecodeGroup {
     seqs: usize,
-    /// For the paged kernel: `[seqs, 2 + max blocks]` (first visible key, keys, block table).
-    /// When set, `read_slots` and `mask` are not built.
-    kernel_meta: Option<Tensor>,
-    keys: usize,
-    /// `[seqs * keys]` cache slots, padding repeating a valid slot.
-    read_slots: Tensor,
-    /// `[1, seqs, 1, keys]` additive mask hiding the padding.
-    mask: Option<Tensor>,
+    keys: DecodeKeys,
+}
+
+/// How the decode group reaches its keys.
+enum DecodeKeys {
+    /// The paged kernel reads them in place: `[seqs, 2 + max blocks]` u32 rows of
+    /// (first visible key, keys, block table).
+    InPlace { meta: Tensor },
+    /// Gathered, padded to the longest context and masked.
+    Gathered {
+        keys: usize,
+        /// `[seqs * keys]` cache slots, padding repeating a valid slot.
+        read_slots: Tensor,
+        /// `[1, seqs, 1, keys]` additive mask hiding the padding.
+        mask: Option<Tensor>,
+    },
 }
 
 pub struct StepPlan {
@@ -68,8 +75,7 @@ fn decode_group(chunks: &[SeqChunk], config: &NetConfig, device: &Device) -> can
     let ranges: Vec<(usize, usize)> = chunks.iter().map(|c| (first_visible(c.start, window), c.start + 1)).collect();
     if super::paged_kernel::applies(config, device) {
         let meta = kernel_meta(chunks, &ranges, device)?;
-        let empty = Tensor::zeros(0, DType::U32, device)?;
-        return Ok(DecodeGroup { seqs: chunks.len(), kernel_meta: Some(meta), keys: 0, read_slots: empty, mask: None });
+        return Ok(DecodeGroup { seqs: chunks.len(), keys: DecodeKeys::InPlace { meta } });
     }
     let keys = ranges.iter().map(|(lo, hi)| hi - lo).max().unwrap_or(0);
     let mut slots_flat = Vec::with_capacity(chunks.len() * keys);
@@ -82,13 +88,12 @@ fn decode_group(chunks: &[SeqChunk], config: &NetConfig, device: &Device) -> can
         mask.extend((0..keys).map(|k| if k < n { 0f32 } else { f32::NEG_INFINITY }));
     }
     let padded = ranges.iter().any(|(lo, hi)| hi - lo < keys);
-    Ok(DecodeGroup {
-        seqs: chunks.len(),
-        kernel_meta: None,
+    let keys = DecodeKeys::Gathered {
         keys,
         read_slots: Tensor::from_vec(slots_flat, chunks.len() * keys, device)?,
         mask: if padded { Some(Tensor::from_vec(mask, (1, chunks.len(), 1, keys), device)?) } else { None },
-    })
+    };
+    Ok(DecodeGroup { seqs: chunks.len(), keys })
 }
 
 fn seq_attention(
@@ -171,24 +176,27 @@ pub fn paged(
     let (kvh, hd, group) = (c.num_kv_heads, c.head_dim, c.num_heads / c.num_kv_heads);
     let scale = 1.0 / (hd as f64).sqrt();
     let mut outs = Vec::with_capacity(plan.seqs.len() + 1);
-    #[cfg(feature = "cuda")]
-    if let Some(DecodeGroup { seqs, kernel_meta: Some(meta), .. }) = &plan.decode {
-        let op = super::paged_kernel::PagedDecode { meta: meta.clone(), scale: scale as f32 };
-        let qd = q.narrow(0, 0, *seqs)?.contiguous()?;
-        outs.push(qd.apply_op3_no_bwd(k_cache, v_cache, &op)?.reshape((*seqs, kvh * group * hd))?);
-    }
-    if let Some(d) = plan.decode.as_ref().filter(|d| d.kernel_meta.is_none()) {
-        // q: [seqs, heads, hd] -> [kv_heads, seqs, group, hd]; keys: [kv_heads, seqs, keys, hd].
-        let qd = q.narrow(0, 0, d.seqs)?.reshape((d.seqs, kvh, group, hd))?.transpose(0, 1)?.contiguous()?;
-        let gather = |cache: &Tensor| cache.index_select(&d.read_slots, 1)?.reshape((kvh, d.seqs, d.keys, hd));
-        let (ks, vs) = (gather(k_cache)?, gather(v_cache)?);
-        let mut scores = (qd.matmul(&ks.transpose(2, 3)?)?.to_dtype(DType::F32)? * scale)?;
-        if let Some(mask) = &d.mask {
-            scores = scores.broadcast_add(mask)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(vs.dtype())?;
-        // [kv_heads, seqs, group, hd] -> [seqs, heads * hd]
-        outs.push(probs.matmul(&vs)?.transpose(0, 1)?.reshape((d.seqs, kvh * group * hd))?);
+    if let Some(DecodeGroup { seqs, keys }) = &plan.decode {
+        let seqs = *seqs;
+        outs.push(match keys {
+            DecodeKeys::InPlace { meta } => {
+                let qd = q.narrow(0, 0, seqs)?.contiguous()?;
+                in_place(&qd, k_cache, v_cache, meta, scale as f32)?.reshape((seqs, kvh * group * hd))?
+            }
+            DecodeKeys::Gathered { keys, read_slots, mask } => {
+                // q: [seqs, heads, hd] -> [kv_heads, seqs, group, hd]; keys: [kv_heads, seqs, keys, hd].
+                let qd = q.narrow(0, 0, seqs)?.reshape((seqs, kvh, group, hd))?.transpose(0, 1)?.contiguous()?;
+                let gather = |cache: &Tensor| cache.index_select(read_slots, 1)?.reshape((kvh, seqs, *keys, hd));
+                let (ks, vs) = (gather(k_cache)?, gather(v_cache)?);
+                let mut scores = (qd.matmul(&ks.transpose(2, 3)?)?.to_dtype(DType::F32)? * scale)?;
+                if let Some(mask) = mask {
+                    scores = scores.broadcast_add(mask)?;
+                }
+                let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(vs.dtype())?;
+                // [kv_heads, seqs, group, hd] -> [seqs, heads * hd]
+                probs.matmul(&vs)?.transpose(0, 1)?.reshape((seqs, kvh * group * hd))?
+            }
+        });
     }
     for s in &plan.seqs {
         let keys = s.read_slots.dim(0)?;
@@ -209,4 +217,16 @@ pub fn paged(
         outs.push(out);
     }
     Tensor::cat(&outs, 0)
+}
+
+/// Decode attention by the paged kernel: `q` `[seqs, heads, hd]` -> `[seqs, heads, hd]`.
+#[cfg(feature = "cuda")]
+fn in_place(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, meta: &Tensor, scale: f32) -> candle_core::Result<Tensor> {
+    q.apply_op3_no_bwd(k_cache, v_cache, &super::paged_kernel::PagedDecode { meta: meta.clone(), scale })
+}
+
+/// Without CUDA the kernel never applies (`paged_kernel::applies`), so this is unreachable.
+#[cfg(not(feature = "cuda"))]
+fn in_place(_: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, _: f32) -> candle_core::Result<Tensor> {
+    candle_core::bail!("the paged decode kernel needs a build with the cuda feature")
 }
