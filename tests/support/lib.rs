@@ -119,6 +119,41 @@ pub fn js_guest(source_dir: &Path) -> PathBuf {
     })
 }
 
+/// The hello example's manifest, over the two tiny models `server_with_models` registers.
+pub const HELLO_MANIFEST: &str = r#"
+name = "hello"
+routes = ["/hello"]
+models = ["tiny", "tiny-llama"]
+[limits]
+max_tokens = 64
+"#;
+
+/// The misbehaving guest's manifest: tight limits its paths run into.
+pub const MISBEHAVE_MANIFEST: &str = r#"
+name = "misbehave"
+routes = ["/misbehave"]
+[limits]
+timeout_ms = 1500
+memory_mb = 96
+max_concurrency = 1
+max_request_bytes = 4096
+max_response_bytes = 1048576
+"#;
+
+pub fn hello() -> PathBuf {
+    python_guest(Path::new("examples/hello-python"))
+}
+
+/// A guest that misbehaves on purpose, one way per path (tests/guests/misbehave-python).
+pub fn misbehave() -> PathBuf {
+    python_guest(Path::new("tests/guests/misbehave-python"))
+}
+
+/// A server with tiny qwen2 and llama models registered as "tiny" and "tiny-llama".
+pub fn server_with_models() -> Server {
+    Server::start(&[("tiny", &tiny_model("qwen2")), ("tiny-llama", &tiny_model("llama"))])
+}
+
 pub struct Server {
     child: Child,
     pub url: String,
@@ -276,17 +311,47 @@ impl Server {
         answer(ureq::post(&format!("{}{path}", self.url)).timeout(Duration::from_secs(120)).send_bytes(body))
     }
 
-    /// Sends SIGTERM and waits for the process to exit, returning whether it exited cleanly.
-    pub fn stop(mut self) -> bool {
-        self.terminate();
-        let deadline = Instant::now() + Duration::from_secs(60);
+    /// `127.0.0.1:PORT`, for raw TCP clients.
+    pub fn addr(&self) -> &str {
+        self.url.strip_prefix("http://").expect("http url")
+    }
+
+    /// A request with arbitrary headers (and optional bearer key), e.g. a forged `Host` or `Origin`.
+    pub fn call_with_headers(&self, key: Option<&str>, method: &str, path: &str, headers: &[(&str, &str)]) -> Answer {
+        let mut req = ureq::request(method, &format!("{}{path}", self.url)).timeout(Duration::from_secs(120));
+        for (name, value) in headers {
+            req = req.set(name, value);
+        }
+        if let Some(k) = key {
+            req = req.set("authorization", &format!("Bearer {k}"));
+        }
+        answer(req.call())
+    }
+
+    /// Creates a tenant with model grants as the operator; returns its API key.
+    pub fn create_tenant(&self, name: &str, models: &[&str]) -> String {
+        let body = serde_json::json!({ "name": name, "models": models });
+        let created = self.call_as(self.admin_token.as_deref(), "POST", "/admin/tenants", Some(&body));
+        assert_eq!(created.status, 201, "{}", created.body);
+        created.json()["api_key"].as_str().expect("api_key").to_string()
+    }
+
+    /// Waits up to `timeout` for the process to exit; its exit status when it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
-                return status.success();
+                return Some(status);
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        false
+        None
+    }
+
+    /// Sends SIGTERM and waits for the process to exit, returning whether it exited cleanly.
+    pub fn stop(mut self) -> bool {
+        self.terminate();
+        self.wait_exit(Duration::from_secs(60)).is_some_and(|s| s.success())
     }
 
     /// Sends SIGTERM without waiting.

@@ -187,12 +187,12 @@ fn start_server(args: &ServeBenchArgs, max_streams: usize) -> anyhow::Result<Ser
 }
 
 fn deploy_plugin(url: &str, plugin: &Path, model: &str, max_streams: usize, max_tokens: u32) -> anyhow::Result<()> {
+    // Headroom: a finished stream's slot is freed when the server drops its body, which can be a
+    // moment after the client has read the last event.
+    let slots = max_streams + 8;
     let manifest = format!(
-        "name = \"openai\"\nroutes = [\"/v1\"]\nmodels = [\"{model}\"]\n[limits]\ntimeout_ms = 600000\nmax_tokens = {}\nmax_concurrency = {}\n",
+        "name = \"openai\"\nroutes = [\"/v1\"]\nmodels = [\"{model}\"]\n[limits]\ntimeout_ms = 600000\nmax_tokens = {}\nmax_concurrency = {slots}\nmax_generations = {slots}\n",
         max_tokens.max(16),
-        // Headroom: a finished stream's slot is freed when the server drops its body, which can
-        // be a moment after the client has read the last event.
-        max_streams + 8
     );
     let wasm = std::fs::read(plugin)
         .with_context(|| format!("reading {} (scripts/build-guests.sh builds it)", plugin.display()))?;

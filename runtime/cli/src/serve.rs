@@ -65,6 +65,21 @@ pub struct ServeArgs {
     /// Handler instances that may exist at once across all deployments (pooling allocator slots).
     #[arg(long, default_value_t = 128)]
     max_instances: u32,
+    /// Serve deployment NAME at `http://NAME.<DOMAIN>/` (by the Host header) besides its routes.
+    #[arg(long)]
+    domain: Option<String>,
+    /// Connections open at once; past it the server stops accepting until one closes.
+    #[arg(long, default_value_t = 4096)]
+    max_connections: usize,
+    /// Seconds in-flight requests get to finish after SIGTERM; guests still running then are stopped.
+    #[arg(long, default_value_t = 30)]
+    drain_secs: u64,
+    /// Seconds a client has to send request headers; also how long an idle keep-alive connection stays open.
+    #[arg(long, default_value_t = 10)]
+    header_timeout_secs: u64,
+    /// Deployments each tenant may have (the operator can grant a tenant another number).
+    #[arg(long, default_value_t = 16)]
+    tenant_max_deployments: u32,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -87,7 +102,7 @@ fn init_logging(json: bool) {
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(args.log_json);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         let worker = crate::worker_from_args(&args.device, args.engine_memory_gib, args.arena_fraction).await?;
         tracing::info!(worker = %worker.label, boot_ms = worker.boot_time.as_millis() as u64, "worker ready");
         let pool = Arc::new(CheckpointPool::new(gib(args.pool_gib), worker.pinner()));
@@ -112,6 +127,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let mut config = ServerConfig::new(args.data_dir.clone());
         config.admin_token = args.admin_token.clone();
         config.runtime.max_instances = args.max_instances.max(1);
+        config.domain = args.domain.clone().map(|d| d.trim_matches('.').to_ascii_lowercase());
+        config.max_connections = args.max_connections.max(1);
+        config.drain_timeout = Duration::from_secs(args.drain_secs);
+        config.header_read_timeout = Duration::from_secs(args.header_timeout_secs.max(1));
+        config.tenant_max_deployments = args.tenant_max_deployments;
         if let Some(dir) = &args.compile_cache {
             config.runtime.cache_dir = Some(dir.clone());
         }
@@ -133,5 +153,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             }
         };
         kindling_server::serve(app, listener, shutdown).await
-    })
+    });
+    // Guests were stopped by `serve`; do not wait on stragglers (e.g. a tokenizer call) for ever.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    served
 }

@@ -150,6 +150,8 @@ impl Drop for InFlight {
 }
 
 struct Job {
+    /// The caller the sequence is for (a deployment); the scheduler shares batches across groups.
+    group: Arc<str>,
     prompt: Vec<u32>,
     params: SamplingParams,
     /// Completion tokens allowed.
@@ -220,6 +222,12 @@ impl EngineHandle {
     /// Tokenizes (on the caller's thread) and queues a generation. Fails at once with
     /// `PromptTooLong`, `InvalidParams` or `Overloaded`, before the engine sees it.
     pub fn submit(&self, prompt: String, params: SamplingParams) -> Result<GenerationStream> {
+        self.submit_for(Arc::from(""), prompt, params)
+    }
+
+    /// Submits on behalf of `group` (e.g. a deployment): when sequences wait for room in the batch,
+    /// groups take turns.
+    pub fn submit_for(&self, group: Arc<str>, prompt: String, params: SamplingParams) -> Result<GenerationStream> {
         params.validate()?;
         self.touch();
         let context = self.info.context;
@@ -248,7 +256,7 @@ impl EngineHandle {
         }
         let budget = (params.max_tokens as usize).min(context - ids.len());
         let (events, rx) = mpsc::unbounded_channel();
-        let job = Job { prompt: ids, params, budget, submitted: Instant::now(), events, _in_flight: in_flight };
+        let job = Job { group, prompt: ids, params, budget, submitted: Instant::now(), events, _in_flight: in_flight };
         self.jobs.send(job).map_err(|_| EngineError::Runtime(format!("engine for {} has stopped", self.info.name)))?;
         Ok(GenerationStream { rx, finished: false })
     }
@@ -430,7 +438,7 @@ impl Actor {
         let prompt = std::mem::take(&mut job.prompt);
         let output = SequenceOutput::new(prompt.len(), job.budget, job.params.stop.clone());
         let running = Running { sampler: Sampler::new(&job.params), output, first_step: None, first_token: None, job };
-        self.sched.add(id, prompt, running);
+        self.sched.add_in(running.job.group.clone(), id, prompt, running);
     }
 
     fn step(&mut self) {

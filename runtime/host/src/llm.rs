@@ -10,6 +10,7 @@ use kindling_engine::{
     ChatMessage, ColdStart, EngineError, EngineHandle, Finish, FinishReason, GenerationStream, ModelRegistry,
     SamplingParams, StreamItem, Usage,
 };
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::component::{HasData, Resource, ResourceTable};
 
 use crate::bindings::llm;
@@ -19,10 +20,42 @@ pub struct ModelResource {
     engine: EngineHandle,
 }
 
-/// A generation the guest pulls from.
+/// A generation the guest pulls from. Its slots in the invocation's and the deployment's
+/// generation limits are held until the guest drops it.
 pub struct TokenStreamResource {
     stream: GenerationStream,
     finish: Option<Finish>,
+    _slots: GenerationSlots,
+}
+
+/// Generations one invocation may have open at once (streams not yet dropped, plus a whole
+/// `generate` while it runs): one request cannot queue hundreds of unread streams on a shared model.
+pub const MAX_GENERATIONS_PER_INVOCATION: usize = 16;
+
+/// A generation's place in its invocation's and its deployment's limits.
+struct GenerationSlots {
+    _invocation: OwnedSemaphorePermit,
+    _deployment: OwnedSemaphorePermit,
+}
+
+/// A deployment's share of the models it uses: its name (the engine's scheduling group) and how
+/// many generations its invocations may have in flight together.
+#[derive(Clone)]
+pub struct GenerationShare {
+    pub group: Arc<str>,
+    pub limit: usize,
+    slots: Arc<Semaphore>,
+}
+
+impl GenerationShare {
+    pub fn new(group: &str, limit: usize) -> Self {
+        Self { group: Arc::from(group), limit, slots: Arc::new(Semaphore::new(limit)) }
+    }
+
+    /// Generations of this share in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.limit - self.slots.available_permits()
+    }
 }
 
 /// What the handler did with models during one invocation, for headers, metrics and billing.
@@ -52,12 +85,36 @@ pub struct LlmCtx {
     allowed: Arc<BTreeSet<String>>,
     /// The deployment's cap on tokens per generation.
     max_tokens: u32,
+    share: GenerationShare,
+    invocation_slots: Arc<Semaphore>,
     pub report: Arc<std::sync::Mutex<LlmReport>>,
 }
 
 impl LlmCtx {
-    pub fn new(registry: Arc<ModelRegistry>, allowed: Arc<BTreeSet<String>>, max_tokens: u32) -> Self {
-        Self { registry, allowed, max_tokens, report: Default::default() }
+    pub fn new(
+        registry: Arc<ModelRegistry>,
+        allowed: Arc<BTreeSet<String>>,
+        max_tokens: u32,
+        share: GenerationShare,
+    ) -> Self {
+        let invocation_slots = Arc::new(Semaphore::new(MAX_GENERATIONS_PER_INVOCATION));
+        Self { registry, allowed, max_tokens, share, invocation_slots, report: Default::default() }
+    }
+
+    /// Takes a generation slot, or says which limit is full (an `overloaded` error for the guest).
+    fn slots(&self) -> Result<GenerationSlots, llm::Error> {
+        let invocation = self.invocation_slots.clone().try_acquire_owned().map_err(|_| {
+            llm::Error::Overloaded(format!(
+                "this invocation has {MAX_GENERATIONS_PER_INVOCATION} generations open; finish or drop a stream first"
+            ))
+        })?;
+        let deployment = self.share.slots.clone().try_acquire_owned().map_err(|_| {
+            llm::Error::Overloaded(format!(
+                "deployment {} has its limit of {} generations in flight (limits.max_generations)",
+                self.share.group, self.share.limit
+            ))
+        })?;
+        Ok(GenerationSlots { _invocation: invocation, _deployment: deployment })
     }
 
     fn params(&self, p: llm::Params) -> SamplingParams {
@@ -107,10 +164,11 @@ fn finish_to_wit(finish: &Finish) -> (llm::FinishReason, llm::Usage) {
 /// of kilobytes for long contexts) must not stall the async executor the other guests run on.
 async fn submit(
     engine: EngineHandle,
+    group: Arc<str>,
     prompt: String,
     params: kindling_engine::SamplingParams,
 ) -> wasmtime::Result<Result<GenerationStream, EngineError>> {
-    tokio::task::spawn_blocking(move || engine.submit(prompt, params))
+    tokio::task::spawn_blocking(move || engine.submit_for(group, prompt, params))
         .await
         .map_err(|e| wasmtime::Error::msg(format!("tokenizer task failed: {e}")))
 }
@@ -147,7 +205,11 @@ impl llm::HostModel for LlmView<'_> {
     ) -> wasmtime::Result<Result<llm::Completion, llm::Error>> {
         let params = self.ctx.params(params);
         let engine = self.table.get(&model)?.engine.clone();
-        let generated = match submit(engine, prompt, params).await? {
+        let _slots = match self.ctx.slots() {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(e)),
+        };
+        let generated = match submit(engine, self.ctx.share.group.clone(), prompt, params).await? {
             Ok(stream) => stream.collect().await,
             Err(e) => Err(e),
         };
@@ -169,8 +231,12 @@ impl llm::HostModel for LlmView<'_> {
     ) -> wasmtime::Result<Result<Resource<TokenStreamResource>, llm::Error>> {
         let params = self.ctx.params(params);
         let engine = self.table.get(&model)?.engine.clone();
-        match submit(engine, prompt, params).await? {
-            Ok(stream) => Ok(Ok(self.table.push(TokenStreamResource { stream, finish: None })?)),
+        let slots = match self.ctx.slots() {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(e)),
+        };
+        match submit(engine, self.ctx.share.group.clone(), prompt, params).await? {
+            Ok(stream) => Ok(Ok(self.table.push(TokenStreamResource { stream, finish: None, _slots: slots })?)),
             Err(e) => Ok(Err(to_wit(e))),
         }
     }

@@ -4,14 +4,17 @@
 
 use std::convert::Infallible;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use wasmtime::component::Linker;
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap, UpdateDeadline};
+use wasmtime::component::{Component, Linker};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolConcurrencyLimitError, PoolingAllocationConfig, Store, Trap,
+    UpdateDeadline,
+};
 use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
@@ -33,11 +36,13 @@ pub struct RuntimeConfig {
     pub max_instances: u32,
     /// The largest linear memory any handler may have; per-deployment limits are below this.
     pub max_memory_bytes: usize,
+    /// Bytes of compiled components the cache keeps; the least recently used go past it.
+    pub cache_max_bytes: u64,
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        Self { cache_dir: None, max_instances: 128, max_memory_bytes: 1 << 30 }
+        Self { cache_dir: None, max_instances: 128, max_memory_bytes: 1 << 30, cache_max_bytes: 8 << 30 }
     }
 }
 
@@ -65,6 +70,12 @@ pub enum InvokeError {
     Timeout(Duration),
     #[error("handler trapped: {0}")]
     Trap(String),
+    /// The host failed, not the guest (a bug or a resource the host ran out of).
+    #[error("host error: {0}")]
+    Host(String),
+    /// The server is shutting down and stopped the handler.
+    #[error("the server stopped the handler while shutting down")]
+    Killed,
     #[error("handler returned without sending a response")]
     NoResponse,
     #[error("handler sent an error response: {0}")]
@@ -104,12 +115,25 @@ pub struct HandlerRuntime {
     engine: Engine,
     linker: Linker<InvocationState>,
     cache: ComponentCache,
-    ticker_stop: Arc<AtomicBool>,
+    /// Set at the end of a shutdown: every guest traps at its next epoch tick.
+    killing: Arc<AtomicBool>,
+    /// Instances (stores) alive now, whether or not their response is still being read.
+    live: Arc<AtomicUsize>,
 }
 
-impl Drop for HandlerRuntime {
+/// Counts an instance as live until its store is gone.
+struct LiveInstance(Arc<AtomicUsize>);
+
+impl LiveInstance {
+    fn new(live: &Arc<AtomicUsize>) -> Self {
+        live.fetch_add(1, Ordering::AcqRel);
+        Self(live.clone())
+    }
+}
+
+impl Drop for LiveInstance {
     fn drop(&mut self) {
-        self.ticker_stop.store(true, Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -133,8 +157,7 @@ fn pooling(cfg: &RuntimeConfig) -> PoolingAllocationConfig {
 }
 
 fn is_capacity_error(e: &wasmtime::Error) -> bool {
-    let msg = format!("{e:#}");
-    msg.contains("maximum concurrent") || msg.contains("pooling allocator")
+    e.chain().any(|cause| cause.is::<PoolConcurrencyLimitError>())
 }
 
 impl HandlerRuntime {
@@ -150,10 +173,11 @@ impl HandlerRuntime {
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         crate::llm::add_to_linker(&mut linker, InvocationState::llm_view)?;
 
-        let ticker_stop = Arc::new(AtomicBool::new(false));
-        let (weak, stop) = (engine.weak(), ticker_stop.clone());
+        // Ticks for as long as the engine exists, which includes every store still running a
+        // guest: a guest that never yields is stopped (or killed) only by these ticks.
+        let weak = engine.weak();
         std::thread::Builder::new().name("epoch-ticker".into()).spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
+            loop {
                 std::thread::sleep(EPOCH_TICK);
                 match weak.upgrade() {
                     Some(engine) => engine.increment_epoch(),
@@ -161,7 +185,18 @@ impl HandlerRuntime {
                 }
             }
         })?;
-        Ok(Self { engine, linker, cache: ComponentCache::new(cfg.cache_dir)?, ticker_stop })
+        let cache = ComponentCache::new(cfg.cache_dir, cfg.cache_max_bytes)?;
+        Ok(Self { engine, linker, cache, killing: Arc::default(), live: Arc::default() })
+    }
+
+    /// Stops every guest at its next epoch tick (the last step of a shutdown whose drain ran out).
+    pub fn kill_all(&self) {
+        self.killing.store(true, Ordering::SeqCst);
+    }
+
+    /// Instances alive now.
+    pub fn live_instances(&self) -> usize {
+        self.live.load(Ordering::Acquire)
     }
 
     /// Compiles (or loads from cache) and links a component. Blocking: compilation can take
@@ -176,32 +211,40 @@ impl HandlerRuntime {
             _ => return Err(PrepareError::NotWasm),
         }
         let hash = content_hash(wasm);
-        let component = self
-            .cache
-            .load_or_compile(&self.engine, &hash, wasm)
-            .map_err(|e| PrepareError::Invalid(format!("{e:#}")))?;
+        let (component, cached) = match self.cache.load(&self.engine, &hash) {
+            Some(c) => (c, true),
+            None => (Component::new(&self.engine, wasm).map_err(|e| PrepareError::Invalid(format!("{e:#}")))?, false),
+        };
         let pre = self.linker.instantiate_pre(&component).map_err(|e| PrepareError::UnknownImport(format!("{e:#}")))?;
         let pre = ProxyPre::new(pre).map_err(|e| PrepareError::MissingExport(format!("{e:#}")))?;
+        // Only a component that links and exports the handler is worth keeping compiled.
+        if !cached {
+            self.cache.store(&hash, &component);
+        }
         Ok(PreparedHandler { pre, hash })
     }
 
     /// Runs one request through a handler, in a fresh store with the deployment's limits.
+    /// `lease` (e.g. the deployment's concurrency permit) is dropped only after the instance is
+    /// gone, however the invocation ends: a guest aborted at a disconnect still counts until then.
     pub async fn invoke(
         &self,
         handler: &PreparedHandler,
         request: hyper::Request<Full<Bytes>>,
         llm: LlmCtx,
         limits: &HandlerLimits,
+        lease: impl Send + 'static,
     ) -> Result<Invocation, InvokeError> {
         let report = llm.report.clone();
         let mut store = Store::new(&self.engine, InvocationState::new(llm, limits));
         store.limiter(|s| &mut s.limits);
+        let killing = self.killing.clone();
         // Guest code yields to the executor every epoch tick, so a spinning handler cannot starve
         // other requests of worker threads; past its deadline it traps (reported as a timeout).
         let deadline = std::time::Instant::now() + limits.timeout;
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
-            if std::time::Instant::now() >= deadline {
+            if std::time::Instant::now() >= deadline || killing.load(Ordering::Relaxed) {
                 Ok(UpdateDeadline::Interrupt)
             } else {
                 Ok(UpdateDeadline::Yield(1))
@@ -209,7 +252,7 @@ impl HandlerRuntime {
         });
 
         let (sender, receiver) = tokio::sync::oneshot::channel();
-        let internal = |e: wasmtime::Error| InvokeError::Trap(format!("{e:#}"));
+        let internal = |e: wasmtime::Error| InvokeError::Host(format!("{e:#}"));
         let request = request.map(|body| {
             http_body_util::BodyExt::map_err(body, |never: Infallible| -> wasmtime_wasi_http::Error { match never {} })
         });
@@ -217,19 +260,25 @@ impl HandlerRuntime {
         let out = store.data_mut().http().new_response_outparam(sender).map_err(internal)?;
         let pre = handler.pre.clone();
         let timeout = limits.timeout;
+        let (killing, live) = (self.killing.clone(), LiveInstance::new(&self.live));
 
-        // The handler runs in its own task so it can keep streaming the body after `set`.
+        // The handler runs in its own task so it can keep streaming the body after `set`. The
+        // task owns the store, then the lease: dropping the task (finished or aborted) drops the
+        // instance first and releases the lease after it.
         let task = tokio::spawn(async move {
+            let mut held = (store, lease, live);
+            let store = &mut held.0;
             let run = async {
-                let proxy = pre.instantiate_async(&mut store).await.map_err(|e| {
+                let proxy = pre.instantiate_async(&mut *store).await.map_err(|e| {
                     if is_capacity_error(&e) {
                         InvokeError::Capacity(format!("{e:#}"))
                     } else {
                         InvokeError::Trap(format!("instantiation failed: {e:#}"))
                     }
                 })?;
-                proxy.wasi_http_incoming_handler().call_handle(&mut store, req, out).await.map_err(|e| {
+                proxy.wasi_http_incoming_handler().call_handle(&mut *store, req, out).await.map_err(|e| {
                     match e.downcast_ref::<Trap>() {
+                        Some(Trap::Interrupt) if killing.load(Ordering::Relaxed) => InvokeError::Killed,
                         Some(Trap::Interrupt) => InvokeError::Timeout(timeout),
                         _ => InvokeError::Trap(format!("{e:#}")),
                     }
@@ -252,7 +301,7 @@ impl HandlerRuntime {
             Err(_) => match task.await {
                 Ok(Ok(())) => Err(InvokeError::NoResponse),
                 Ok(Err(e)) => Err(e),
-                Err(join) => Err(InvokeError::Trap(format!("handler task failed: {join}"))),
+                Err(join) => Err(InvokeError::Host(format!("handler task failed: {join}"))),
             },
         }
     }

@@ -1,23 +1,31 @@
-//! The admin API: deployments and models. Guarded by the admin token when one is configured.
+//! The admin API: deployments, models and tenants. The operator (admin token, or a local request
+//! when no token is configured) manages everything; a tenant's API key manages its own
+//! deployments and sees the models granted to it, nothing else.
 
-use std::convert::Infallible;
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
-use serde::Deserialize;
+use http_body_util::{BodyDataStream, BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use serde::{Deserialize, Serialize};
 
-use crate::app::{App, DeployError};
+use crate::app::{App, ComponentUpload, DeployError, ModelError};
 use crate::body::read_limited;
 use crate::http_util::{Body, BoxError, empty, error, json};
-use crate::tenant::{Caller, TenantError, identify};
-use http_body_util::{BodyExt, StreamBody};
-use hyper::body::Frame;
+use crate::tenant::{Caller, Grants, TenantError, identify};
 
 const DEPLOY_USAGE: &str =
     "expected multipart/form-data with a 'manifest' part (kindling.toml) and a 'component' part (the .wasm)";
+
+/// Largest manifest part accepted.
+const MAX_MANIFEST_BYTES: u64 = 64 << 10;
+
+/// How long a deploy upload may take (at least 2 MiB/s for the largest one).
+const UPLOAD_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn forbidden() -> Response<Body> {
     error(StatusCode::FORBIDDEN, "forbidden", "this endpoint requires the admin token")
@@ -27,26 +35,32 @@ fn not_found(what: &str, name: &str) -> Response<Body> {
     error(StatusCode::NOT_FOUND, "not_found", format!("no {what} named {name}"))
 }
 
-pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
-    let caller = identify(req.headers(), app.config.admin_token.as_deref(), &app.tenants);
+fn storage_error(e: impl std::fmt::Display) -> Response<Body> {
+    error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string())
+}
+
+/// `local`: the request comes from this machine and no other site (see `is_local_request`).
+pub async fn handle(app: &Arc<App>, req: Request<Incoming>, local: bool) -> Response<Body> {
+    let caller = identify(req.headers(), app.config.admin_token.as_deref(), &app.tenants, local);
     if matches!(caller, Caller::Anonymous | Caller::Invalid) {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "admin API requires 'Authorization: Bearer <admin token or tenant API key>'",
-        );
+        let message = if app.config.admin_token.is_some() {
+            "admin API requires 'Authorization: Bearer <admin token or tenant API key>'"
+        } else {
+            "without --admin-token the admin API accepts only local requests (loopback, Host localhost) or tenant API keys"
+        };
+        return error(StatusCode::UNAUTHORIZED, "unauthorized", message);
     }
     let admin = caller == Caller::Admin;
     let path = req.uri().path().trim_end_matches('/').to_string();
     let segments: Vec<&str> = path.split('/').skip(2).collect(); // after "/admin"
-    // A deployment the caller may not see answers exactly like one that does not exist.
-    let visible = |name: &str| app.get(name).filter(|d| caller.can_access(d.record.tenant.as_deref()));
+    // A deployment the caller may not manage answers exactly like one that does not exist.
+    let visible = |name: &str| app.get(name).filter(|d| caller.can_manage(d.record.tenant.as_deref()));
     match (req.method().clone(), segments.as_slice()) {
         (Method::GET, ["deployments"]) => {
             let list: Vec<_> = app
                 .list()
                 .iter()
-                .filter(|d| caller.can_access(d.record.tenant.as_deref()))
+                .filter(|d| caller.can_manage(d.record.tenant.as_deref()))
                 .map(|d| d.summary())
                 .collect();
             json(StatusCode::OK, &list)
@@ -56,38 +70,47 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
             Some(d) => json(StatusCode::OK, &d.summary()),
             None => not_found("deployment", name),
         },
-        (Method::DELETE, ["deployments", name]) => match visible(name) {
-            None => not_found("deployment", name),
-            Some(_) => match app.delete(name).await {
-                Ok(true) => empty(StatusCode::NO_CONTENT),
-                Ok(false) => not_found("deployment", name),
-                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
-            },
+        (Method::DELETE, ["deployments", name]) => match app.delete(&caller, name).await {
+            Ok(()) => empty(StatusCode::NO_CONTENT),
+            Err(DeployError::NotFound(_)) => not_found("deployment", name),
+            Err(e) => storage_error(e),
         },
+        (Method::GET, ["models"]) if !admin => json(StatusCode::OK, &granted_models(app, &caller)),
         (Method::GET, ["models"]) => json(StatusCode::OK, &app.registry.list()),
         (_, ["models", ..] | ["tenants", ..]) if !admin => forbidden(),
         (Method::POST, ["models"]) => add_model(app, req).await,
-        (Method::DELETE, ["models", name]) => {
-            if app.registry.remove(name) {
-                empty(StatusCode::NO_CONTENT)
-            } else {
-                not_found("model", name)
-            }
-        }
+        (Method::DELETE, ["models", name]) => match app.remove_model(name) {
+            Ok(true) => empty(StatusCode::NO_CONTENT),
+            Ok(false) => not_found("model", name),
+            Err(e) => storage_error(e),
+        },
         (Method::POST, ["models", name, "preload"]) => preload(app, name),
         (Method::POST, ["models", name, "unload"]) => {
             let unloaded = app.registry.unload(name);
             json(StatusCode::OK, &serde_json::json!({ "model": name, "unloaded": unloaded }))
         }
-        (Method::GET, ["tenants"]) => json(StatusCode::OK, &app.tenants.names()),
+        (Method::GET, ["tenants"]) => json(StatusCode::OK, &app.tenants.list()),
         (Method::POST, ["tenants"]) => create_tenant(app, req).await,
-        (Method::DELETE, ["tenants", name]) => match app.tenants.delete(name) {
+        (Method::GET, ["tenants", name]) => match app.tenants.get(name) {
+            Some(t) => json(StatusCode::OK, &t),
+            None => not_found("tenant", name),
+        },
+        (Method::PATCH, ["tenants", name]) => update_tenant(app, name, req).await,
+        (Method::DELETE, ["tenants", name]) => match app.delete_tenant(name).await {
             Ok(true) => empty(StatusCode::NO_CONTENT),
             Ok(false) => not_found("tenant", name),
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+            Err(e) => storage_error(e),
         },
         _ => error(StatusCode::NOT_FOUND, "not_found", format!("no admin endpoint {} {path}", req.method())),
     }
+}
+
+/// What a tenant may know of the models: the names granted to it that are registered. Paths,
+/// sizes and residency are the operator's business.
+fn granted_models(app: &App, caller: &Caller) -> Vec<serde_json::Value> {
+    let Caller::Tenant(tenant) = caller else { return Vec::new() };
+    let granted = app.tenants.granted_models(tenant).unwrap_or_default();
+    granted.iter().filter(|m| app.registry.contains(m)).map(|m| serde_json::json!({ "name": m })).collect()
 }
 
 /// Streams admission progress as JSON lines: `{"resident_bytes", "total_bytes"}` while pages come
@@ -124,25 +147,91 @@ fn preload(app: &Arc<App>, name: &str) -> Response<Body> {
     resp
 }
 
+/// A small JSON request body, or the 4xx to answer.
+async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>, shape: &str) -> Result<T, Response<Body>> {
+    let (parts, body) = req.into_parts();
+    let bytes = read_limited(&parts.headers, body, 64 << 10).await?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, "bad_request", format!("expected {shape}: {e}")))
+}
+
+fn tenant_error(e: TenantError) -> Response<Body> {
+    match e {
+        TenantError::Invalid(_) => error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
+        TenantError::Exists(_) => error(StatusCode::CONFLICT, "exists", e.to_string()),
+        TenantError::NotFound(_) => error(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+        TenantError::Storage(_) => storage_error(e),
+    }
+}
+
+/// Grants name registered models only, so a typo is an error now rather than a refusal later:
+/// the answer for the first model that is not registered.
+fn ungrantable(app: &App, grants: &Grants) -> Option<Response<Body>> {
+    let m = grants.models.iter().find(|m| !app.registry.contains(m))?;
+    Some(error(StatusCode::BAD_REQUEST, "unknown_model", format!("no registered model named {m}")))
+}
+
 async fn create_tenant(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
     #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
     struct NewTenant {
         name: String,
+        #[serde(flatten)]
+        grants: Grants,
     }
-    let (parts, body) = req.into_parts();
-    let bytes = match read_limited(&parts.headers, body, 4096).await {
-        Ok(b) => b,
+    let new: NewTenant = match read_json(req, "{\"name\", \"models\": [...], \"max_deployments\"}").await {
+        Ok(n) => n,
         Err(resp) => return resp,
     };
-    let new: NewTenant = match serde_json::from_slice(&bytes) {
-        Ok(n) => n,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", format!("expected {{\"name\"}}: {e}")),
+    if let Some(resp) = ungrantable(app, &new.grants) {
+        return resp;
+    }
+    #[derive(Serialize)]
+    struct Created<'a> {
+        name: &'a str,
+        api_key: String,
+        #[serde(flatten)]
+        grants: &'a Grants,
+    }
+    match app.tenants.create(&new.name, new.grants.clone()) {
+        Ok(api_key) => json(StatusCode::CREATED, &Created { name: &new.name, api_key, grants: &new.grants }),
+        Err(e) => tenant_error(e),
+    }
+}
+
+/// `PATCH /admin/tenants/NAME {"models"?, "max_deployments"?}`: fields given replace the old ones.
+async fn update_tenant(app: &Arc<App>, name: &str, req: Request<Incoming>) -> Response<Body> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Update {
+        models: Option<std::collections::BTreeSet<String>>,
+        #[serde(default, with = "double_option")]
+        max_deployments: Option<Option<u32>>,
+    }
+    let update: Update = match read_json(req, "{\"models\": [...], \"max_deployments\"}").await {
+        Ok(u) => u,
+        Err(resp) => return resp,
     };
-    match app.tenants.create(&new.name) {
-        Ok(key) => json(StatusCode::CREATED, &serde_json::json!({ "name": new.name, "api_key": key })),
-        Err(e @ TenantError::Invalid(_)) => error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
-        Err(e @ TenantError::Exists(_)) => error(StatusCode::CONFLICT, "exists", e.to_string()),
-        Err(e @ TenantError::Storage(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+    let Some(current) = app.tenants.get(name) else { return not_found("tenant", name) };
+    let grants = Grants {
+        models: update.models.unwrap_or(current.grants.models),
+        max_deployments: update.max_deployments.unwrap_or(current.grants.max_deployments),
+    };
+    if let Some(resp) = ungrantable(app, &grants) {
+        return resp;
+    }
+    match app.tenants.set_grants(name, grants) {
+        Ok(info) => json(StatusCode::OK, &info),
+        Err(e) => tenant_error(e),
+    }
+}
+
+/// `"field": null` (clear) apart from a missing field (keep).
+mod double_option {
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+        Option::<T>::deserialize(d).map(Some)
     }
 }
 
@@ -155,14 +244,24 @@ async fn deploy(app: &Arc<App>, caller: &Caller, req: Request<Incoming>) -> Resp
     let Some(boundary) = boundary else {
         return error(StatusCode::BAD_REQUEST, "bad_request", DEPLOY_USAGE);
     };
-    let (parts, body) = req.into_parts();
-    let bytes = match read_limited(&parts.headers, body, app.config.max_deploy_bytes as u64).await {
-        Ok(b) => b,
-        Err(resp) => return resp,
-    };
-    let (manifest, component) = match read_parts(bytes, boundary).await {
-        Ok(p) => p,
-        Err(msg) => return error(StatusCode::BAD_REQUEST, "bad_request", msg),
+    let max = app.config.max_deploy_bytes as u64;
+    let declared = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return too_large(max);
+    }
+    let uploads = app.config.data_dir.join("uploads");
+    let upload = tokio::time::timeout(UPLOAD_TIMEOUT, read_upload(req.into_body(), boundary, max, uploads)).await;
+    let (manifest, component) = match upload {
+        Ok(Ok(parts)) => parts,
+        Ok(Err(resp)) => return resp,
+        Err(_) => {
+            let message = format!("deploy upload not received within {} s", UPLOAD_TIMEOUT.as_secs());
+            return error(StatusCode::REQUEST_TIMEOUT, "body_timeout", message);
+        }
     };
     match app.deploy(caller, &manifest, component).await {
         Ok((deployment, replaced)) => {
@@ -175,8 +274,12 @@ async fn deploy(app: &Arc<App>, caller: &Caller, req: Request<Incoming>) -> Resp
                 DeployError::Manifest(_) => (StatusCode::BAD_REQUEST, "invalid_manifest"),
                 DeployError::Component(_) => (StatusCode::BAD_REQUEST, "invalid_component"),
                 DeployError::UnknownModel(_) => (StatusCode::BAD_REQUEST, "unknown_model"),
+                DeployError::OverCeiling(_) => (StatusCode::BAD_REQUEST, "limit_over_ceiling"),
+                DeployError::ModelNotGranted(_) => (StatusCode::FORBIDDEN, "model_not_granted"),
+                DeployError::QuotaExceeded(_) => (StatusCode::FORBIDDEN, "quota_exceeded"),
                 DeployError::RouteConflict { .. } => (StatusCode::CONFLICT, "route_conflict"),
                 DeployError::NameTaken(_) => (StatusCode::CONFLICT, "name_taken"),
+                DeployError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
                 DeployError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage"),
             };
             error(status, code, e.to_string())
@@ -184,49 +287,74 @@ async fn deploy(app: &Arc<App>, caller: &Caller, req: Request<Incoming>) -> Resp
     }
 }
 
-async fn read_parts(bytes: Bytes, boundary: String) -> Result<(String, Vec<u8>), String> {
-    let stream = futures_util::stream::once(async move { Ok::<Bytes, Infallible>(bytes) });
-    let mut multipart = multer::Multipart::new(stream, boundary);
+fn too_large(max: u64) -> Response<Body> {
+    error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("request body exceeds the limit of {max} bytes"))
+}
+
+/// Reads a deploy's multipart body as it arrives: the manifest into memory (small), the component
+/// into a staged file under `dir`, so a large upload never sits in memory while it waits.
+async fn read_upload(
+    body: Incoming,
+    boundary: String,
+    max: u64,
+    dir: PathBuf,
+) -> Result<(String, ComponentUpload), Response<Body>> {
+    let constraints = multer::Constraints::new()
+        .size_limit(multer::SizeLimit::new().whole_stream(max).for_field("manifest", MAX_MANIFEST_BYTES));
+    let mut multipart = multer::Multipart::with_constraints(BodyDataStream::new(body), boundary, constraints);
+    let malformed = |e: multer::Error| match e {
+        multer::Error::StreamSizeExceeded { .. } => too_large(max),
+        multer::Error::FieldSizeExceeded { .. } => error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("manifest exceeds {MAX_MANIFEST_BYTES} bytes"),
+        ),
+        e => error(StatusCode::BAD_REQUEST, "bad_request", format!("malformed multipart body: {e}")),
+    };
     let (mut manifest, mut component) = (None, None);
-    while let Some(field) = multipart.next_field().await.map_err(|e| format!("malformed multipart body: {e}"))? {
+    while let Some(mut field) = multipart.next_field().await.map_err(malformed)? {
         match field.name() {
             Some("manifest") => {
-                let text = field.bytes().await.map_err(|e| e.to_string())?;
-                manifest = Some(String::from_utf8(text.to_vec()).map_err(|_| "manifest is not UTF-8".to_string())?);
+                let text = field.bytes().await.map_err(malformed)?;
+                let text = String::from_utf8(text.to_vec())
+                    .map_err(|_| error(StatusCode::BAD_REQUEST, "bad_request", "manifest is not UTF-8"))?;
+                manifest = Some(text);
             }
-            Some("component") => component = Some(field.bytes().await.map_err(|e| e.to_string())?.to_vec()),
+            Some("component") => {
+                std::fs::create_dir_all(&dir).map_err(storage_error)?;
+                let mut file = tempfile::NamedTempFile::new_in(&dir).map_err(storage_error)?;
+                while let Some(chunk) = field.chunk().await.map_err(malformed)? {
+                    file.write_all(&chunk).map_err(storage_error)?;
+                }
+                component = Some(ComponentUpload::Staged(file.into_temp_path()));
+            }
             _ => {}
         }
     }
     match (manifest, component) {
         (Some(m), Some(c)) => Ok((m, c)),
-        _ => Err(DEPLOY_USAGE.into()),
+        _ => Err(error(StatusCode::BAD_REQUEST, "bad_request", DEPLOY_USAGE)),
     }
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct AddModel {
     name: String,
     path: PathBuf,
 }
 
 async fn add_model(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
-    let (parts, body) = req.into_parts();
-    let bytes = match read_limited(&parts.headers, body, 64 << 10).await {
-        Ok(b) => b,
+    let add: AddModel = match read_json(req, "{\"name\", \"path\"}").await {
+        Ok(a) => a,
         Err(resp) => return resp,
     };
-    let add: AddModel = match serde_json::from_slice(&bytes) {
-        Ok(a) => a,
-        Err(e) => {
-            return error(StatusCode::BAD_REQUEST, "bad_request", format!("expected {{\"name\", \"path\"}}: {e}"));
-        }
-    };
-    let registry = app.registry.clone();
-    let result = tokio::task::spawn_blocking(move || registry.register(&add.name, &add.path)).await;
+    let app2 = app.clone();
+    let result = tokio::task::spawn_blocking(move || app2.register_model(&add.name, &add.path)).await;
     match result {
         Ok(Ok(entry)) => json(StatusCode::CREATED, &entry),
-        Ok(Err(e)) => error(StatusCode::BAD_REQUEST, "invalid_model", e.to_string()),
+        Ok(Err(e @ ModelError::Invalid(_))) => error(StatusCode::BAD_REQUEST, "invalid_model", e.to_string()),
+        Ok(Err(e @ ModelError::Storage(_))) => storage_error(e),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
     }
 }

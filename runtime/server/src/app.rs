@@ -6,30 +6,75 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
-use kindling_engine::ModelRegistry;
+use kindling_engine::{EngineError, ModelEntry, ModelRegistry};
+use kindling_host::llm::GenerationShare;
 use kindling_host::{HandlerLimits, HandlerRuntime, PrepareError, PreparedHandler, RuntimeConfig};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
 use crate::manifest::{Manifest, ManifestError};
 use crate::metrics::Metrics;
-use crate::store::{DeploymentRecord, DeploymentStore};
+use crate::store::{DeploymentRecord, DeploymentStore, ModelStore};
 use crate::tenant::{Caller, Tenants};
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub data_dir: PathBuf,
-    /// Bearer token the admin API requires; `None` leaves it open (local development only).
+    /// Bearer token the admin API requires; `None` accepts only local requests without credentials
+    /// as the operator (local development).
     pub admin_token: Option<String>,
     /// Largest deploy request (component + manifest) accepted.
     pub max_deploy_bytes: usize,
+    /// Components compiled at once; more deploys wait their turn.
+    pub max_concurrent_compiles: usize,
+    /// Deployments a tenant may have unless the operator grants it another number.
+    pub tenant_max_deployments: u32,
+    /// Operator ceilings on what a manifest may ask for.
+    pub ceilings: Ceilings,
+    /// With a domain, `Host: NAME.<domain>` invokes deployment NAME whatever the path.
+    pub domain: Option<String>,
+    /// Connections open at once; past it the server stops accepting until one closes.
+    pub max_connections: usize,
+    /// How long in-flight requests get to finish once shutdown starts.
+    pub drain_timeout: std::time::Duration,
+    /// How long a client has to send a request's headers, and how long an idle keep-alive
+    /// connection stays open: a slowloris client is cut off here.
+    pub header_read_timeout: std::time::Duration,
     pub runtime: RuntimeConfig,
+}
+
+/// The most any manifest may ask for on this server: past these a deploy fails with the reason,
+/// instead of a 503 or an out-of-memory later.
+#[derive(Debug, Clone)]
+pub struct Ceilings {
+    pub max_concurrency: u32,
+    pub max_request_bytes: u64,
+    pub max_response_bytes: u64,
+    pub max_generations: u32,
+}
+
+impl Default for Ceilings {
+    fn default() -> Self {
+        Self { max_concurrency: 1024, max_request_bytes: 64 << 20, max_response_bytes: 1 << 30, max_generations: 512 }
+    }
 }
 
 impl ServerConfig {
     pub fn new(data_dir: PathBuf) -> Self {
         let runtime = RuntimeConfig { cache_dir: Some(data_dir.join("compiled")), ..RuntimeConfig::default() };
-        Self { data_dir, admin_token: None, max_deploy_bytes: 256 << 20, runtime }
+        Self {
+            data_dir,
+            admin_token: None,
+            max_deploy_bytes: 256 << 20,
+            max_concurrent_compiles: 2,
+            tenant_max_deployments: 16,
+            ceilings: Ceilings::default(),
+            domain: None,
+            max_connections: 4096,
+            drain_timeout: std::time::Duration::from_secs(30),
+            header_read_timeout: std::time::Duration::from_secs(10),
+            runtime,
+        }
     }
 }
 
@@ -41,6 +86,8 @@ pub struct Deployment {
     pub limits: HandlerLimits,
     pub allowed_models: Arc<BTreeSet<String>>,
     pub in_flight: Arc<Semaphore>,
+    /// This deployment's share of the models' batches, across its invocations.
+    pub generations: GenerationShare,
 }
 
 #[derive(Debug, Serialize)]
@@ -78,12 +125,34 @@ pub enum DeployError {
     Component(#[from] PrepareError),
     #[error("route {route} is already served by {owner}")]
     RouteConflict { route: String, owner: String },
-    #[error("deployment name {0} is taken by another tenant")]
+    #[error("deployment name {0} is taken")]
     NameTaken(String),
     #[error("manifest lists model {0:?}, which is not registered on this server")]
     UnknownModel(String),
+    #[error("manifest lists model {0:?}, which the operator has not granted to this tenant")]
+    ModelNotGranted(String),
+    #[error("this tenant already has its limit of {0} deployments")]
+    QuotaExceeded(u32),
+    #[error("manifest: {0}")]
+    OverCeiling(String),
+    #[error("no deployment named {0}")]
+    NotFound(String),
     #[error("storage failed: {0}")]
     Storage(String),
+}
+
+/// A component as a deploy brings it: in memory, or staged in a file that is removed when dropped.
+pub enum ComponentUpload {
+    Bytes(Vec<u8>),
+    Staged(tempfile::TempPath),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Invalid(#[from] EngineError),
+    #[error("storage failed: {0}")]
+    Storage(#[from] std::io::Error),
 }
 
 #[derive(Default)]
@@ -101,6 +170,11 @@ fn route_matches(route: &str, path: &str) -> bool {
     route == "/" || path == route || path.strip_prefix(route).is_some_and(|rest| rest.starts_with('/'))
 }
 
+/// Whether two routes would share callers: equal, or one nested inside the other.
+fn routes_overlap(a: &str, b: &str) -> bool {
+    route_matches(a, normalize(b)) || route_matches(b, normalize(a))
+}
+
 impl Table {
     fn route(&self, path: &str) -> Option<Arc<Deployment>> {
         self.by_name
@@ -111,11 +185,15 @@ impl Table {
             .map(|(_, d)| d.clone())
     }
 
-    /// A route of `manifest` that another deployment serves, with that deployment.
-    fn conflict(&self, manifest: &Manifest) -> Option<(String, Arc<Deployment>)> {
+    /// A route of `manifest` that would take callers from another deployment, with that
+    /// deployment: the same route, or (across owners) a route nested in another's or around it,
+    /// since the longest prefix would then send one owner's callers to the other.
+    fn conflict(&self, manifest: &Manifest, owner: Option<&str>) -> Option<(String, Arc<Deployment>)> {
         self.by_name.values().filter(|d| d.manifest.name != manifest.name).find_map(|d| {
+            let same_owner = d.record.tenant.as_deref() == owner;
             manifest.routes.iter().find_map(|r| {
-                d.manifest.routes.iter().any(|o| normalize(o) == normalize(r)).then(|| (r.clone(), d.clone()))
+                let clash = |o: &String| normalize(o) == normalize(r) || (!same_owner && routes_overlap(o, r));
+                d.manifest.routes.iter().any(clash).then(|| (r.clone(), d.clone()))
             })
         })
     }
@@ -128,9 +206,11 @@ pub struct App {
     pub runtime: Arc<HandlerRuntime>,
     pub registry: Arc<ModelRegistry>,
     store: DeploymentStore,
+    models: ModelStore,
     table: RwLock<Table>,
     /// Deploys and deletes run one at a time so the store and the table agree.
     deploy_lock: tokio::sync::Mutex<()>,
+    compiles: Semaphore,
     draining: AtomicBool,
 }
 
@@ -138,9 +218,13 @@ impl App {
     /// Opens the data dir and brings every stored deployment back.
     pub async fn open(config: ServerConfig, registry: Arc<ModelRegistry>) -> anyhow::Result<Arc<Self>> {
         std::fs::create_dir_all(&config.data_dir)?;
+        // Deploy uploads a crash interrupted; never referenced.
+        let _ = std::fs::remove_dir_all(config.data_dir.join("uploads"));
         let store = DeploymentStore::open(&config.data_dir)?;
         let tenants = Tenants::open(&config.data_dir)?;
         let runtime = Arc::new(HandlerRuntime::new(config.runtime.clone())?);
+        let compiles = config.max_concurrent_compiles.max(1);
+        let models = ModelStore::open(&config.data_dir);
         let app = Arc::new(Self {
             config,
             metrics: Metrics::default(),
@@ -148,12 +232,49 @@ impl App {
             runtime,
             registry,
             store,
+            models,
             table: RwLock::default(),
             deploy_lock: tokio::sync::Mutex::new(()),
+            compiles: Semaphore::new(compiles),
             draining: AtomicBool::new(false),
         });
+        app.restore_models();
         app.restore().await?;
         Ok(app)
+    }
+
+    /// Registers again the models registered through the API before a restart. One that no
+    /// longer opens is logged and skipped; a model given on the command line keeps its path.
+    fn restore_models(&self) {
+        let stored = match self.models.load() {
+            Ok(m) => m,
+            Err(e) => return tracing::error!(error = %e, "could not read the registered models"),
+        };
+        for (name, path) in stored {
+            if self.registry.contains(&name) {
+                continue;
+            }
+            match self.registry.register(&name, &path) {
+                Ok(_) => tracing::info!(model = %name, path = %path.display(), "restored registered model"),
+                Err(e) => tracing::error!(model = %name, error = %e, "could not restore registered model"),
+            }
+        }
+    }
+
+    /// Registers a model and keeps it registered across restarts.
+    pub fn register_model(&self, name: &str, path: &std::path::Path) -> Result<ModelEntry, ModelError> {
+        let entry = self.registry.register(name, path)?;
+        if let Err(e) = self.models.put(name, &entry.path) {
+            self.registry.remove(name);
+            return Err(e.into());
+        }
+        Ok(entry)
+    }
+
+    /// Unregisters a model, for good. Returns whether it was registered.
+    pub fn remove_model(&self, name: &str) -> std::io::Result<bool> {
+        self.models.remove(name)?;
+        Ok(self.registry.remove(name))
     }
 
     async fn restore(self: &Arc<Self>) -> anyhow::Result<()> {
@@ -162,7 +283,7 @@ impl App {
                 let record = record?;
                 let manifest = Manifest::parse(&record.manifest_toml)?;
                 let wasm = self.store.read_component(&record.component_sha256)?;
-                let handler = self.prepare(wasm).await?;
+                let handler = self.prepare(Arc::new(wasm)).await?;
                 anyhow::Ok(Self::deployment(manifest, record, handler))
             }
             .await;
@@ -180,7 +301,7 @@ impl App {
         Ok(())
     }
 
-    async fn prepare(&self, wasm: Vec<u8>) -> Result<PreparedHandler, PrepareError> {
+    async fn prepare(&self, wasm: Arc<Vec<u8>>) -> Result<PreparedHandler, PrepareError> {
         let runtime = self.runtime.clone();
         tokio::task::spawn_blocking(move || runtime.prepare(&wasm))
             .await
@@ -192,9 +313,41 @@ impl App {
             limits: manifest.handler_limits(),
             allowed_models: Arc::new(manifest.allowed_models()),
             in_flight: Arc::new(Semaphore::new(manifest.limits.max_concurrency as usize)),
+            generations: GenerationShare::new(&manifest.name, manifest.limits.max_generations as usize),
             manifest,
             record,
             handler,
+        }
+    }
+
+    /// Checks what the manifest asks for against the operator's ceilings and, for a tenant's
+    /// deployment, its model grants.
+    fn admit_manifest(&self, manifest: &Manifest, owner: Option<&str>) -> Result<(), DeployError> {
+        if let Some(model) = manifest.models.iter().find(|m| !self.registry.contains(m)) {
+            return Err(DeployError::UnknownModel(model.clone()));
+        }
+        if let Some(tenant) = owner {
+            let granted = self.tenants.granted_models(tenant).unwrap_or_default();
+            if let Some(model) = manifest.models.iter().find(|m| !granted.contains(*m)) {
+                return Err(DeployError::ModelNotGranted(model.clone()));
+            }
+        }
+        let (l, c) = (&manifest.limits, &self.config.ceilings);
+        let memory_cap_mb = (self.config.runtime.max_memory_bytes >> 20) as u64;
+        let instances = self.config.runtime.max_instances;
+        let over = [
+            // Past the instance pool a deployment would get 503s instead of its promised slots.
+            ("max_concurrency", u64::from(l.max_concurrency), u64::from(c.max_concurrency.min(instances))),
+            ("max_request_bytes", l.max_request_bytes, c.max_request_bytes),
+            ("max_response_bytes", l.max_response_bytes, c.max_response_bytes),
+            ("max_generations", u64::from(l.max_generations), u64::from(c.max_generations)),
+            ("memory_mb", l.memory_mb, memory_cap_mb),
+        ];
+        match over.iter().find(|(_, asked, cap)| asked > cap) {
+            Some((field, asked, cap)) => Err(DeployError::OverCeiling(format!(
+                "limits.{field} = {asked} is over this server's ceiling of {cap}"
+            ))),
+            None => Ok(()),
         }
     }
 
@@ -203,35 +356,61 @@ impl App {
         &self,
         caller: &Caller,
         manifest_toml: &str,
-        wasm: Vec<u8>,
+        component: ComponentUpload,
     ) -> Result<(Arc<Deployment>, bool), DeployError> {
+        let manifest = Manifest::parse(manifest_toml)?;
         let tenant = match caller {
-            Caller::Tenant(t) => Some(t.as_str()),
+            Caller::Tenant(t) => Some(t.clone()),
             _ => None,
         };
-        let manifest = Manifest::parse(manifest_toml)?;
-        if let Some(model) = manifest.models.iter().find(|m| !self.registry.contains(m)) {
-            return Err(DeployError::UnknownModel(model.clone()));
-        }
-        let handler = self.prepare(wasm.clone()).await?;
+        self.admit_manifest(&manifest, tenant.as_deref())?;
+        // Uploads wait for a compile slot on disk; only compiling ones hold the bytes in memory.
+        let (wasm, handler) = {
+            let _compiling = self.compiles.acquire().await.expect("never closed");
+            let wasm = Arc::new(match component {
+                ComponentUpload::Bytes(b) => b,
+                ComponentUpload::Staged(path) => {
+                    tokio::fs::read(&path).await.map_err(|e| DeployError::Storage(e.to_string()))?
+                }
+            });
+            let handler = self.prepare(wasm.clone()).await?;
+            (wasm, handler)
+        };
         let _guard = self.deploy_lock.lock().await;
-        if let Some(existing) = self.get(&manifest.name)
-            && !caller.can_access(existing.record.tenant.as_deref())
-        {
+        let existing = self.get(&manifest.name);
+        // Public deployments and other tenants' answer alike: the name is simply taken.
+        if existing.as_ref().is_some_and(|d| !caller.can_manage(d.record.tenant.as_deref())) {
             return Err(DeployError::NameTaken(manifest.name.clone()));
         }
-        if let Some((route, other)) = self.table.read().expect("poisoned").conflict(&manifest) {
+        // The operator replacing a tenant's deployment keeps it the tenant's.
+        let owner = match (&tenant, &existing) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(d)) => d.record.tenant.clone(),
+            (None, None) => None,
+        };
+        if let (Some(t), None) = (&tenant, &existing) {
+            let quota = self
+                .tenants
+                .get(t)
+                .and_then(|info| info.grants.max_deployments)
+                .unwrap_or(self.config.tenant_max_deployments);
+            let owned = self.list().iter().filter(|d| d.record.tenant.as_deref() == Some(t)).count();
+            if owned >= quota as usize {
+                return Err(DeployError::QuotaExceeded(quota));
+            }
+        }
+        if let Some((route, other)) = self.table.read().expect("poisoned").conflict(&manifest, owner.as_deref()) {
             // Name the other deployment only to a caller allowed to see it.
-            let owner = if caller.can_access(other.record.tenant.as_deref()) {
+            let owner = if caller.can_manage(other.record.tenant.as_deref()) {
                 format!("deployment {}", other.manifest.name)
             } else {
-                "another tenant's deployment".to_string()
+                "another owner's deployment".to_string()
             };
             return Err(DeployError::RouteConflict { route, owner });
         }
         let record = self
             .store
-            .put(&manifest, manifest_toml, &handler.hash, &wasm, tenant)
+            .put(&manifest, manifest_toml, &handler.hash, &wasm, owner.as_deref())
             .map_err(|e| DeployError::Storage(e.to_string()))?;
         let name = manifest.name.clone();
         let deployment = Arc::new(Self::deployment(manifest, record, handler));
@@ -239,11 +418,67 @@ impl App {
         Ok((deployment, replaced))
     }
 
-    pub async fn delete(&self, name: &str) -> Result<bool, DeployError> {
+    /// Deletes a deployment the caller manages; others answer as if absent. Ownership is checked
+    /// under the deploy lock, so a concurrent redeploy cannot change hands in between.
+    pub async fn delete(&self, caller: &Caller, name: &str) -> Result<(), DeployError> {
         let _guard = self.deploy_lock.lock().await;
-        let existed = self.store.delete(name).map_err(|e| DeployError::Storage(e.to_string()))?;
+        match self.get(name) {
+            Some(d) if caller.can_manage(d.record.tenant.as_deref()) => self.remove(name),
+            _ => Err(DeployError::NotFound(name.to_string())),
+        }
+    }
+
+    /// Unlinks a deployment's record, then stops serving it. Call under the deploy lock.
+    fn remove(&self, name: &str) -> Result<(), DeployError> {
+        self.store.delete(name).map_err(|e| DeployError::Storage(e.to_string()))?;
         self.table.write().expect("poisoned").by_name.remove(name);
-        Ok(existed)
+        Ok(())
+    }
+
+    /// Deletes a tenant with every deployment it owns, so none outlives it and a later tenant of
+    /// the same name starts with nothing. Returns whether the tenant existed.
+    pub async fn delete_tenant(&self, name: &str) -> Result<bool, DeployError> {
+        let _guard = self.deploy_lock.lock().await;
+        let owned: Vec<String> = self
+            .list()
+            .iter()
+            .filter(|d| d.record.tenant.as_deref() == Some(name))
+            .map(|d| d.manifest.name.clone())
+            .collect();
+        for deployment in &owned {
+            self.remove(deployment)?;
+            tracing::info!(tenant = name, deployment = %deployment, "deleted with its tenant");
+        }
+        self.tenants.delete(name).map_err(|e| DeployError::Storage(e.to_string()))
+    }
+
+    /// The models an invocation of `deployment` may load: its manifest's, less any the operator
+    /// has since revoked from its tenant. `None` when its tenant is gone.
+    pub fn invocation_models(&self, deployment: &Deployment) -> Option<Arc<BTreeSet<String>>> {
+        let Some(tenant) = deployment.record.tenant.as_deref() else {
+            return Some(deployment.allowed_models.clone());
+        };
+        let granted = self.tenants.granted_models(tenant)?;
+        if deployment.allowed_models.is_subset(&granted) {
+            return Some(deployment.allowed_models.clone());
+        }
+        Some(Arc::new(deployment.allowed_models.intersection(&granted).cloned().collect()))
+    }
+
+    /// The deployment a request is for: by `Host: NAME.<domain>` when a domain is configured,
+    /// else by the longest route prefix of its path.
+    pub fn resolve(&self, host: Option<&str>, path: &str) -> Option<Arc<Deployment>> {
+        if let (Some(domain), Some(host)) = (&self.config.domain, host) {
+            let host = host.rsplit_once(':').map_or(host, |(h, _)| h).trim_end_matches('.');
+            let name = host.len().checked_sub(domain.len() + 1).and_then(|at| {
+                let (name, rest) = host.split_at(at);
+                (rest.strip_prefix('.')?.eq_ignore_ascii_case(domain)).then_some(name)
+            });
+            if let Some(name) = name {
+                return self.get(&name.to_ascii_lowercase());
+            }
+        }
+        self.route(path)
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Deployment>> {
@@ -278,5 +513,15 @@ mod tests {
         assert!(route_matches("/hello/", "/hello/x"));
         assert!(!route_matches("/hello", "/helloworld"));
         assert!(route_matches("/", "/anything"));
+    }
+
+    #[test]
+    fn nested_routes_overlap_and_siblings_do_not() {
+        assert!(routes_overlap("/acme", "/acme/v1"));
+        assert!(routes_overlap("/acme/v1/", "/acme"));
+        assert!(routes_overlap("/", "/acme"));
+        assert!(routes_overlap("/acme", "/acme/"));
+        assert!(!routes_overlap("/acme", "/acmex"));
+        assert!(!routes_overlap("/acme/v1", "/acme/v2"));
     }
 }

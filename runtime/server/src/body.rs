@@ -1,8 +1,10 @@
-//! Request bodies read under a cap, and response bodies that enforce one and release the
-//! deployment's concurrency slot only when the last byte has gone out.
+//! Request bodies read under a cap and a deadline, and response bodies that enforce a cap and
+//! hold the deployment's concurrency slot until the last byte has gone out.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::StatusCode;
@@ -12,8 +14,24 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::http_util::{Body, BoxError, error};
 
-/// Reads a request body of at most `max` bytes; a larger one gets a 413 the caller returns as is.
+/// How long a client has to send a whole request body: a slow sender cannot hold a connection, a
+/// buffer and (for deploys) a compile slot for ever.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Reads a request body of at most `max` bytes within `BODY_READ_TIMEOUT`; a larger one gets a
+/// 413 and a slower one a 408, which the caller returns as is.
 pub async fn read_limited(headers: &http::HeaderMap, body: Incoming, max: u64) -> Result<Bytes, http::Response<Body>> {
+    match tokio::time::timeout(BODY_READ_TIMEOUT, read_capped(headers, body, max)).await {
+        Ok(read) => read,
+        Err(_) => Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!("request body not received within {} s", BODY_READ_TIMEOUT.as_secs()),
+        )),
+    }
+}
+
+async fn read_capped(headers: &http::HeaderMap, body: Incoming, max: u64) -> Result<Bytes, http::Response<Body>> {
     let too_large = || {
         error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("request body exceeds the limit of {max} bytes"))
     };
@@ -34,12 +52,12 @@ pub struct GuardedBody<B> {
     inner: B,
     remaining: u64,
     limit: u64,
-    permit: Option<OwnedSemaphorePermit>,
+    permit: Option<Arc<OwnedSemaphorePermit>>,
     on_end: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl<B> GuardedBody<B> {
-    pub fn new(inner: B, limit: u64, permit: OwnedSemaphorePermit, on_end: Box<dyn FnOnce() + Send>) -> Self {
+    pub fn new(inner: B, limit: u64, permit: Arc<OwnedSemaphorePermit>, on_end: Box<dyn FnOnce() + Send>) -> Self {
         Self { inner, remaining: limit, limit, permit: Some(permit), on_end: Some(on_end) }
     }
 

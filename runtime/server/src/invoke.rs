@@ -7,10 +7,10 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use kindling_host::{InvokeError, LlmCtx, LlmReport};
 
-use crate::app::App;
+use crate::app::{App, Deployment};
 use crate::body::{GuardedBody, boxed, read_limited};
 use crate::http_util::{Body, error, with_retry_after};
-use crate::tenant::{Caller, identify};
+use crate::tenant::identify;
 
 /// One entry per model this request had to start, e.g.
 /// `model=tiny;wait_ms=12;pool=hit;admit_ms=0;h2d_ms=3;init_ms=8;first_token_ms=15`.
@@ -43,12 +43,27 @@ fn cold_start_header(report: &LlmReport) -> Option<HeaderValue> {
     HeaderValue::from_str(&value).ok()
 }
 
+/// The answer for a path nothing serves, and for a deployment the caller may not call: the two
+/// are indistinguishable, so a route reveals nothing about whose it is.
+fn no_route(path: &str) -> Response<Body> {
+    error(StatusCode::NOT_FOUND, "no_route", format!("no deployment serves {path}"))
+}
+
 pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let started = std::time::Instant::now();
     let path = req.uri().path().to_string();
-    let Some(deployment) = app.route(&path) else {
-        return error(StatusCode::NOT_FOUND, "no_route", format!("no deployment serves {path}"));
+    let host = req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok());
+    let Some(deployment) = app.resolve(host, &path) else {
+        return no_route(&path);
     };
+    let owner = deployment.record.tenant.as_deref();
+    if owner.is_some() {
+        // Tenant keys authenticate; a local request without one is not the operator here.
+        let caller = identify(req.headers(), app.config.admin_token.as_deref(), &app.tenants, false);
+        if !caller.can_invoke(owner) {
+            return no_route(&path);
+        }
+    }
     let name = deployment.manifest.name.clone();
     let resp = handle_routed(app, deployment, &path, req).await;
     app.metrics.request(&name, resp.status().as_u16(), started.elapsed());
@@ -57,25 +72,19 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
 
 async fn handle_routed(
     app: &Arc<App>,
-    deployment: Arc<crate::app::Deployment>,
+    deployment: Arc<Deployment>,
     path: &str,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    if deployment.record.tenant.is_some() {
-        match identify(req.headers(), app.config.admin_token.as_deref(), &app.tenants) {
-            caller if caller.can_access(deployment.record.tenant.as_deref()) => {}
-            Caller::Tenant(_) => {
-                return error(StatusCode::NOT_FOUND, "no_route", format!("no deployment serves {path}"));
-            }
-            _ => {
-                return error(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    "this deployment requires 'Authorization: Bearer <tenant API key>'",
-                );
-            }
-        }
-    }
+    let Some(models) = app.invocation_models(&deployment) else {
+        return no_route(path); // its tenant was deleted a moment ago
+    };
+    // The body first: a client that sends it slowly holds no invocation slot meanwhile.
+    let (mut parts, body) = req.into_parts();
+    let bytes = match read_limited(&parts.headers, body, deployment.manifest.limits.max_request_bytes).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
     let Ok(permit) = deployment.in_flight.clone().try_acquire_owned() else {
         let resp = error(
             StatusCode::TOO_MANY_REQUESTS,
@@ -87,22 +96,19 @@ async fn handle_routed(
         );
         return with_retry_after(resp, 1);
     };
+    // Held by the instance and by the response body: the slot frees when both are gone.
+    let permit = Arc::new(permit);
 
-    let (mut parts, body) = req.into_parts();
-    let bytes = match read_limited(&parts.headers, body, deployment.manifest.limits.max_request_bytes).await {
-        Ok(b) => b,
-        Err(resp) => return resp,
-    };
     // Credentials are the host's business; handlers never see them.
     parts.headers.remove(http::header::AUTHORIZATION);
     if !parts.headers.contains_key(http::header::HOST) {
         parts.headers.insert(http::header::HOST, HeaderValue::from_static("localhost"));
     }
     let request = Request::from_parts(parts, Full::new(bytes));
-    let llm = LlmCtx::new(app.registry.clone(), deployment.allowed_models.clone(), deployment.limits.max_tokens);
+    let llm = LlmCtx::new(app.registry.clone(), models, deployment.limits.max_tokens, deployment.generations.clone());
 
     let name = deployment.manifest.name.clone();
-    match app.runtime.invoke(&deployment.handler, request, llm, &deployment.limits).await {
+    match app.runtime.invoke(&deployment.handler, request, llm, &deployment.limits, permit.clone()).await {
         Ok(invocation) => {
             let (mut parts, body) = invocation.response.into_parts();
             if let Some(v) = cold_start_header(&invocation.report.lock().expect("poisoned")) {
@@ -137,6 +143,8 @@ fn invoke_error(deployment: &str, e: InvokeError) -> Response<Body> {
         InvokeError::Timeout(_) => error(StatusCode::GATEWAY_TIMEOUT, "handler_timeout", message),
         InvokeError::Capacity(_) => with_retry_after(error(StatusCode::SERVICE_UNAVAILABLE, "no_capacity", message), 1),
         InvokeError::Trap(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "handler_trapped", message),
+        InvokeError::Host(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", message),
+        InvokeError::Killed => with_retry_after(error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message), 1),
         InvokeError::NoResponse | InvokeError::ErrorResponse(_) => {
             error(StatusCode::BAD_GATEWAY, "handler_no_response", message)
         }

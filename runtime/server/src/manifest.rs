@@ -39,6 +39,9 @@ pub struct Limits {
     pub max_request_bytes: u64,
     /// Largest response body sent; the body is cut off past it.
     pub max_response_bytes: u64,
+    /// Generations (whole or streamed) this deployment's invocations may have in flight together;
+    /// more get `overloaded`, so one tenant cannot fill a shared model's queue.
+    pub max_generations: u32,
 }
 
 impl Default for Limits {
@@ -50,6 +53,7 @@ impl Default for Limits {
             max_tokens: 1024,
             max_request_bytes: 1 << 20,
             max_response_bytes: 16 << 20,
+            max_generations: 64,
         }
     }
 }
@@ -127,6 +131,7 @@ impl Manifest {
         check(l.max_tokens >= 1, "limits.max_tokens must be at least 1".into())?;
         check(l.max_request_bytes >= 1, "limits.max_request_bytes must be at least 1".into())?;
         check(l.max_response_bytes >= 1, "limits.max_response_bytes must be at least 1".into())?;
+        check(l.max_generations >= 1, "limits.max_generations must be at least 1".into())?;
         Ok(())
     }
 

@@ -89,7 +89,8 @@ impl Metrics {
         }
     }
 
-    pub fn render(&self, registry: &ModelRegistry, deployments: usize) -> String {
+    /// `instances`: handler instances alive now, including ones whose client has gone.
+    pub fn render(&self, registry: &ModelRegistry, deployments: usize, instances: usize) -> String {
         let s = self.state.lock().expect("poisoned");
         let mut out = String::new();
         let n = section_into(
@@ -144,6 +145,7 @@ impl Metrics {
             ("kindling_pool_capacity_bytes", "Pool capacity.", pool.capacity_bytes),
             ("kindling_pool_checkpoints", "Checkpoints in the pool.", pool.entries as u64),
             ("kindling_deployments", "Live deployments.", deployments as u64),
+            ("kindling_handler_instances", "Handler instances alive now.", instances as u64),
         ] {
             let n = section_into(&mut out, name, "gauge", help);
             let _ = writeln!(out, "{n} {v}");

@@ -1,11 +1,16 @@
 //! Durable deployments under the data dir.
 //!
-//! Layout: `components/<sha256>.wasm` (content-addressed, shared by redeploys of the same bytes)
-//! and `deployments/<name>.json` (the manifest and the component's hash). Every file is written to
-//! a temporary name, fsynced and renamed, and the deployment record is written last: a crash at
-//! any point leaves either the old deployment or the new one visible, never half of one.
+//! Layout: `components/<sha256>.wasm` (content-addressed, shared by redeploys of the same bytes),
+//! `deployments/<name>.json` (the manifest and the component's hash) and `models.json` (models
+//! registered through the admin API). Every file is written to a temporary name, fsynced and
+//! renamed, and the deployment record is written last: a crash at any point leaves either the old
+//! deployment or the new one visible, never half of one.
+//!
+//! Once a record is written (or unlinked) the change has happened: housekeeping after it (the
+//! directory fsync, collecting unreferenced components) is logged on failure, never reported as
+//! a failed deploy or delete, so the caller and the live table never disagree with the disk.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -89,19 +94,29 @@ impl DeploymentStore {
         };
         let json = serde_json::to_vec_pretty(&record).map_err(io::Error::other)?;
         write_atomically(&self.record_path(&manifest.name), &json)?;
-        self.collect_garbage()?;
+        self.housekeeping();
         Ok(record)
     }
 
+    /// Removes a deployment's record; `Ok(false)` when there was none. Once the record is unlinked
+    /// the deployment is gone, whatever the housekeeping after it says.
     pub fn delete(&self, name: &str) -> io::Result<bool> {
         match fs::remove_file(self.record_path(name)) {
             Ok(()) => {
-                File::open(&self.deployments)?.sync_all()?;
-                self.collect_garbage()?;
+                if let Err(e) = File::open(&self.deployments).and_then(|d| d.sync_all()) {
+                    tracing::warn!(error = %e, "could not sync the deployments directory after a delete");
+                }
+                self.housekeeping();
                 Ok(true)
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(e),
+        }
+    }
+
+    fn housekeeping(&self) {
+        if let Err(e) = self.collect_garbage() {
+            tracing::warn!(error = %e, "could not collect unreferenced components");
         }
     }
 
@@ -128,10 +143,19 @@ impl DeploymentStore {
         Ok(out)
     }
 
-    /// Removes component files no record refers to.
+    /// Removes component files no record refers to. While any record is unreadable nothing is
+    /// removed: its component may be one of them, and the operator may yet repair the record.
     fn collect_garbage(&self) -> io::Result<()> {
-        let live: BTreeSet<String> =
-            self.load_all()?.into_iter().filter_map(|(_, r)| r.ok().map(|r| r.component_sha256)).collect();
+        let mut live = BTreeSet::new();
+        for (name, record) in self.load_all()? {
+            match record {
+                Ok(r) => live.insert(r.component_sha256),
+                Err(e) => {
+                    tracing::warn!(deployment = %name, error = %e, "unreadable record; keeping every component");
+                    return Ok(());
+                }
+            };
+        }
         for entry in fs::read_dir(&self.components)? {
             let path = entry?.path();
             let Some(stem) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".wasm")) else {
@@ -142,6 +166,46 @@ impl DeploymentStore {
             }
         }
         Ok(())
+    }
+}
+
+/// Models registered through the admin API (`models.json`), registered again at the next start.
+pub struct ModelStore {
+    path: PathBuf,
+    lock: std::sync::Mutex<()>,
+}
+
+impl ModelStore {
+    pub fn open(data_dir: &Path) -> Self {
+        Self { path: data_dir.join("models.json"), lock: Default::default() }
+    }
+
+    /// Every stored model: name → checkpoint path.
+    pub fn load(&self) -> io::Result<BTreeMap<String, PathBuf>> {
+        match fs::read(&self.path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(io::Error::other),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn update(&self, change: impl FnOnce(&mut BTreeMap<String, PathBuf>)) -> io::Result<()> {
+        let _guard = self.lock.lock().expect("poisoned");
+        let mut models = self.load()?;
+        change(&mut models);
+        write_atomically(&self.path, &serde_json::to_vec_pretty(&models).map_err(io::Error::other)?)
+    }
+
+    pub fn put(&self, name: &str, path: &Path) -> io::Result<()> {
+        self.update(|m| {
+            m.insert(name.to_string(), path.to_path_buf());
+        })
+    }
+
+    pub fn remove(&self, name: &str) -> io::Result<()> {
+        self.update(|m| {
+            m.remove(name);
+        })
     }
 }
 
@@ -179,6 +243,27 @@ mod tests {
         assert!(store.delete("a").unwrap());
         assert!(!store.delete("a").unwrap());
         assert!(store.read_component("two").is_err());
+    }
+
+    #[test]
+    fn an_unreadable_record_keeps_every_component() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DeploymentStore::open(dir.path()).unwrap();
+        store.put(&manifest("a"), "v1", "one", b"1", None).unwrap();
+        fs::write(dir.path().join("deployments/a.json"), b"{damaged").unwrap();
+        store.put(&manifest("b"), "v1", "two", b"2", None).unwrap();
+        assert_eq!(store.read_component("one").unwrap(), b"1", "a's component survives its damaged record");
+    }
+
+    #[test]
+    fn registered_models_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let models = ModelStore::open(dir.path());
+        models.put("a", Path::new("/models/a")).unwrap();
+        models.put("b", Path::new("/models/b.gguf")).unwrap();
+        models.remove("a").unwrap();
+        let reopened = ModelStore::open(dir.path()).load().unwrap();
+        assert_eq!(reopened.into_iter().collect::<Vec<_>>(), [("b".to_string(), PathBuf::from("/models/b.gguf"))]);
     }
 
     #[test]
