@@ -4,6 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .device
 xz -T0 -6 -c target/cuda/release/kindling > .device/kindling.xz
-# The OpenAI plugin for `kindling bench serve` (the GPU machine cannot build guests).
-if [ -f target/guests/openai-python.wasm ]; then cp target/guests/openai-python.wasm .device/; fi
+# Guests for `kindling bench serve` and `bench invoke` (the GPU machine cannot build guests).
+for guest in openai-python ping-python ping-js; do
+  if [ -f "target/guests/$guest.wasm" ]; then cp "target/guests/$guest.wasm" .device/; fi
+done
 ls -la target/cuda/release/kindling .device/*

@@ -1,9 +1,8 @@
 //! Keeps ARCHITECTURE.md's code map true: every workspace crate is listed at its path, and no
-//! crate depends on what its "never depends on" column forbids (neither in Cargo.toml nor in a
-//! `use` in its sources).
+//! crate depends on what its "never depends on" column forbids, directly or through another
+//! crate (the real dependency graph, from `cargo metadata`).
 
 use std::collections::BTreeSet;
-use std::path::Path;
 
 use kindling_e2e::workspace_root;
 
@@ -81,17 +80,6 @@ mod toml_edit_free {
     }
 }
 
-fn rust_sources(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = entry.path();
-        if p.is_dir() && p.file_name().is_some_and(|n| n != "target") {
-            rust_sources(&p, out);
-        } else if p.extension().is_some_and(|e| e == "rs") {
-            out.push(p);
-        }
-    }
-}
-
 #[test]
 fn every_workspace_crate_is_in_the_code_map_at_its_path() {
     let rows = code_map();
@@ -103,24 +91,61 @@ fn every_workspace_crate_is_in_the_code_map_at_its_path() {
     }
 }
 
-#[test]
-fn no_crate_depends_on_what_the_code_map_forbids() {
-    for row in code_map() {
-        let dir = workspace_root().join(&row.path);
-        let (_, deps) = toml_edit_free::dependencies(&dir.join("Cargo.toml"));
-        let mut sources = Vec::new();
-        rust_sources(&dir, &mut sources);
-        for forbidden in &row.forbidden {
-            assert!(!deps.contains(forbidden), "{} depends on {forbidden}, which ARCHITECTURE.md forbids", row.name);
-            let ident = forbidden.replace('-', "_");
-            for src in &sources {
-                let text = std::fs::read_to_string(src).unwrap();
-                let uses = text.lines().any(|l| {
-                    let l = l.trim_start();
-                    !l.starts_with("//") && (l.contains(&format!("{ident}::")) || l.contains(&format!("use {ident}")))
-                });
-                assert!(!uses, "{} uses {forbidden} ({}), which ARCHITECTURE.md forbids", row.name, src.display());
+/// Every package each workspace crate pulls in, transitively, through normal and build
+/// dependencies (what actually gets compiled into it), from `cargo metadata`.
+fn transitive_dependencies() -> std::collections::BTreeMap<String, BTreeSet<String>> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .args(["metadata", "--format-version", "1", "--locked", "--filter-platform", "x86_64-unknown-linux-gnu"])
+        .current_dir(workspace_root())
+        .output()
+        .expect("run cargo metadata");
+    assert!(out.status.success(), "cargo metadata: {}", String::from_utf8_lossy(&out.stderr));
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let name_of: std::collections::BTreeMap<&str, &str> = meta["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["id"].as_str().unwrap(), p["name"].as_str().unwrap()))
+        .collect();
+    let edges: std::collections::BTreeMap<&str, Vec<&str>> = meta["resolve"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            let real = n["deps"].as_array().unwrap().iter().filter(|d| {
+                d["dep_kinds"].as_array().unwrap().iter().any(|k| k["kind"].is_null() || k["kind"] == "build")
+            });
+            (n["id"].as_str().unwrap(), real.map(|d| d["pkg"].as_str().unwrap()).collect())
+        })
+        .collect();
+    let mut out = std::collections::BTreeMap::new();
+    for member in meta["workspace_members"].as_array().unwrap() {
+        let root = member.as_str().unwrap();
+        let (mut seen, mut stack) = (BTreeSet::new(), vec![root]);
+        while let Some(id) = stack.pop() {
+            for &dep in edges.get(id).into_iter().flatten() {
+                if seen.insert(name_of[dep].to_string()) {
+                    stack.push(dep);
+                }
             }
+        }
+        out.insert(name_of[root].to_string(), seen);
+    }
+    out
+}
+
+#[test]
+fn no_crate_depends_on_what_the_code_map_forbids_even_transitively() {
+    let deps = transitive_dependencies();
+    for row in code_map() {
+        let pulled = deps.get(&row.name).unwrap_or_else(|| panic!("{} is not a workspace member", row.name));
+        for forbidden in &row.forbidden {
+            assert!(
+                !pulled.contains(forbidden),
+                "{} depends on {forbidden} (directly or through another crate), which ARCHITECTURE.md forbids",
+                row.name
+            );
         }
     }
 }

@@ -265,7 +265,7 @@ fn a_model_outside_the_manifest_is_refused_to_the_guest() {
     assert_eq!(server.deploy(manifest, &hello()).status, 201);
     let answer = server.post_json("/only", &json!({ "prompt": "x", "model": "tiny-llama" }));
     assert_eq!(answer.status, 403, "{}", answer.body);
-    assert_eq!(answer.json()["error"]["code"], "ModelNotAllowed");
+    assert_eq!(answer.json()["error"]["code"], "model_not_allowed");
     let ok = server.post_json("/only", &json!({ "prompt": "x", "model": "tiny", "max_tokens": 2 }));
     assert_eq!(ok.status, 200, "{}", ok.body);
 }
@@ -432,7 +432,7 @@ fn bad_prompts_get_clear_errors() {
     let long_prompt = "lighthouse keeper ".repeat(400);
     let answer = server.post_json("/hello", &json!({ "prompt": long_prompt }));
     assert_eq!(answer.status, 413, "{}", answer.body);
-    assert_eq!(answer.json()["error"]["code"], "PromptTooLong");
+    assert_eq!(answer.json()["error"]["code"], "prompt_too_long");
     let answer = server.post_raw("/hello", b"{\"prompt\": \"\xff\xfe\"}");
     assert_eq!(answer.status, 400, "{}", answer.body);
     // The manifest caps tokens per generation at 64 whatever the handler asks for.
@@ -441,7 +441,7 @@ fn bad_prompts_get_clear_errors() {
     assert_eq!(capped["finish_reason"], "length");
     let answer = server.post_json("/hello", &json!({ "prompt": "x", "temperature": -1 }));
     assert_eq!(answer.status, 400, "{}", answer.body);
-    assert_eq!(answer.json()["error"]["code"], "InvalidParams");
+    assert_eq!(answer.json()["error"]["code"], "invalid_params");
 }
 
 #[test]
@@ -632,7 +632,7 @@ fn a_javascript_handler_generates_the_same_text_as_the_python_one() {
     assert_eq!(streamed.body, py["text"].as_str().unwrap());
     let refused = server.post_json("/hello-js", &json!({ "model": "tiny-llama" }));
     assert_eq!(refused.status, 403, "{}", refused.body);
-    assert_eq!(refused.json()["error"]["code"], "model-not-allowed");
+    assert_eq!(refused.json()["error"]["code"], "model_not_allowed");
     assert_eq!(server.post_raw("/hello-js", b"{oops").status, 400);
 }
 

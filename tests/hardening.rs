@@ -97,7 +97,7 @@ fn tenants_use_only_the_models_granted_to_them_within_their_quota() {
     let revoked = server.call_as(Some("root"), "PATCH", "/admin/tenants/acme", Some(&json!({ "models": [] })));
     assert_eq!(revoked.status, 200);
     let denied = server.call_as(Some(&acme), "POST", "/acme-hello", Some(&body));
-    assert_eq!(denied.json()["error"]["code"], "ModelNotAllowed", "{}", denied.body);
+    assert_eq!(denied.json()["error"]["code"], "model_not_allowed", "{}", denied.body);
 }
 
 #[test]

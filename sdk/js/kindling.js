@@ -19,21 +19,25 @@ const WRITE_CHUNK = 4096;
 const encoder = new TextEncoder();
 const decoder = new TextDecoder("utf-8", { fatal: true });
 
-// The HTTP status for each kindling:llm error.
+// The error code and HTTP status of each kindling:llm error.
+// KINDLING-ERROR-CODES: the table in runtime/server/src/error_code.rs; its tests check this copy.
 const LLM_STATUS = {
-  "model-not-allowed": 403,
-  "model-not-found": 404,
-  "invalid-params": 400,
-  "prompt-too-long": 413,
-  overloaded: 503,
-  "runtime-error": 500,
+  "model_not_allowed": 403,
+  "model_not_found": 404,
+  "invalid_params": 400,
+  "prompt_too_long": 413,
+  "overloaded": 503,
+  "runtime_error": 500,
 };
+// KINDLING-ERROR-CODES (end)
 
 export class LlmError extends Error {
   constructor(payload) {
-    super(`${payload.tag}: ${payload.val}`);
-    this.kind = payload.tag;
-    this.status = LLM_STATUS[payload.tag] ?? 500;
+    const code = payload.tag.replaceAll("-", "_");
+    super(`${code}: ${payload.val}`);
+    this.code = code;
+    this.detail = String(payload.val);
+    this.status = LLM_STATUS[code] ?? 500;
   }
 }
 
@@ -161,10 +165,10 @@ function send(responseOut, response) {
 }
 
 function errorResponse(e) {
-  if (e instanceof LlmError) return Response.json({ error: { code: e.kind, message: e.message } }, e.status);
-  if (e instanceof BadRequest) return Response.json({ error: { code: "BadRequest", message: e.message } }, 400);
+  if (e instanceof LlmError) return Response.json({ error: { code: e.code, message: e.detail } }, e.status);
+  if (e instanceof BadRequest) return Response.json({ error: { code: "bad_request", message: e.message } }, 400);
   console.error(e && e.stack ? e.stack : String(e));
-  return Response.json({ error: { code: "HandlerError", message: String(e) } }, 500);
+  return Response.json({ error: { code: "handler_error", message: String(e) } }, 500);
 }
 
 /** Wraps `handle(Request) -> Response` as the component's wasi:http incoming handler. */

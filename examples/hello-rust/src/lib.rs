@@ -24,7 +24,8 @@ impl Handler for Hello {
         };
         if req.path_with_query.ends_with("/stream") {
             return match model.generate_stream(&prompt, &params(32)) {
-                Ok(tokens) => Response::new(200, vec![("content-type".into(), "text/plain".into())], stream(tokens)),
+                // An error before the first token becomes its JSON answer; a later one cuts the body.
+                Ok(tokens) => Response::streaming(200, vec![("content-type".into(), "text/plain".into())], stream(tokens)),
                 Err(e) => Response::llm_error(&e),
             };
         }

@@ -76,11 +76,11 @@ struct StreamResult {
     completion_tokens: u64,
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() { f64::NAN } else { sorted[((sorted.len() as f64 - 1.0) * p).round() as usize] }
 }
 
-fn round4(x: f64) -> f64 {
+pub fn round4(x: f64) -> f64 {
     (x * 1e4).round() / 1e4
 }
 
@@ -145,9 +145,9 @@ fn level(url: &str, model: &str, prompts: &[String], max_tokens: u32) -> anyhow:
     }))
 }
 
-struct ServerChild {
+pub struct ServerChild {
     child: Child,
-    url: String,
+    pub url: String,
     _data: tempfile::TempDir,
 }
 
@@ -159,14 +159,20 @@ impl Drop for ServerChild {
 }
 
 fn start_server(args: &ServeBenchArgs, max_streams: usize) -> anyhow::Result<ServerChild> {
+    let mut serve_args: Vec<String> = ["--device", &args.device, "--model", &args.model].map(String::from).to_vec();
+    serve_args.extend(["--max-instances".to_string(), (max_streams + 16).to_string()]);
+    serve_args.extend(args.serve_args.as_deref().unwrap_or("").split_whitespace().map(String::from));
+    spawn_server(&serve_args)
+}
+
+/// Starts `kindling serve` (this binary) on a free loopback port with its own data dir.
+pub fn spawn_server(serve_args: &[String]) -> anyhow::Result<ServerChild> {
     let data = tempfile::tempdir()?;
     let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--idle-unload-secs", "0", "--device", &args.device])
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--idle-unload-secs", "0"])
         .arg("--data-dir")
         .arg(data.path())
-        .args(["--model", &args.model])
-        .args(["--max-instances", &(max_streams + 16).to_string()])
-        .args(args.serve_args.as_deref().unwrap_or("").split_whitespace())
+        .args(serve_args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     let mut child = cmd.spawn().context("starting kindling serve")?;

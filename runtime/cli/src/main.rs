@@ -1,6 +1,7 @@
 //! `kindling`: run the server and talk to it.
 
 mod bench;
+mod bench_invoke;
 mod bench_serve;
 mod client;
 mod serve;
@@ -86,6 +87,8 @@ enum BenchCommand {
     Coldstart(bench::ColdstartArgs),
     /// Warm-path throughput: N concurrent streams through the OpenAI plugin vs HF transformers.
     Serve(bench_serve::ServeBenchArgs),
+    /// What an invocation itself costs: handlers that do not generate against /healthz.
+    Invoke(bench_invoke::InvokeBenchArgs),
     /// One fresh-process cold start (used by `coldstart` as its baseline).
     #[command(hide = true)]
     Once(bench::OnceArgs),
@@ -173,6 +176,7 @@ fn main() -> anyhow::Result<()> {
             BenchCommand::Coldstart(args) => bench::coldstart(args),
             BenchCommand::Once(args) => bench::once(args),
             BenchCommand::Serve(args) => bench_serve::serve(args),
+            BenchCommand::Invoke(args) => bench_invoke::invoke(args),
         },
         Command::Models { command } => match command {
             ModelsCommand::Add { name, path, preload, remote } => {

@@ -65,6 +65,10 @@ pub struct ServeArgs {
     /// Handler instances that may exist at once across all deployments (pooling allocator slots).
     #[arg(long, default_value_t = 128)]
     max_instances: u32,
+    /// KiB of each handler memory and table slot kept resident between instances (zeroed in
+    /// place instead of returned to the kernel).
+    #[arg(long, default_value_t = 0)]
+    keep_resident_kib: usize,
     /// Serve deployment NAME at `http://NAME.<DOMAIN>/` (by the Host header) besides its routes.
     #[arg(long)]
     domain: Option<String>,
@@ -127,6 +131,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let mut config = ServerConfig::new(args.data_dir.clone());
         config.admin_token = args.admin_token.clone();
         config.runtime.max_instances = args.max_instances.max(1);
+        config.runtime.keep_resident_bytes = args.keep_resident_kib << 10;
         config.domain = args.domain.clone().map(|d| d.trim_matches('.').to_ascii_lowercase());
         config.max_connections = args.max_connections.max(1);
         config.drain_timeout = Duration::from_secs(args.drain_secs);

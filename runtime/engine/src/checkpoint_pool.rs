@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -203,17 +203,26 @@ impl CheckpointPool {
         self.entries.lock().expect("poisoned").contains_key(&ckpt.dir)
     }
 
+    /// The pooled checkpoint at `dir` (a registered model's path): a hit is handed out as pooled,
+    /// without opening and re-checking every shard header again; only a miss opens the checkpoint.
+    pub fn checkout_path(&self, dir: &Path, progress: &dyn Fn(AdmitProgress)) -> Result<(Arc<PooledCheckpoint>, bool)> {
+        if let Some(hit) = self.lookup(dir) {
+            return Ok((hit, true));
+        }
+        self.checkout(Checkpoint::open(dir)?, progress)
+    }
+
     /// The pooled checkpoint for `ckpt`, admitting it on a miss. Returns whether it was a hit.
     pub fn checkout(
         &self,
         ckpt: Checkpoint,
         progress: &dyn Fn(AdmitProgress),
     ) -> Result<(Arc<PooledCheckpoint>, bool)> {
-        if let Some(hit) = self.lookup(&ckpt) {
+        if let Some(hit) = self.lookup(&ckpt.dir) {
             return Ok((hit, true));
         }
         let _admitting = self.admit_lock.lock().expect("poisoned");
-        if let Some(hit) = self.lookup(&ckpt) {
+        if let Some(hit) = self.lookup(&ckpt.dir) {
             return Ok((hit, true));
         }
         let fits = ckpt.weight_bytes <= self.capacity_bytes;
@@ -233,12 +242,13 @@ impl CheckpointPool {
         Ok((pooled, false))
     }
 
-    fn lookup(&self, ckpt: &Checkpoint) -> Option<Arc<PooledCheckpoint>> {
+    fn lookup(&self, dir: &Path) -> Option<Arc<PooledCheckpoint>> {
         let mut entries = self.entries.lock().expect("poisoned");
-        let entry = entries.get_mut(&ckpt.dir)?;
+        let entry = entries.get_mut(dir)?;
+        // A stat of each file, not a parse: a checkpoint replaced on disk is admitted afresh.
         if !entry.pooled.still_current() {
-            tracing::info!(model = %ckpt.dir.display(), "checkpoint files changed on disk; re-admitting");
-            entries.remove(&ckpt.dir);
+            tracing::info!(model = %dir.display(), "checkpoint files changed on disk; re-admitting");
+            entries.remove(dir);
             return None;
         }
         entry.last_used = Instant::now();
@@ -361,6 +371,24 @@ mod tests {
         make_tiny_model(dir.path(), &TinySpec::new(arch)).unwrap();
         let ckpt = Checkpoint::open(dir.path()).unwrap();
         (dir, ckpt)
+    }
+
+    #[test]
+    fn a_pooled_checkpoint_is_handed_out_by_path_without_reopening_it() {
+        let (dir, ckpt) = tiny(Architecture::Llama);
+        let pool = CheckpointPool::new(1 << 30, None);
+        let (_, hit) = pool.checkout_path(&ckpt.dir, &|_| {}).unwrap();
+        assert!(!hit);
+        // A config that no longer parses proves the hit never re-opened the checkpoint.
+        std::fs::write(dir.path().join("config.json"), b"{ broken").unwrap();
+        let (again, hit) = pool.checkout_path(&ckpt.dir, &|_| {}).unwrap();
+        assert!(hit);
+        assert_eq!(again.ckpt.weight_bytes, ckpt.weight_bytes);
+        // New weights on disk are noticed by a stat and admitted afresh (opening, so failing here).
+        let weights = &ckpt.weight_files[0];
+        let bytes = std::fs::read(weights).unwrap();
+        std::fs::write(weights, &bytes[..bytes.len() - 1]).unwrap();
+        assert!(pool.checkout_path(&ckpt.dir, &|_| {}).is_err());
     }
 
     #[test]

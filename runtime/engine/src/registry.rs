@@ -250,11 +250,10 @@ impl ModelRegistry {
             tracing::info!(model = %name, path = %path.display(), worker = %worker.label, "cold start: loading model");
             let loader_name = name.clone();
             let result = tokio::task::spawn_blocking(move || {
-                let ckpt = Checkpoint::open(&path)?;
                 let log_progress = |p: AdmitProgress| {
                     tracing::info!(model = %loader_name, resident = p.resident_bytes, total = p.total_bytes, "admitting checkpoint to the pool");
                 };
-                let (pooled, hit) = pool.checkout(ckpt, &log_progress)?;
+                let (pooled, hit) = pool.checkout_path(&path, &log_progress)?;
                 start_engine(&loader_name, &pooled, hit, &worker.device, &config)
             })
             .await
@@ -335,12 +334,9 @@ impl ModelRegistry {
     pub async fn preload(&self, name: &str, progress: impl Fn(AdmitProgress) + Send + 'static) -> Result<bool> {
         let (path, _) = self.source(name)?;
         let pool = self.pool.clone();
-        tokio::task::spawn_blocking(move || {
-            let ckpt = Checkpoint::open(&path)?;
-            pool.checkout(ckpt, &progress).map(|(_, hit)| hit)
-        })
-        .await
-        .map_err(|e| EngineError::Load(format!("preload task failed: {e}")))?
+        tokio::task::spawn_blocking(move || pool.checkout_path(&path, &progress).map(|(_, hit)| hit))
+            .await
+            .map_err(|e| EngineError::Load(format!("preload task failed: {e}")))?
     }
 
     pub fn pool_stats(&self) -> PoolStats {

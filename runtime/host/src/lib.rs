@@ -3,6 +3,7 @@
 //! Invariant: this crate owns every `bindgen!` and everything wasmtime; it knows deployments only
 //! as bytes plus `HandlerLimits`, and HTTP only as the requests it hands to handlers.
 
+pub mod backend;
 pub mod bindings;
 pub mod component_cache;
 pub mod limits;
@@ -12,5 +13,7 @@ pub mod state;
 
 pub use limits::HandlerLimits;
 pub use llm::{LlmCtx, LlmReport};
-pub use runtime::{HandlerRuntime, Invocation, InvokeError, PrepareError, PreparedHandler, RuntimeConfig};
+pub use runtime::{
+    HandlerRuntime, Invocation, InvokeError, InvokeTiming, PrepareError, PreparedHandler, RuntimeConfig,
+};
 pub use wasmtime_wasi_http::p2::body::HyperOutgoingBody;

@@ -38,11 +38,19 @@ pub struct RuntimeConfig {
     pub max_memory_bytes: usize,
     /// Bytes of compiled components the cache keeps; the least recently used go past it.
     pub cache_max_bytes: u64,
+    /// Bytes of each memory and table slot kept resident between instances.
+    pub keep_resident_bytes: usize,
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        Self { cache_dir: None, max_instances: 128, max_memory_bytes: 1 << 30, cache_max_bytes: 8 << 30 }
+        Self {
+            cache_dir: None,
+            max_instances: 128,
+            max_memory_bytes: 1 << 30,
+            cache_max_bytes: 8 << 30,
+            keep_resident_bytes: 0,
+        }
     }
 }
 
@@ -98,6 +106,17 @@ pub struct Invocation {
     pub report: Arc<Mutex<LlmReport>>,
     /// Keep until the response is over: dropping it ends the guest (and so its generations).
     pub guest: GuestTask,
+    /// Where the time to the response went.
+    pub timing: InvokeTiming,
+}
+
+/// The host's share of an invocation up to its response headers, for `Server-Timing`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InvokeTiming {
+    /// Creating the instance from the pre-linked component (memories, tables, start functions).
+    pub instantiate: Duration,
+    /// From the call into the guest's handler to its response headers.
+    pub handler: Duration,
 }
 
 /// The task running a guest instance. Dropping it aborts the guest at its next yield, which
@@ -153,6 +172,10 @@ fn pooling(cfg: &RuntimeConfig) -> PoolingAllocationConfig {
         .table_elements(100_000)
         .max_component_instance_size(1 << 20)
         .max_core_instance_size(4 << 20);
+    // A freed slot's first bytes are zeroed in place rather than handed back to the kernel, so the
+    // next instance does not fault them in again (and frees skip the madvise that serializes
+    // concurrent instances on the address-space lock).
+    p.linear_memory_keep_resident(cfg.keep_resident_bytes).table_keep_resident(cfg.keep_resident_bytes);
     p
 }
 
@@ -261,6 +284,9 @@ impl HandlerRuntime {
         let pre = handler.pre.clone();
         let timeout = limits.timeout;
         let (killing, live) = (self.killing.clone(), LiveInstance::new(&self.live));
+        let instantiated_us = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let instantiated = instantiated_us.clone();
+        let started = std::time::Instant::now();
 
         // The handler runs in its own task so it can keep streaming the body after `set`. The
         // task owns the store, then the lease: dropping the task (finished or aborted) drops the
@@ -276,6 +302,7 @@ impl HandlerRuntime {
                         InvokeError::Trap(format!("instantiation failed: {e:#}"))
                     }
                 })?;
+                instantiated.store(started.elapsed().as_micros() as u64, Ordering::Release);
                 proxy.wasi_http_incoming_handler().call_handle(&mut *store, req, out).await.map_err(|e| {
                     match e.downcast_ref::<Trap>() {
                         Some(Trap::Interrupt) if killing.load(Ordering::Relaxed) => InvokeError::Killed,
@@ -296,7 +323,12 @@ impl HandlerRuntime {
         // If the caller stops waiting (its client went away), the guard aborts the guest.
         let guest = GuestTask(task.abort_handle());
         match receiver.await {
-            Ok(Ok(response)) => Ok(Invocation { response, report, guest }),
+            Ok(Ok(response)) => {
+                let total = started.elapsed();
+                let instantiate = Duration::from_micros(instantiated_us.load(Ordering::Acquire));
+                let timing = InvokeTiming { instantiate, handler: total.saturating_sub(instantiate) };
+                Ok(Invocation { response, report, guest, timing })
+            }
             Ok(Err(code)) => Err(InvokeError::ErrorResponse(format!("{code:?}"))),
             Err(_) => match task.await {
                 Ok(Ok(())) => Err(InvokeError::NoResponse),

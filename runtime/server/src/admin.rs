@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::app::{App, ComponentUpload, DeployError, ModelError};
 use crate::body::read_limited;
+use crate::error_code::ErrorCode;
 use crate::http_util::{Body, BoxError, empty, error, json};
 use crate::tenant::{Caller, Grants, TenantError, identify};
 
@@ -28,15 +29,15 @@ const MAX_MANIFEST_BYTES: u64 = 64 << 10;
 const UPLOAD_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn forbidden() -> Response<Body> {
-    error(StatusCode::FORBIDDEN, "forbidden", "this endpoint requires the admin token")
+    error(ErrorCode::Forbidden, "this endpoint requires the admin token")
 }
 
 fn not_found(what: &str, name: &str) -> Response<Body> {
-    error(StatusCode::NOT_FOUND, "not_found", format!("no {what} named {name}"))
+    error(ErrorCode::NotFound, format!("no {what} named {name}"))
 }
 
 fn storage_error(e: impl std::fmt::Display) -> Response<Body> {
-    error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string())
+    error(ErrorCode::Storage, e.to_string())
 }
 
 /// `local`: the request comes from this machine and no other site (see `is_local_request`).
@@ -48,7 +49,7 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, local: bool) -> Resp
         } else {
             "without --admin-token the admin API accepts only local requests (loopback, Host localhost) or tenant API keys"
         };
-        return error(StatusCode::UNAUTHORIZED, "unauthorized", message);
+        return error(ErrorCode::Unauthorized, message);
     }
     let admin = caller == Caller::Admin;
     let path = req.uri().path().trim_end_matches('/').to_string();
@@ -101,7 +102,7 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, local: bool) -> Resp
             Ok(false) => not_found("tenant", name),
             Err(e) => storage_error(e),
         },
-        _ => error(StatusCode::NOT_FOUND, "not_found", format!("no admin endpoint {} {path}", req.method())),
+        _ => error(ErrorCode::NotFound, format!("no admin endpoint {} {path}", req.method())),
     }
 }
 
@@ -151,15 +152,14 @@ fn preload(app: &Arc<App>, name: &str) -> Response<Body> {
 async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>, shape: &str) -> Result<T, Response<Body>> {
     let (parts, body) = req.into_parts();
     let bytes = read_limited(&parts.headers, body, 64 << 10).await?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, "bad_request", format!("expected {shape}: {e}")))
+    serde_json::from_slice(&bytes).map_err(|e| error(ErrorCode::BadRequest, format!("expected {shape}: {e}")))
 }
 
 fn tenant_error(e: TenantError) -> Response<Body> {
     match e {
-        TenantError::Invalid(_) => error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
-        TenantError::Exists(_) => error(StatusCode::CONFLICT, "exists", e.to_string()),
-        TenantError::NotFound(_) => error(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+        TenantError::Invalid(_) => error(ErrorCode::BadRequest, e.to_string()),
+        TenantError::Exists(_) => error(ErrorCode::Exists, e.to_string()),
+        TenantError::NotFound(_) => error(ErrorCode::NotFound, e.to_string()),
         TenantError::Storage(_) => storage_error(e),
     }
 }
@@ -168,7 +168,7 @@ fn tenant_error(e: TenantError) -> Response<Body> {
 /// the answer for the first model that is not registered.
 fn ungrantable(app: &App, grants: &Grants) -> Option<Response<Body>> {
     let m = grants.models.iter().find(|m| !app.registry.contains(m))?;
-    Some(error(StatusCode::BAD_REQUEST, "unknown_model", format!("no registered model named {m}")))
+    Some(error(ErrorCode::UnknownModel, format!("no registered model named {m}")))
 }
 
 async fn create_tenant(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
@@ -242,7 +242,7 @@ async fn deploy(app: &Arc<App>, caller: &Caller, req: Request<Incoming>) -> Resp
         .and_then(|v| v.to_str().ok())
         .and_then(|ct| multer::parse_boundary(ct).ok());
     let Some(boundary) = boundary else {
-        return error(StatusCode::BAD_REQUEST, "bad_request", DEPLOY_USAGE);
+        return error(ErrorCode::BadRequest, DEPLOY_USAGE);
     };
     let max = app.config.max_deploy_bytes as u64;
     let declared = req
@@ -260,7 +260,7 @@ async fn deploy(app: &Arc<App>, caller: &Caller, req: Request<Incoming>) -> Resp
         Ok(Err(resp)) => return resp,
         Err(_) => {
             let message = format!("deploy upload not received within {} s", UPLOAD_TIMEOUT.as_secs());
-            return error(StatusCode::REQUEST_TIMEOUT, "body_timeout", message);
+            return error(ErrorCode::BodyTimeout, message);
         }
     };
     match app.deploy(caller, &manifest, component).await {
@@ -270,25 +270,25 @@ async fn deploy(app: &Arc<App>, caller: &Caller, req: Request<Incoming>) -> Resp
             json(status, &deployment.summary())
         }
         Err(e) => {
-            let (status, code) = match &e {
-                DeployError::Manifest(_) => (StatusCode::BAD_REQUEST, "invalid_manifest"),
-                DeployError::Component(_) => (StatusCode::BAD_REQUEST, "invalid_component"),
-                DeployError::UnknownModel(_) => (StatusCode::BAD_REQUEST, "unknown_model"),
-                DeployError::OverCeiling(_) => (StatusCode::BAD_REQUEST, "limit_over_ceiling"),
-                DeployError::ModelNotGranted(_) => (StatusCode::FORBIDDEN, "model_not_granted"),
-                DeployError::QuotaExceeded(_) => (StatusCode::FORBIDDEN, "quota_exceeded"),
-                DeployError::RouteConflict { .. } => (StatusCode::CONFLICT, "route_conflict"),
-                DeployError::NameTaken(_) => (StatusCode::CONFLICT, "name_taken"),
-                DeployError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-                DeployError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage"),
+            let code = match &e {
+                DeployError::Manifest(_) => ErrorCode::InvalidManifest,
+                DeployError::Component(_) => ErrorCode::InvalidComponent,
+                DeployError::UnknownModel(_) => ErrorCode::UnknownModel,
+                DeployError::OverCeiling(_) => ErrorCode::LimitOverCeiling,
+                DeployError::ModelNotGranted(_) => ErrorCode::ModelNotGranted,
+                DeployError::QuotaExceeded(_) => ErrorCode::QuotaExceeded,
+                DeployError::RouteConflict { .. } => ErrorCode::RouteConflict,
+                DeployError::NameTaken(_) => ErrorCode::NameTaken,
+                DeployError::NotFound(_) => ErrorCode::NotFound,
+                DeployError::Storage(_) => ErrorCode::Storage,
             };
-            error(status, code, e.to_string())
+            error(code, e.to_string())
         }
     }
 }
 
 fn too_large(max: u64) -> Response<Body> {
-    error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("request body exceeds the limit of {max} bytes"))
+    error(ErrorCode::BodyTooLarge, format!("request body exceeds the limit of {max} bytes"))
 }
 
 /// Reads a deploy's multipart body as it arrives: the manifest into memory (small), the component
@@ -304,12 +304,10 @@ async fn read_upload(
     let mut multipart = multer::Multipart::with_constraints(BodyDataStream::new(body), boundary, constraints);
     let malformed = |e: multer::Error| match e {
         multer::Error::StreamSizeExceeded { .. } => too_large(max),
-        multer::Error::FieldSizeExceeded { .. } => error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("manifest exceeds {MAX_MANIFEST_BYTES} bytes"),
-        ),
-        e => error(StatusCode::BAD_REQUEST, "bad_request", format!("malformed multipart body: {e}")),
+        multer::Error::FieldSizeExceeded { .. } => {
+            error(ErrorCode::BodyTooLarge, format!("manifest exceeds {MAX_MANIFEST_BYTES} bytes"))
+        }
+        e => error(ErrorCode::BadRequest, format!("malformed multipart body: {e}")),
     };
     let (mut manifest, mut component) = (None, None);
     while let Some(mut field) = multipart.next_field().await.map_err(malformed)? {
@@ -317,7 +315,7 @@ async fn read_upload(
             Some("manifest") => {
                 let text = field.bytes().await.map_err(malformed)?;
                 let text = String::from_utf8(text.to_vec())
-                    .map_err(|_| error(StatusCode::BAD_REQUEST, "bad_request", "manifest is not UTF-8"))?;
+                    .map_err(|_| error(ErrorCode::BadRequest, "manifest is not UTF-8"))?;
                 manifest = Some(text);
             }
             Some("component") => {
@@ -333,7 +331,7 @@ async fn read_upload(
     }
     match (manifest, component) {
         (Some(m), Some(c)) => Ok((m, c)),
-        _ => Err(error(StatusCode::BAD_REQUEST, "bad_request", DEPLOY_USAGE)),
+        _ => Err(error(ErrorCode::BadRequest, DEPLOY_USAGE)),
     }
 }
 
@@ -353,8 +351,8 @@ async fn add_model(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let result = tokio::task::spawn_blocking(move || app2.register_model(&add.name, &add.path)).await;
     match result {
         Ok(Ok(entry)) => json(StatusCode::CREATED, &entry),
-        Ok(Err(e @ ModelError::Invalid(_))) => error(StatusCode::BAD_REQUEST, "invalid_model", e.to_string()),
+        Ok(Err(e @ ModelError::Invalid(_))) => error(ErrorCode::InvalidModel, e.to_string()),
         Ok(Err(e @ ModelError::Storage(_))) => storage_error(e),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+        Err(e) => error(ErrorCode::Internal, e.to_string()),
     }
 }

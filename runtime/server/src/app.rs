@@ -205,6 +205,8 @@ pub struct App {
     pub tenants: Tenants,
     pub runtime: Arc<HandlerRuntime>,
     pub registry: Arc<ModelRegistry>,
+    /// The registry as handlers' `kindling:llm` sees it.
+    pub backend: Arc<dyn kindling_host::backend::ModelBackend>,
     store: DeploymentStore,
     models: ModelStore,
     table: RwLock<Table>,
@@ -230,6 +232,7 @@ impl App {
             metrics: Metrics::default(),
             tenants,
             runtime,
+            backend: Arc::new(crate::engine_backend::EngineBackend(registry.clone())),
             registry,
             store,
             models,

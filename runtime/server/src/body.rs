@@ -7,11 +7,11 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::StatusCode;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use tokio::sync::OwnedSemaphorePermit;
 
+use crate::error_code::ErrorCode;
 use crate::http_util::{Body, BoxError, error};
 
 /// How long a client has to send a whole request body: a slow sender cannot hold a connection, a
@@ -24,17 +24,14 @@ pub async fn read_limited(headers: &http::HeaderMap, body: Incoming, max: u64) -
     match tokio::time::timeout(BODY_READ_TIMEOUT, read_capped(headers, body, max)).await {
         Ok(read) => read,
         Err(_) => Err(error(
-            StatusCode::REQUEST_TIMEOUT,
-            "body_timeout",
+            ErrorCode::BodyTimeout,
             format!("request body not received within {} s", BODY_READ_TIMEOUT.as_secs()),
         )),
     }
 }
 
 async fn read_capped(headers: &http::HeaderMap, body: Incoming, max: u64) -> Result<Bytes, http::Response<Body>> {
-    let too_large = || {
-        error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("request body exceeds the limit of {max} bytes"))
-    };
+    let too_large = || error(ErrorCode::BodyTooLarge, format!("request body exceeds the limit of {max} bytes"));
     let declared =
         headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max) {
@@ -43,7 +40,7 @@ async fn read_capped(headers: &http::HeaderMap, body: Incoming, max: u64) -> Res
     match Limited::new(body, max as usize).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
-        Err(e) => Err(error(StatusCode::BAD_REQUEST, "bad_body", format!("could not read request body: {e}"))),
+        Err(e) => Err(error(ErrorCode::BadRequest, format!("could not read request body: {e}"))),
     }
 }
 

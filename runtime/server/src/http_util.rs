@@ -6,6 +6,8 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use serde::Serialize;
 
+use crate::error_code::ErrorCode;
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
@@ -22,9 +24,10 @@ pub fn json(status: StatusCode, value: &impl Serialize) -> Response<Body> {
     resp
 }
 
-/// `{"error": {"code": ..., "message": ...}}`, the shape every Kindling error has.
-pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Body> {
-    json(status, &serde_json::json!({ "error": { "code": code, "message": message.into() } }))
+/// `{"error": {"code": ..., "message": ...}}`, the shape every Kindling error has, with the
+/// code's status from the one table (`error_code`).
+pub fn error(code: ErrorCode, message: impl Into<String>) -> Response<Body> {
+    json(code.status(), &serde_json::json!({ "error": { "code": code.as_str(), "message": message.into() } }))
 }
 
 pub fn with_retry_after(mut resp: Response<Body>, seconds: u32) -> Response<Body> {

@@ -2,13 +2,14 @@
 
 use std::sync::Arc;
 
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use kindling_host::{InvokeError, LlmCtx, LlmReport};
 
 use crate::app::{App, Deployment};
 use crate::body::{GuardedBody, boxed, read_limited};
+use crate::error_code::ErrorCode;
 use crate::http_util::{Body, error, with_retry_after};
 use crate::tenant::identify;
 
@@ -43,10 +44,13 @@ fn cold_start_header(report: &LlmReport) -> Option<HeaderValue> {
     HeaderValue::from_str(&value).ok()
 }
 
+/// How long a request waits for a free concurrency slot before it is answered 429.
+const ADMISSION_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The answer for a path nothing serves, and for a deployment the caller may not call: the two
 /// are indistinguishable, so a route reveals nothing about whose it is.
 fn no_route(path: &str) -> Response<Body> {
-    error(StatusCode::NOT_FOUND, "no_route", format!("no deployment serves {path}"))
+    error(ErrorCode::NoRoute, format!("no deployment serves {path}"))
 }
 
 pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
@@ -85,10 +89,12 @@ async fn handle_routed(
         Ok(b) => b,
         Err(resp) => return resp,
     };
-    let Ok(permit) = deployment.in_flight.clone().try_acquire_owned() else {
+    // A slot is held until the previous instance is gone, which can be a moment after its client
+    // read the last byte: a brief wait keeps a client's back-to-back requests from a 429.
+    let slot = tokio::time::timeout(ADMISSION_WAIT, deployment.in_flight.clone().acquire_owned()).await;
+    let Ok(Ok(permit)) = slot else {
         let resp = error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_requests",
+            ErrorCode::TooManyRequests,
             format!(
                 "deployment {} is at its limit of {} concurrent invocations",
                 deployment.manifest.name, deployment.manifest.limits.max_concurrency
@@ -105,7 +111,7 @@ async fn handle_routed(
         parts.headers.insert(http::header::HOST, HeaderValue::from_static("localhost"));
     }
     let request = Request::from_parts(parts, Full::new(bytes));
-    let llm = LlmCtx::new(app.registry.clone(), models, deployment.limits.max_tokens, deployment.generations.clone());
+    let llm = LlmCtx::new(app.backend.clone(), models, deployment.limits.max_tokens, deployment.generations.clone());
 
     let name = deployment.manifest.name.clone();
     match app.runtime.invoke(&deployment.handler, request, llm, &deployment.limits, permit.clone()).await {
@@ -115,6 +121,10 @@ async fn handle_routed(
                 parts.headers.insert("x-kindling-cold-start", v);
             }
             parts.headers.insert("x-kindling-deployment", HeaderValue::from_str(&name).expect("validated name"));
+            let t = invocation.timing;
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+            let timing = format!("instantiate;dur={:.3}, handler;dur={:.3}", ms(t.instantiate), ms(t.handler));
+            parts.headers.insert("server-timing", HeaderValue::from_str(&timing).expect("ascii"));
             let report = invocation.report.clone();
             let app = app.clone();
             let guest = invocation.guest;
@@ -140,13 +150,11 @@ async fn handle_routed(
 fn invoke_error(deployment: &str, e: InvokeError) -> Response<Body> {
     let message = format!("deployment {deployment}: {e}");
     match e {
-        InvokeError::Timeout(_) => error(StatusCode::GATEWAY_TIMEOUT, "handler_timeout", message),
-        InvokeError::Capacity(_) => with_retry_after(error(StatusCode::SERVICE_UNAVAILABLE, "no_capacity", message), 1),
-        InvokeError::Trap(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "handler_trapped", message),
-        InvokeError::Host(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", message),
-        InvokeError::Killed => with_retry_after(error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message), 1),
-        InvokeError::NoResponse | InvokeError::ErrorResponse(_) => {
-            error(StatusCode::BAD_GATEWAY, "handler_no_response", message)
-        }
+        InvokeError::Timeout(_) => error(ErrorCode::HandlerTimeout, message),
+        InvokeError::Capacity(_) => with_retry_after(error(ErrorCode::NoCapacity, message), 1),
+        InvokeError::Trap(_) => error(ErrorCode::HandlerTrapped, message),
+        InvokeError::Host(_) => error(ErrorCode::Internal, message),
+        InvokeError::Killed => with_retry_after(error(ErrorCode::ShuttingDown, message), 1),
+        InvokeError::NoResponse | InvokeError::ErrorResponse(_) => error(ErrorCode::HandlerNoResponse, message),
     }
 }

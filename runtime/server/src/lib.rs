@@ -6,6 +6,8 @@
 pub mod admin;
 pub mod app;
 pub mod body;
+pub mod engine_backend;
+pub mod error_code;
 pub mod http_util;
 pub mod invoke;
 pub mod manifest;

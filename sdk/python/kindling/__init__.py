@@ -81,22 +81,25 @@ class BadRequest(Exception):
 
 
 class LlmError(Exception):
-    """A `kindling:llm` error, with the HTTP status it maps to."""
+    """A `kindling:llm` error, with its error code (`prompt_too_long`) and the HTTP status it maps to."""
 
+    # KINDLING-ERROR-CODES: the table in runtime/server/src/error_code.rs; its tests check this copy.
     STATUS = {
-        "ModelNotAllowed": 403,
-        "ModelNotFound": 404,
-        "InvalidParams": 400,
-        "PromptTooLong": 413,
-        "Overloaded": 503,
-        "RuntimeError": 500,
+        "model_not_allowed": 403,
+        "model_not_found": 404,
+        "invalid_params": 400,
+        "prompt_too_long": 413,
+        "overloaded": 503,
+        "runtime_error": 500,
     }
+    # KINDLING-ERROR-CODES (end)
 
     def __init__(self, error):
-        self.kind = type(error).__name__.removeprefix("Error_")
+        kind = type(error).__name__.removeprefix("Error_")  # ModelNotAllowed
+        self.code = "".join("_" + c.lower() if c.isupper() else c for c in kind).lstrip("_")
         self.message = getattr(error, "value", str(error))
-        self.status = self.STATUS.get(self.kind, 500)
-        super().__init__(f"{self.kind}: {self.message}")
+        self.status = self.STATUS.get(self.code, 500)
+        super().__init__(f"{self.code}: {self.message}")
 
 
 def params(max_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
@@ -168,13 +171,13 @@ def _send(response_out: _http.ResponseOutparam, response: Response) -> None:
 
 def _error_response(e: Exception) -> Response:
     if isinstance(e, LlmError):
-        return Response.json({"error": {"code": e.kind, "message": e.message}}, e.status)
+        return Response.json({"error": {"code": e.code, "message": e.message}}, e.status)
     if isinstance(e, BadRequest):
-        return Response.json({"error": {"code": "BadRequest", "message": str(e)}}, 400)
+        return Response.json({"error": {"code": "bad_request", "message": str(e)}}, 400)
     if isinstance(e, Err) and type(e.value).__module__.endswith("llm"):
         return _error_response(LlmError(e.value))
     traceback.print_exc(file=sys.stderr)
-    return Response.json({"error": {"code": "HandlerError", "message": f"{type(e).__name__}: {e}"}}, 500)
+    return Response.json({"error": {"code": "handler_error", "message": f"{type(e).__name__}: {e}"}}, 500)
 
 
 def serve(handle):
@@ -193,3 +196,22 @@ def serve(handle):
                 traceback.print_exc(file=sys.stderr)
 
     return IncomingHandler
+
+
+def _warm_up() -> None:
+    """Runs the pure-Python paths of a request once while the component is being built.
+
+    componentize-py snapshots the interpreter after importing the app, and every invocation starts
+    from that snapshot in a fresh instance. Whatever the first request would initialise lazily
+    (codec lookups, parser caches, JSON encoders) is done here, once, instead of per request.
+    """
+    req = Request("POST", "/warm/up?a=1&b=2", [("Content-Type", b"application/json")], b'{"x": [1, "y"]}')
+    req.json()
+    req.text()
+    for response in (Response.json({"error": {"code": "bad_request", "message": "m"}}), Response.text("t")):
+        [(k.lower(), v.encode("latin-1")) for k, v in response.headers.items()]
+        list(_pieces(response.body))
+    "x".encode("utf-8").decode("utf-8")
+
+
+_warm_up()
