@@ -637,6 +637,19 @@ fn a_javascript_handler_generates_the_same_text_as_the_python_one() {
 }
 
 #[test]
+fn the_smallest_hand_written_component_serves_and_splits_its_time() {
+    let server = Server::start(&[]);
+    let root = kindling_e2e::workspace_root();
+    let wasm = wat::parse_file(root.join("examples/ping-wat/ping.wat")).unwrap();
+    let manifest = std::fs::read_to_string(root.join("examples/ping-wat/kindling.toml")).unwrap();
+    assert_eq!(server.deploy_bytes(&manifest, &wasm).status, 201);
+    let answer = server.get("/ping-wat/anything");
+    assert_eq!((answer.status, answer.body.as_str()), (200, ""));
+    let timing = answer.header("server-timing").expect("Server-Timing on an invocation");
+    assert!(timing.starts_with("instantiate;dur=") && timing.contains(", handler;dur="), "{timing}");
+}
+
+#[test]
 fn the_rust_sdk_example_type_checks() {
     // The wasm32 target is not installable here, so this proves the SDK and example agree with
     // the WIT; building for wasm32-wasip2 produces the deployable component.

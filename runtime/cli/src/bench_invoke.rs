@@ -1,5 +1,6 @@
 //! `kindling bench invoke`: what an invocation itself costs. Starts a real `kindling serve`,
-//! deploys handlers that do not generate (examples/ping-python, examples/ping-js), and at each
+//! deploys handlers that do not generate (examples/ping-wat, the smallest component there is,
+//! hand-written; examples/ping-python; examples/ping-js), and at each
 //! concurrency level sends GETs over keep-alive connections, timing each. In the same run
 //! `/healthz` (no handler at all) is the baseline, so the report shows what instantiating and
 //! running a guest adds; the server's `Server-Timing` header splits it into instantiate and
@@ -15,8 +16,10 @@ use crate::bench_serve::{ServerChild, percentile, round4, spawn_server};
 
 #[derive(clap::Args)]
 pub struct InvokeBenchArgs {
-    /// NAME=PATH of a component that answers GET /NAME without generating. Repeatable.
+    /// NAME=PATH of a component (.wasm, or .wat text) that answers GET /NAME without generating.
+    /// Repeatable.
     #[arg(long = "component", value_name = "NAME=PATH", default_values_t = [
+        "ping-wat=examples/ping-wat/ping.wat".to_string(),
         "ping-python=target/guests/ping-python.wasm".to_string(),
         "ping-js=target/guests/ping-js.wasm".to_string(),
     ])]
@@ -92,7 +95,8 @@ fn level(url: &str, clients: usize, requests: usize) -> anyhow::Result<Value> {
 }
 
 fn deploy(server: &ServerChild, name: &str, path: &str, max_concurrency: usize) -> anyhow::Result<()> {
-    let wasm = std::fs::read(path).with_context(|| format!("reading {path} (scripts/build-guests.sh builds it)"))?;
+    let wasm = crate::client::read_component(path.as_ref())
+        .with_context(|| "scripts/build-guests.sh builds the Python and JavaScript guests")?;
     let manifest =
         format!("name = \"{name}\"\nroutes = [\"/{name}\"]\n[limits]\nmax_concurrency = {max_concurrency}\n");
     let remote = crate::Remote { url: server.url.clone(), token: None };

@@ -86,10 +86,18 @@ pub fn delete(remote: &Remote, name: &str) -> anyhow::Result<()> {
 
 pub fn deploy(remote: &Remote, manifest: &Path, component: &Path) -> anyhow::Result<()> {
     let manifest_text = std::fs::read(manifest).with_context(|| format!("reading {}", manifest.display()))?;
-    let wasm = std::fs::read(component).with_context(|| format!("reading {}", component.display()))?;
+    let wasm = read_component(component)?;
     eprintln!("deploying {} ({} bytes) ...", component.display(), wasm.len());
     println!("{}", deploy_bytes(remote, &manifest_text, &wasm)?.trim_end());
     Ok(())
+}
+
+/// A component's bytes: a `.wasm` as it is, a `.wat` (component text format) assembled here.
+pub fn read_component(path: &Path) -> anyhow::Result<Vec<u8>> {
+    if path.extension().is_some_and(|e| e == "wat") {
+        return wat::parse_file(path).with_context(|| format!("assembling {}", path.display()));
+    }
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
 }
 
 /// Deploys a manifest and component as multipart form data; returns the server's answer.

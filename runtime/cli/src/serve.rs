@@ -65,8 +65,8 @@ pub struct ServeArgs {
     /// Handler instances that may exist at once across all deployments (pooling allocator slots).
     #[arg(long, default_value_t = 128)]
     max_instances: u32,
-    /// KiB of each handler memory and table slot kept resident between instances (zeroed in
-    /// place instead of returned to the kernel).
+    /// KiB of each handler memory and table slot (and up to 512 of its async stack) kept resident
+    /// between instances: reset in place instead of returned to the kernel.
     #[arg(long, default_value_t = 0)]
     keep_resident_kib: usize,
     /// Serve deployment NAME at `http://NAME.<DOMAIN>/` (by the Host header) besides its routes.

@@ -156,6 +156,9 @@ impl Drop for LiveInstance {
     }
 }
 
+/// The most of each guest's async stack kept resident (the part a handler's calls touch).
+const ASYNC_STACK_KEEP_RESIDENT_MAX: usize = 512 << 10;
+
 fn pooling(cfg: &RuntimeConfig) -> PoolingAllocationConfig {
     // Interpreter-based components (componentize-py, jco) hold ~10 core instances, several
     // memories and large tables; size the slots for them.
@@ -175,7 +178,9 @@ fn pooling(cfg: &RuntimeConfig) -> PoolingAllocationConfig {
     // A freed slot's first bytes are zeroed in place rather than handed back to the kernel, so the
     // next instance does not fault them in again (and frees skip the madvise that serializes
     // concurrent instances on the address-space lock).
-    p.linear_memory_keep_resident(cfg.keep_resident_bytes).table_keep_resident(cfg.keep_resident_bytes);
+    p.linear_memory_keep_resident(cfg.keep_resident_bytes)
+        .table_keep_resident(cfg.keep_resident_bytes)
+        .async_stack_keep_resident(cfg.keep_resident_bytes.min(ASYNC_STACK_KEEP_RESIDENT_MAX));
     p
 }
 
