@@ -433,6 +433,9 @@ fn bad_prompts_get_clear_errors() {
     let answer = server.post_json("/hello", &json!({ "prompt": long_prompt }));
     assert_eq!(answer.status, 413, "{}", answer.body);
     assert_eq!(answer.json()["error"]["code"], "prompt_too_long");
+    // Streamed, the refusal comes before the first byte, so it is still a 413 with its code.
+    let streamed = server.post_json("/hello", &json!({ "prompt": long_prompt, "stream": true }));
+    assert_eq!((streamed.status, streamed.json()["error"]["code"].as_str()), (413, Some("prompt_too_long")));
     let answer = server.post_raw("/hello", b"{\"prompt\": \"\xff\xfe\"}");
     assert_eq!(answer.status, 400, "{}", answer.body);
     // The manifest caps tokens per generation at 64 whatever the handler asks for.
@@ -634,6 +637,9 @@ fn a_javascript_handler_generates_the_same_text_as_the_python_one() {
     assert_eq!(refused.status, 403, "{}", refused.body);
     assert_eq!(refused.json()["error"]["code"], "model_not_allowed");
     assert_eq!(server.post_raw("/hello-js", b"{oops").status, 400);
+    let long = json!({ "prompt": "lighthouse keeper ".repeat(400), "stream": true });
+    let refused = server.post_json("/hello-js", &long);
+    assert_eq!((refused.status, refused.json()["error"]["code"].as_str()), (413, Some("prompt_too_long")));
 }
 
 #[test]

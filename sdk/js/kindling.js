@@ -148,14 +148,35 @@ function* pieces(body) {
   else for (const p of body) yield typeof p === "string" ? encoder.encode(p) : p;
 }
 
-function send(responseOut, response) {
+// The response and its body's pieces with the first one already produced: a body that fails
+// before its first byte (a stream whose prompt is too long) is still answered with its error.
+function settle(response) {
+  let it = pieces(response.body);
+  let first;
+  try {
+    first = it.next();
+  } catch (e) {
+    response = errorResponse(e);
+    it = pieces(response.body);
+    first = it.next();
+  }
+  const rest = it;
+  function* all() {
+    if (!first.done) yield first.value;
+    yield* rest;
+  }
+  return [response, all()];
+}
+
+function send(responseOut, handled) {
+  const [response, bodyPieces] = settle(handled);
   const fields = Fields.fromList(Object.entries(response.headers).map(([k, v]) => [k.toLowerCase(), encoder.encode(v)]));
   const outgoing = new OutgoingResponse(fields);
   outgoing.setStatusCode(response.status);
   const body = outgoing.body();
   ResponseOutparam.set(responseOut, { tag: "ok", val: outgoing });
   const out = body.write();
-  for (const piece of pieces(response.body)) {
+  for (const piece of bodyPieces) {
     for (let i = 0; i < piece.length; i += WRITE_CHUNK) {
       out.blockingWriteAndFlush(piece.subarray(i, i + WRITE_CHUNK));
     }

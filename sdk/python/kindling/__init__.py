@@ -156,14 +156,34 @@ def _pieces(body: Body) -> Iterator[bytes]:
             yield piece.encode("utf-8") if isinstance(piece, str) else bytes(piece)
 
 
+def _settle(response: Response) -> Tuple[Response, Iterator[bytes]]:
+    """The response and its body's pieces, with the first one already produced: a body that fails
+    before its first byte (a stream whose prompt is too long) is still answered with its error."""
+    pieces = _pieces(response.body)
+    try:
+        first = next(pieces, None)
+    except Exception as e:
+        response = _error_response(e)
+        pieces = _pieces(response.body)
+        first = next(pieces, None)
+    head = [] if first is None else [first]
+    return response, _chain(head, pieces)
+
+
+def _chain(head: List[bytes], rest: Iterator[bytes]) -> Iterator[bytes]:
+    yield from head
+    yield from rest
+
+
 def _send(response_out: _http.ResponseOutparam, response: Response) -> None:
+    response, pieces = _settle(response)
     fields = _http.Fields.from_list([(k.lower(), v.encode("latin-1")) for k, v in response.headers.items()])
     outgoing = _http.OutgoingResponse(fields)
     outgoing.set_status_code(response.status)
     body = outgoing.body()
     _http.ResponseOutparam.set(response_out, Ok(outgoing))
     with body.write() as out:
-        for piece in _pieces(response.body):
+        for piece in pieces:
             for i in range(0, len(piece), _WRITE_CHUNK):
                 out.blocking_write_and_flush(piece[i:i + _WRITE_CHUNK])
     _http.OutgoingBody.finish(body, None)
