@@ -26,7 +26,6 @@ pub struct ModelResource {
 pub struct TokenStreamResource {
     stream: Box<dyn Generation>,
     finish: Option<Finished>,
-    ended: bool,
     _slots: GenerationSlots,
 }
 
@@ -252,7 +251,7 @@ impl llm::HostModel for LlmView<'_> {
         };
         match submit(loaded, self.ctx.share.group.clone(), prompt, params).await? {
             Ok(stream) => {
-                let resource = TokenStreamResource { stream, finish: None, ended: false, _slots: slots };
+                let resource = TokenStreamResource { stream, finish: None, _slots: slots };
                 Ok(Ok(self.table.push(resource)?))
             }
             Err(e) => Ok(Err(to_wit(e))),
@@ -279,26 +278,17 @@ impl llm::HostTokenStream for LlmView<'_> {
         &mut self,
         stream: Resource<TokenStreamResource>,
     ) -> wasmtime::Result<Result<Option<String>, llm::Error>> {
+        // `Generation::next` answers `None` after `Done` or an error, so a finished stream stays so.
         let s = self.table.get_mut(&stream)?;
-        if s.ended {
-            return Ok(Ok(None));
-        }
         match s.stream.next().await {
             Some(Ok(Piece::Text(text))) => Ok(Ok(Some(text))),
             Some(Ok(Piece::Done(finish))) => {
                 s.finish = Some(finish);
-                s.ended = true;
                 self.ctx.report.lock().expect("poisoned").record(&finish);
                 Ok(Ok(None))
             }
-            Some(Err(e)) => {
-                s.ended = true;
-                Ok(Err(to_wit(e)))
-            }
-            None => {
-                s.ended = true;
-                Ok(Ok(None))
-            }
+            Some(Err(e)) => Ok(Err(to_wit(e))),
+            None => Ok(Ok(None)),
         }
     }
 

@@ -13,8 +13,8 @@ use http_body_util::{BodyDataStream, BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use serde::{Deserialize, Serialize};
 
-use crate::app::{App, ComponentUpload, DeployError, ModelError};
-use crate::body::read_limited;
+use crate::app::{App, DeployError, ModelError};
+use crate::body::{declared_over, read_limited, too_large};
 use crate::error_code::ErrorCode;
 use crate::http_util::{Body, BoxError, empty, error, json};
 use crate::tenant::{Caller, Grants, TenantError, identify};
@@ -245,12 +245,7 @@ async fn deploy(app: &Arc<App>, caller: &Caller, req: Request<Incoming>) -> Resp
         return error(ErrorCode::BadRequest, DEPLOY_USAGE);
     };
     let max = app.config.max_deploy_bytes as u64;
-    let declared = req
-        .headers()
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max) {
+    if declared_over(req.headers(), max) {
         return too_large(max);
     }
     let uploads = app.config.data_dir.join("uploads");
@@ -263,7 +258,7 @@ async fn deploy(app: &Arc<App>, caller: &Caller, req: Request<Incoming>) -> Resp
             return error(ErrorCode::BodyTimeout, message);
         }
     };
-    match app.deploy(caller, &manifest, component).await {
+    match app.deploy(caller, &manifest, &component).await {
         Ok((deployment, replaced)) => {
             tracing::info!(deployment = %deployment.manifest.name, replaced, "deployed");
             let status = if replaced { StatusCode::OK } else { StatusCode::CREATED };
@@ -287,10 +282,6 @@ async fn deploy(app: &Arc<App>, caller: &Caller, req: Request<Incoming>) -> Resp
     }
 }
 
-fn too_large(max: u64) -> Response<Body> {
-    error(ErrorCode::BodyTooLarge, format!("request body exceeds the limit of {max} bytes"))
-}
-
 /// Reads a deploy's multipart body as it arrives: the manifest into memory (small), the component
 /// into a staged file under `dir`, so a large upload never sits in memory while it waits.
 async fn read_upload(
@@ -298,7 +289,7 @@ async fn read_upload(
     boundary: String,
     max: u64,
     dir: PathBuf,
-) -> Result<(String, ComponentUpload), Response<Body>> {
+) -> Result<(String, tempfile::TempPath), Response<Body>> {
     let constraints = multer::Constraints::new()
         .size_limit(multer::SizeLimit::new().whole_stream(max).for_field("manifest", MAX_MANIFEST_BYTES));
     let mut multipart = multer::Multipart::with_constraints(BodyDataStream::new(body), boundary, constraints);
@@ -324,7 +315,7 @@ async fn read_upload(
                 while let Some(chunk) = field.chunk().await.map_err(malformed)? {
                     file.write_all(&chunk).map_err(storage_error)?;
                 }
-                component = Some(ComponentUpload::Staged(file.into_temp_path()));
+                component = Some(file.into_temp_path());
             }
             _ => {}
         }

@@ -141,12 +141,6 @@ pub enum DeployError {
     Storage(String),
 }
 
-/// A component as a deploy brings it: in memory, or staged in a file that is removed when dropped.
-pub enum ComponentUpload {
-    Bytes(Vec<u8>),
-    Staged(tempfile::TempPath),
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error(transparent)]
@@ -354,12 +348,13 @@ impl App {
         }
     }
 
-    /// Validates, compiles, stores and activates a deployment. Returns it and whether it replaced one.
+    /// Validates, compiles, stores and activates a deployment whose component the upload staged
+    /// in the file `component`. Returns it and whether it replaced one.
     pub async fn deploy(
         &self,
         caller: &Caller,
         manifest_toml: &str,
-        component: ComponentUpload,
+        component: &std::path::Path,
     ) -> Result<(Arc<Deployment>, bool), DeployError> {
         let manifest = Manifest::parse(manifest_toml)?;
         let tenant = match caller {
@@ -370,12 +365,8 @@ impl App {
         // Uploads wait for a compile slot on disk; only compiling ones hold the bytes in memory.
         let (wasm, handler) = {
             let _compiling = self.compiles.acquire().await.expect("never closed");
-            let wasm = Arc::new(match component {
-                ComponentUpload::Bytes(b) => b,
-                ComponentUpload::Staged(path) => {
-                    tokio::fs::read(&path).await.map_err(|e| DeployError::Storage(e.to_string()))?
-                }
-            });
+            let bytes = tokio::fs::read(component).await.map_err(|e| DeployError::Storage(e.to_string()))?;
+            let wasm = Arc::new(bytes);
             let handler = self.prepare(wasm.clone()).await?;
             (wasm, handler)
         };
@@ -397,8 +388,7 @@ impl App {
                 .get(t)
                 .and_then(|info| info.grants.max_deployments)
                 .unwrap_or(self.config.tenant_max_deployments);
-            let owned = self.list().iter().filter(|d| d.record.tenant.as_deref() == Some(t)).count();
-            if owned >= quota as usize {
+            if self.owned_by(t).len() >= quota as usize {
                 return Err(DeployError::QuotaExceeded(quota));
             }
         }
@@ -442,13 +432,8 @@ impl App {
     /// the same name starts with nothing. Returns whether the tenant existed.
     pub async fn delete_tenant(&self, name: &str) -> Result<bool, DeployError> {
         let _guard = self.deploy_lock.lock().await;
-        let owned: Vec<String> = self
-            .list()
-            .iter()
-            .filter(|d| d.record.tenant.as_deref() == Some(name))
-            .map(|d| d.manifest.name.clone())
-            .collect();
-        for deployment in &owned {
+        for deployment in self.owned_by(name) {
+            let deployment = &deployment.manifest.name;
             self.remove(deployment)?;
             tracing::info!(tenant = name, deployment = %deployment, "deleted with its tenant");
         }
@@ -490,6 +475,11 @@ impl App {
 
     pub fn list(&self) -> Vec<Arc<Deployment>> {
         self.table.read().expect("poisoned").by_name.values().cloned().collect()
+    }
+
+    /// The deployments `tenant` owns.
+    fn owned_by(&self, tenant: &str) -> Vec<Arc<Deployment>> {
+        self.list().into_iter().filter(|d| d.record.tenant.as_deref() == Some(tenant)).collect()
     }
 
     pub fn route(&self, path: &str) -> Option<Arc<Deployment>> {

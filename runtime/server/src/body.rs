@@ -30,16 +30,25 @@ pub async fn read_limited(headers: &http::HeaderMap, body: Incoming, max: u64) -
     }
 }
 
-async fn read_capped(headers: &http::HeaderMap, body: Incoming, max: u64) -> Result<Bytes, http::Response<Body>> {
-    let too_large = || error(ErrorCode::BodyTooLarge, format!("request body exceeds the limit of {max} bytes"));
+/// The 413 for a request body over `max` bytes.
+pub fn too_large(max: u64) -> http::Response<Body> {
+    error(ErrorCode::BodyTooLarge, format!("request body exceeds the limit of {max} bytes"))
+}
+
+/// Whether the request's `Content-Length` already says its body is over `max` bytes.
+pub fn declared_over(headers: &http::HeaderMap, max: u64) -> bool {
     let declared =
         headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max) {
-        return Err(too_large());
+    declared.is_some_and(|n| n > max)
+}
+
+async fn read_capped(headers: &http::HeaderMap, body: Incoming, max: u64) -> Result<Bytes, http::Response<Body>> {
+    if declared_over(headers, max) {
+        return Err(too_large(max));
     }
     match Limited::new(body, max as usize).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large(max)),
         Err(e) => Err(error(ErrorCode::BadRequest, format!("could not read request body: {e}"))),
     }
 }
