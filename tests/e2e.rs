@@ -43,21 +43,24 @@ const MIXED_PROMPTS: [&str; 8] = [
 ];
 
 #[test]
-fn thirty_two_concurrent_streams_over_four_architectures_match_the_reference() {
-    let archs = ["qwen2", "llama", "qwen3", "mistral"];
+fn forty_concurrent_streams_over_five_architectures_match_the_reference() {
+    let archs = ["qwen2", "llama", "qwen3", "mistral", "opt"];
+    let n = archs.len();
     let dirs: Vec<std::path::PathBuf> = archs.iter().map(|a| tiny_model(a)).collect();
     let names: Vec<String> = archs.iter().map(|a| format!("tiny-{a}")).collect();
     let models: Vec<(&str, &Path)> = names.iter().map(String::as_str).zip(dirs.iter().map(|d| d.as_path())).collect();
     let server = Server::start(&models);
-    let manifest = format!("name = \"batch\"\nroutes = [\"/batch\"]\nmodels = {names:?}\n[limits]\nmax_tokens = 64\n");
+    let manifest = format!(
+        "name = \"batch\"\nroutes = [\"/batch\"]\nmodels = {names:?}\n[limits]\nmax_tokens = 64\nmax_concurrency = 64\n"
+    );
     assert_eq!(server.deploy(&manifest, &hello()).status, 201);
     let expected: Vec<Vec<serde_json::Value>> =
         dirs.iter().map(|d| reference_generations(d, 40, &MIXED_PROMPTS)).collect();
 
-    let clients: Vec<_> = (0..32)
+    let clients: Vec<_> = (0..n * MIXED_PROMPTS.len())
         .map(|i| {
-            let (url, model) = (server.url.clone(), names[i % 4].clone());
-            let prompt = MIXED_PROMPTS[i / 4];
+            let (url, model) = (server.url.clone(), names[i % n].clone());
+            let prompt = MIXED_PROMPTS[i / n];
             std::thread::spawn(move || {
                 let body = json!({ "prompt": prompt, "model": model, "max_tokens": 40, "stream": true });
                 let resp =
@@ -70,8 +73,8 @@ fn thirty_two_concurrent_streams_over_four_architectures_match_the_reference() {
     for (i, client) in clients.into_iter().enumerate() {
         let (status, text) = client.join().unwrap();
         assert_eq!(status, 200, "stream {i}: {text}");
-        let reference = &expected[i % 4][i / 4];
-        assert_eq!(text, reference["text"].as_str().unwrap(), "{} on {:?}", names[i % 4], MIXED_PROMPTS[i / 4]);
+        let reference = &expected[i % n][i / n];
+        assert_eq!(text, reference["text"].as_str().unwrap(), "{} on {:?}", names[i % n], MIXED_PROMPTS[i / n]);
     }
     let metrics = server.get("/metrics").body;
     assert!(metrics.contains("kindling_engine_kv_blocks_used{model=\"tiny-qwen3\"} 0"), "{metrics}");
@@ -135,14 +138,49 @@ fn a_real_gguf_model_generates_what_an_independent_dequantizing_reference_genera
     }
     // Token ids from the file's own tokenizer equal the reference's, special tokens and digits too.
     let text = "<|im_start|>user\nWhat is 1234 + 5678? Ça va, naïve café…<|im_end|>\n";
-    let ours = std::process::Command::new(kindling_e2e::kindling_bin())
+    let ours = tokenize(&model, text);
+    assert_eq!(ours["ids"], reference_gguf_generations(&model, 0, &[text])[0]["prompt_ids"]);
+    assert_eq!(ours["decoded"], "user\nWhat is 1234 + 5678? Ça va, naïve café…\n", "special tokens are skipped");
+}
+
+/// Our own `kindling models tokenize` on a file: ids, tokens and the ids decoded again.
+fn tokenize(model: &Path, text: &str) -> serde_json::Value {
+    let out = std::process::Command::new(kindling_e2e::kindling_bin())
         .args(["models", "tokenize"])
-        .arg(&model)
+        .arg(model)
         .arg(text)
         .output()
         .unwrap();
-    let ours: serde_json::Value = serde_json::from_slice(&ours.stdout).unwrap();
-    assert_eq!(ours["ids"], reference_gguf_generations(&model, 0, &[text])[0]["prompt_ids"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+}
+
+#[test]
+fn a_sentencepiece_gguf_tokenizes_as_sentencepiece_does_and_generates_as_the_reference() {
+    let model = kindling_e2e::spm_gguf();
+    // Spaces in runs, a tab and newline, digits, accents, a CJK and an emoji (no piece: bytes).
+    let texts = [
+        "The lighthouse keeper climbed 1234 stairs.",
+        "  two  spaces,\ta tab\nand a newline ",
+        "Ça va, naïve café… 日本 🙂",
+        "",
+    ];
+    let reference = reference_gguf_generations(&model, 0, &texts);
+    for (text, reference) in texts.iter().zip(&reference) {
+        let ours = tokenize(&model, text);
+        assert_eq!(ours["ids"], reference["prompt_ids"], "on {text:?}");
+        assert_eq!(ours["decoded"], *text, "round trip of {text:?}");
+    }
+    let server = Server::start(&[("spm", &model)]);
+    let manifest = "name = \"spm\"\nroutes = [\"/spm\"]\nmodels = [\"spm\"]\n[limits]\nmax_tokens = 64\n";
+    assert_eq!(server.deploy(manifest, &hello()).status, 201);
+    let prompts = ["The lighthouse keeper", "Once upon a time"];
+    for (prompt, reference) in prompts.iter().zip(reference_gguf_generations(&model, 24, &prompts)) {
+        let req = json!({ "prompt": prompt, "model": "spm", "max_tokens": 24, "temperature": 0 });
+        let got = server.post_json("/spm", &req);
+        assert_eq!(got.status, 200, "{}", got.body);
+        assert_eq!(got.json()["text"], reference["text"], "on {prompt:?}");
+    }
 }
 
 #[test]

@@ -1,7 +1,8 @@
 """Independent reference for Kindling's generations: greedy decoding of an HF-format llama,
-qwen2, qwen3 or mistral checkpoint with a plain numpy forward pass (HF semantics: explicit
-head_dim, qwen3's q/k norms, mistral's sliding window, Llama 3.1 RoPE scaling), reading
-safetensors by hand. Recomputes the whole sequence for every token: no cache, no paging.
+qwen2, qwen3, mistral or OPT checkpoint with a plain numpy forward pass (HF semantics: explicit
+head_dim, qwen3's q/k norms, mistral's sliding window, Llama 3.1 RoPE scaling; OPT's
+pre-LayerNorm blocks, learned positions offset by 2, ReLU MLP, biases), reading safetensors by
+hand, under the checkpoint's own tensor names. Recomputes the whole sequence for every token: no cache, no paging.
 
 usage: reference_generate.py MODEL_DIR MAX_TOKENS PROMPT [PROMPT ...]
 prints one JSON object per prompt: {"prompt", "ids", "text", "finish_reason"}
@@ -114,11 +115,50 @@ def forward(w, cfg, ids):
     return x[-1] @ head.T
 
 
+def layer_norm(x, w, b, eps=1e-5):
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * w + b
+
+
+def causal_attention(q, k, v):
+    """q, k, v: [t, heads, hd] -> [t, heads * hd], softmax(q k^T / sqrt(hd)) v under a causal mask."""
+    t, nh, hd = q.shape
+    mask = np.triu(np.full((t, t), -np.inf, dtype=np.float32), k=1)
+    scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd) + mask
+    scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    probs = scores / scores.sum(axis=-1, keepdims=True)
+    return np.einsum("hqk,khd->qhd", probs, v).reshape(t, nh * hd)
+
+
+def forward_opt(w, cfg, ids):
+    """transformers' OPTForCausalLM (do_layer_norm_before, ReLU)."""
+    h, nh = cfg["hidden_size"], cfg["num_attention_heads"]
+    hd, t = h // nh, len(ids)
+    d = "model.decoder."
+    x = w[d + "embed_tokens.weight"][ids] + w[d + "embed_positions.weight"][np.arange(t) + 2]
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"{d}layers.{layer}."
+
+        def lin(name, y):
+            return y @ w[p + name + ".weight"].T + w[p + name + ".bias"]
+
+        y = layer_norm(x, w[p + "self_attn_layer_norm.weight"], w[p + "self_attn_layer_norm.bias"])
+        q, k, v = (lin(f"self_attn.{n}_proj", y).reshape(t, nh, hd) for n in "qkv")
+        x = x + lin("self_attn.out_proj", causal_attention(q, k, v))
+        y = layer_norm(x, w[p + "final_layer_norm.weight"], w[p + "final_layer_norm.bias"])
+        x = x + lin("fc2", np.maximum(lin("fc1", y), 0.0))
+    x = layer_norm(x, w[d + "final_layer_norm.weight"], w[d + "final_layer_norm.bias"])
+    head = w.get("lm_head.weight", w[d + "embed_tokens.weight"])
+    return x[-1] @ head.T
+
+
 def greedy(weights, cfg, ids, max_tokens, eos):
     """Greedy decoding, recomputing the whole sequence for each token: (new ids, finish reason)."""
     out = []
     for _ in range(max_tokens):
-        nxt = int(np.argmax(forward(weights, cfg, ids + out)))
+        step = forward_opt if cfg["model_type"] == "opt" else forward
+        nxt = int(np.argmax(step(weights, cfg, ids + out)))
         if nxt in eos:
             return out, "stop"
         out.append(nxt)

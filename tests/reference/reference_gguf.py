@@ -2,7 +2,8 @@
 `gguf` PyPI package (llama.cpp's own Python reader), undoes the converter's Q/K row permutation,
 and runs reference_generate.py's HF-semantics numpy forward. The tokenizer is rebuilt from the
 file's metadata with the `tokenizers` Python package as llama.cpp describes it (byte-level BPE;
-`smollm`: digits split one by one, then GPT-2's regex).
+`smollm`: digits split one by one, then GPT-2's regex). A SentencePiece (`llama`) vocabulary is
+run by the `sentencepiece` package itself, from the `.model` file beside the GGUF.
 
 usage: reference_gguf.py GGUF_FILE MAX_TOKENS PROMPT [PROMPT ...]
 prints one JSON object per prompt: {"prompt", "prompt_ids", "ids", "text", "finish_reason"}
@@ -75,7 +76,38 @@ def load(path):
     return reader, cfg, weights
 
 
-def tokenizer_from(reader):
+class SentencePieceReference:
+    """llama.cpp's conventions around sentencepiece: BOS first when the file says so."""
+
+    def __init__(self, model_file, bos, add_bos):
+        import sentencepiece
+
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        self.prefix = [bos] if add_bos else []
+
+    def encode(self, text):
+        return self.prefix + self.sp.encode(text)
+
+    def decode(self, ids):
+        return self.sp.decode(ids)
+
+
+class HfReference:
+    def __init__(self, tok):
+        self.tok = tok
+
+    def encode(self, text):
+        return self.tok.encode(text).ids
+
+    def decode(self, ids):
+        return self.tok.decode(ids)
+
+
+def tokenizer_from(reader, path):
+    if field(reader, "tokenizer.ggml.model") == "llama":
+        add_bos = field(reader, "tokenizer.ggml.add_bos_token")
+        return SentencePieceReference(Path(path).with_suffix(".model"), field(reader, "tokenizer.ggml.bos_token_id"),
+                                      True if add_bos is None else bool(add_bos))
     tokens = field(reader, "tokenizer.ggml.tokens")
     merges = [tuple(m.split(" ", 1)) for m in field(reader, "tokenizer.ggml.merges")]
     types = field(reader, "tokenizer.ggml.token_type")
@@ -87,16 +119,16 @@ def tokenizer_from(reader):
         tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True) for t, ty in zip(tokens, types) if ty == 3])
-    return tok
+    return HfReference(tok)
 
 
 def main():
     path, max_tokens, prompts = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     reader, cfg, weights = load(path)
-    tok = tokenizer_from(reader)
+    tok = tokenizer_from(reader, path)
     eos = {field(reader, "tokenizer.ggml.eos_token_id")}
     for prompt in prompts:
-        ids = tok.encode(prompt).ids
+        ids = tok.encode(prompt)
         out, reason = greedy(weights, cfg, ids, max_tokens, eos)
         print(json.dumps({"prompt": prompt, "prompt_ids": ids, "ids": out, "text": tok.decode(out),
                           "finish_reason": reason}), flush=True)

@@ -42,7 +42,7 @@ pub fn kindling_bin() -> PathBuf {
     .clone()
 }
 
-/// A tiny model directory of the given architecture ("llama", "qwen2", "qwen3", "mistral"), made
+/// A tiny model directory of the given architecture ("llama", "qwen2", "qwen3", "mistral", "opt"), made
 /// again whenever the binary that writes it is newer (the format may have changed).
 pub fn tiny_model(arch: &str) -> PathBuf {
     static LOCK: Mutex<()> = Mutex::new(());
@@ -58,6 +58,22 @@ pub fn tiny_model(arch: &str) -> PathBuf {
         assert!(out.status.success(), "make-tiny failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     dir
+}
+
+/// A tiny llama GGUF with a SentencePiece vocabulary, and its `.model` beside it, written by
+/// `tests/reference/make_spm_gguf.py` (made again when the script changes).
+pub fn spm_gguf() -> PathBuf {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = shared_dir("models").join("tiny-spm");
+    let script = workspace_root().join("tests/reference/make_spm_gguf.py");
+    let file = dir.join("tiny-spm.gguf");
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if modified(&file) <= modified(&script) {
+        let out = Command::new("python3").arg(&script).arg(&dir).output().expect("python3 runs");
+        assert!(out.status.success(), "make_spm_gguf failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    file
 }
 
 fn newest_mtime(paths: &[PathBuf]) -> SystemTime {

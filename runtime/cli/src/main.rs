@@ -192,7 +192,12 @@ fn main() -> anyhow::Result<()> {
             ModelsCommand::Tokenize { path, text } => {
                 let tokenizer = kindling_engine::Checkpoint::open(&path)?.load_tokenizer()?;
                 let encoding = tokenizer.encode(text, true).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
-                println!("{}", serde_json::json!({ "ids": encoding.get_ids(), "tokens": encoding.get_tokens() }));
+                let decoded =
+                    tokenizer.decode(encoding.get_ids(), true).map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
+                println!(
+                    "{}",
+                    serde_json::json!({ "ids": encoding.get_ids(), "tokens": encoding.get_tokens(), "decoded": decoded })
+                );
                 Ok(())
             }
             ModelsCommand::MakeTiny { dir, arch } => {

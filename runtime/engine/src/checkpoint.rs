@@ -174,6 +174,7 @@ impl Checkpoint {
         for (index, path) in weight_files.iter().enumerate() {
             weight_bytes += Self::read_header(index, path, &mut tensors)?;
         }
+        let tensors = Self::rename(arch, tensors)?;
         Self::check_shapes(&config, &tensors)?;
 
         let mut eos_token_ids = BTreeSet::new();
@@ -257,9 +258,26 @@ impl Checkpoint {
         Ok(mmap.len() as u64)
     }
 
+    /// Keys the tensors by our names (the family's checkpoint names differ for OPT).
+    fn rename(arch: Architecture, tensors: HashMap<String, TensorEntry>) -> Result<HashMap<String, TensorEntry>> {
+        let naming = arch.spec().naming;
+        let mut ours = HashMap::with_capacity(tensors.len());
+        for (name, entry) in tensors {
+            let our_name = naming.ours(&name);
+            if ours.insert(our_name, entry).is_some() {
+                return Err(EngineError::Load(format!(
+                    "tensor {name} appears twice (with and without a model. prefix)"
+                )));
+            }
+        }
+        Ok(ours)
+    }
+
     fn check_shapes(config: &NetConfig, tensors: &HashMap<String, TensorEntry>) -> Result<()> {
-        for (name, expected) in config.expected_tensors() {
-            let Some(entry) = tensors.get(&name) else {
+        let naming = config.arch.spec().naming;
+        for (ours, expected) in config.expected_tensors() {
+            let name = naming.theirs(&ours);
+            let Some(entry) = tensors.get(&ours) else {
                 return Err(EngineError::Load(format!("checkpoint has no tensor {name}")));
             };
             if entry.shape != expected {

@@ -13,6 +13,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use tokenizers::Tokenizer;
 
 use crate::error::{EngineError, Result};
+use crate::network::config::{MlpKind, NormKind, PositionKind};
 use crate::network::{Architecture, NetConfig};
 
 /// The quantization types whose matmuls and dequantization candle implements on CPU and CUDA.
@@ -42,13 +43,33 @@ pub struct GgufTensor {
     pub offsets: (usize, usize),
 }
 
+/// Which kind of vocabulary `tokenizer.ggml.model` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VocabKind {
+    /// `gpt2`: byte-level BPE with a merge list and a pre-tokenizer regex.
+    BytePairGpt2,
+    /// `llama`: SentencePiece BPE (Llama 1/2, Mistral): merges by token score, spaces as `▁`,
+    /// bytes as `<0xXX>` tokens when no piece matches.
+    SentencePiece,
+}
+
+/// GGUF token types (llama.cpp's `llama_token_type`).
+const TOKEN_NORMAL: i32 = 1;
+const TOKEN_UNKNOWN: i32 = 2;
+const TOKEN_CONTROL: i32 = 3;
+const TOKEN_USER_DEFINED: i32 = 4;
+
 /// The tokenizer as the file describes it; built into a `Tokenizer` once, at pool admission.
 #[derive(Debug, Clone)]
 pub struct GgufTokenizer {
+    kind: VocabKind,
     tokens: Vec<String>,
     merges: Vec<String>,
+    scores: Vec<f32>,
     token_types: Vec<i32>,
     pre: String,
+    add_bos: bool,
+    add_space_prefix: bool,
     pub bos: Option<u32>,
     pub eos: Option<u32>,
     pub chat_template: Option<String>,
@@ -61,6 +82,10 @@ pub struct GgufCheckpoint {
     pub tokenizer: GgufTokenizer,
     pub eos_token_ids: BTreeSet<u32>,
     pub file_bytes: u64,
+}
+
+fn tokenizer_err(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Load(format!("GGUF tokenizer: {e}"))
 }
 
 fn load_err(path: &Path, what: impl std::fmt::Display) -> EngineError {
@@ -240,7 +265,11 @@ impl GgufCheckpoint {
             num_kv_heads: meta.count("attention.head_count_kv")?.unwrap_or(num_heads),
             head_dim,
             max_position_embeddings: meta.required("context_length")?,
-            rms_norm_eps: meta.float("attention.layer_norm_rms_epsilon", 1e-5),
+            norm: NormKind::Rms,
+            norm_eps: meta.float("attention.layer_norm_rms_epsilon", 1e-5),
+            positions: PositionKind::Rope,
+            mlp: MlpKind::GatedSilu,
+            dense_bias: false,
             rope_theta: meta.float("rope.freq_base", 10000.0),
             rope_scaling: None,
             rope_interleaved: permuted_qk,
@@ -265,25 +294,50 @@ impl GgufCheckpoint {
         }
 
         let model = md.get("tokenizer.ggml.model").and_then(|v| v.to_string().ok()).map(String::as_str);
-        if model != Some("gpt2") {
-            return Err(load_err(
-                path,
-                format!("tokenizer model {model:?} is not supported yet (supported: gpt2, byte-level BPE)"),
-            ));
-        }
-        let token_types = match md.get("tokenizer.ggml.token_type").map(|v| v.to_vec()) {
-            Some(Ok(items)) => items.iter().map(|t| number(t).unwrap_or(1.0) as i32).collect(),
-            _ => Vec::new(),
+        let kind = match model {
+            Some("gpt2") => VocabKind::BytePairGpt2,
+            Some("llama") => VocabKind::SentencePiece,
+            other => {
+                return Err(load_err(
+                    path,
+                    format!("tokenizer model {other:?} is not supported yet (supported: gpt2, llama)"),
+                ));
+            }
         };
+        let numbers = |key: &str| match md.get(key).map(|v| v.to_vec()) {
+            Some(Ok(items)) => items.iter().map(number).collect::<Option<Vec<f64>>>(),
+            _ => None,
+        };
+        let token_types =
+            numbers("tokenizer.ggml.token_type").map(|t| t.into_iter().map(|x| x as i32).collect()).unwrap_or_default();
+        let flag = |key: &str, default: bool| md.get(key).and_then(|v| v.to_bool().ok()).unwrap_or(default);
         let tokenizer = GgufTokenizer {
+            kind,
             tokens: meta.strings("tokenizer.ggml.tokens")?,
-            merges: meta.strings("tokenizer.ggml.merges")?,
+            merges: if kind == VocabKind::BytePairGpt2 { meta.strings("tokenizer.ggml.merges")? } else { Vec::new() },
+            scores: match kind {
+                VocabKind::BytePairGpt2 => Vec::new(),
+                VocabKind::SentencePiece => numbers("tokenizer.ggml.scores")
+                    .ok_or_else(|| load_err(path, "a llama vocabulary needs tokenizer.ggml.scores"))?
+                    .into_iter()
+                    .map(|x| x as f32)
+                    .collect(),
+            },
             token_types,
             pre: md.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default(),
+            // llama.cpp's defaults: SentencePiece vocabularies start with BOS and a space.
+            add_bos: flag("tokenizer.ggml.add_bos_token", kind == VocabKind::SentencePiece),
+            add_space_prefix: flag("tokenizer.ggml.add_space_prefix", true),
             bos: meta.id("tokenizer.ggml.bos_token_id"),
             eos: meta.id("tokenizer.ggml.eos_token_id"),
             chat_template: md.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned(),
         };
+        if kind == VocabKind::SentencePiece && tokenizer.scores.len() != tokenizer.tokens.len() {
+            return Err(load_err(
+                path,
+                format!("{} token scores for {} tokens", tokenizer.scores.len(), tokenizer.tokens.len()),
+            ));
+        }
         if tokenizer.tokens.len() != config.vocab_size {
             return Err(load_err(
                 path,
@@ -316,32 +370,103 @@ fn pre_tokenizer(pre: &str) -> Result<tokenizers::PreTokenizerWrapper> {
 }
 
 impl GgufTokenizer {
-    /// Byte-level BPE from the file's vocabulary and merges; control tokens are special.
     pub fn build(&self) -> Result<Tokenizer> {
+        let mut tokenizer = match self.kind {
+            VocabKind::BytePairGpt2 => self.byte_level_bpe()?,
+            VocabKind::SentencePiece => self.sentencepiece_bpe()?,
+        };
+        // Control tokens (<|im_start|>, <s>, ...) are matched whole, never split.
+        let specials: Vec<tokenizers::AddedToken> = self
+            .token_types
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| **t == TOKEN_CONTROL)
+            .map(|(i, _)| tokenizers::AddedToken::from(self.tokens[i].clone(), true))
+            .collect();
+        tokenizer.add_special_tokens(specials).map_err(|e| tokenizer_err(e.to_string()))?;
+        if self.add_bos
+            && let Some(bos) = self.bos
+        {
+            let text = self.token_text(Some(bos));
+            let template = tokenizers::processors::template::TemplateProcessing::builder()
+                .try_single(format!("{text} $A"))
+                .and_then(|b| b.try_pair(format!("{text} $A {text} $B")))
+                .map_err(tokenizer_err)?
+                .special_tokens(vec![(text, bos)])
+                .build()
+                .map_err(|e| tokenizer_err(e.to_string()))?;
+            tokenizer.with_post_processor(Some(template));
+        }
+        Ok(tokenizer)
+    }
+
+    /// Byte-level BPE from the file's vocabulary and merges.
+    fn byte_level_bpe(&self) -> Result<Tokenizer> {
         use tokenizers::models::bpe::BPE;
-        let load = |e: String| EngineError::Load(format!("GGUF tokenizer: {e}"));
-        let vocab: tokenizers::models::bpe::Vocab =
-            self.tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         let merges: Vec<(String, String)> = self
             .merges
             .iter()
             .map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
             .collect::<Option<_>>()
-            .ok_or_else(|| load("a merge is not two tokens".into()))?;
-        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| load(e.to_string()))?;
+            .ok_or_else(|| tokenizer_err("a merge is not two tokens"))?;
+        let bpe =
+            BPE::builder().vocab_and_merges(self.vocab(), merges).build().map_err(|e| tokenizer_err(e.to_string()))?;
         let mut tokenizer = Tokenizer::new(bpe);
         tokenizer.with_pre_tokenizer(Some(pre_tokenizer(&self.pre)?));
         tokenizer.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
-        // Token type 3 is "control" (<|im_start|>, <|endoftext|>, ...): matched whole, never split.
-        let specials: Vec<tokenizers::AddedToken> = self
-            .token_types
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| **t == 3)
-            .map(|(i, _)| tokenizers::AddedToken::from(self.tokens[i].clone(), true))
-            .collect();
-        tokenizer.add_special_tokens(specials).map_err(|e| load(e.to_string()))?;
         Ok(tokenizer)
+    }
+
+    /// SentencePiece BPE as llama.cpp runs it: spaces become `▁` (one is prepended), adjacent
+    /// pieces merge highest score first, and text no piece covers falls back to `<0xXX>` byte
+    /// tokens. As a merge list: every split of a piece into two pieces, ranked by its score.
+    fn sentencepiece_bpe(&self) -> Result<Tokenizer> {
+        use tokenizers::decoders::{
+            DecoderWrapper, byte_fallback::ByteFallback, fuse::Fuse, sequence::Sequence, strip::Strip,
+        };
+        use tokenizers::models::bpe::BPE;
+        use tokenizers::normalizers::{NormalizerWrapper, Prepend, Replace, Sequence as Normalizers};
+        let vocab = self.vocab();
+        let mut ranked: Vec<(f32, u32, String, String)> = Vec::new();
+        for (id, piece) in self.tokens.iter().enumerate() {
+            let mergeable =
+                matches!(self.token_types.get(id).copied().unwrap_or(TOKEN_NORMAL), TOKEN_NORMAL | TOKEN_USER_DEFINED);
+            if !mergeable {
+                continue;
+            }
+            for (at, _) in piece.char_indices().skip(1) {
+                let (left, right) = piece.split_at(at);
+                if vocab.contains_key(left) && vocab.contains_key(right) {
+                    ranked.push((self.scores[id], id as u32, left.to_string(), right.to_string()));
+                }
+            }
+        }
+        ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        let merges = ranked.into_iter().map(|(_, _, l, r)| (l, r)).collect();
+        let mut bpe = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
+        if let Some(unk) = self.token_types.iter().position(|t| *t == TOKEN_UNKNOWN) {
+            bpe = bpe.unk_token(self.tokens[unk].clone());
+        }
+        let mut tokenizer = Tokenizer::new(bpe.build().map_err(|e| tokenizer_err(e.to_string()))?);
+        let spaces = Replace::new(" ", "▁").map_err(|e| tokenizer_err(e.to_string()))?;
+        let mut normalizers: Vec<NormalizerWrapper> = Vec::new();
+        if self.add_space_prefix {
+            normalizers.push(Prepend::new("▁".into()).into());
+        }
+        normalizers.push(spaces.into());
+        tokenizer.with_normalizer(Some(Normalizers::new(normalizers))).map_err(|e| tokenizer_err(e.to_string()))?;
+        let unspace = Replace::new("▁", " ").map_err(|e| tokenizer_err(e.to_string()))?;
+        let mut decoders: Vec<DecoderWrapper> =
+            vec![DecoderWrapper::Replace(unspace), ByteFallback::default().into(), Fuse::default().into()];
+        if self.add_space_prefix {
+            decoders.push(Strip::new(' ', 1, 0).into());
+        }
+        tokenizer.with_decoder(Some(Sequence::new(decoders)));
+        Ok(tokenizer)
+    }
+
+    fn vocab(&self) -> tokenizers::models::bpe::Vocab {
+        self.tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect()
     }
 
     pub fn token_text(&self, id: Option<u32>) -> String {

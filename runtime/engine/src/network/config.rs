@@ -1,7 +1,8 @@
-//! The llama family as one table: which `model_type`s we run, how each maps its `config.json`
-//! onto one `NetConfig`, and the tensors (with shapes) that config implies. Adding a family
-//! member means one row in `ARCHITECTURES` and, if it brings a new feature, one flag here; the
-//! checkpoint checks, the network, the tiny-model writer and the warm-up all read this.
+//! The decoder-only families as one table: which `model_type`s we run, how each maps its
+//! `config.json` onto one `NetConfig`, how its checkpoints name their tensors, and the tensors
+//! (with shapes) that config implies. Adding a family member means one row in `ARCHITECTURES`
+//! and, if it brings a new feature, one flag here; the checkpoint checks, the network, the
+//! tiny-model writer and the warm-up all read this.
 
 use std::collections::BTreeMap;
 
@@ -16,6 +17,35 @@ pub enum Architecture {
     Qwen2,
     Qwen3,
     Mistral,
+    Opt,
+}
+
+/// How activations are normalised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormKind {
+    /// RMSNorm with a weight (the llama family).
+    Rms,
+    /// LayerNorm with a weight and a bias (OPT).
+    Layer,
+}
+
+/// Where a token's position enters the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PositionKind {
+    /// Rotary embeddings on q and k.
+    Rope,
+    /// A learned table added to the token embeddings; position `p` reads row `p + offset` (OPT
+    /// keeps two rows for padding).
+    Learned { offset: usize },
+}
+
+/// The feed-forward block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MlpKind {
+    /// `down(silu(gate(x)) * up(x))`, no biases (the llama family).
+    GatedSilu,
+    /// `down(relu(up(x) + b) ) + b` (OPT's fc1/fc2).
+    Relu,
 }
 
 /// What distinguishes one family member from another, as data.
@@ -32,45 +62,145 @@ pub struct ArchSpec {
     pub qk_norm: bool,
     /// `sliding_window` in config.json is honoured without a `use_sliding_window` switch (mistral).
     pub sliding_window_always: bool,
+    pub norm: NormKind,
+    pub positions: PositionKind,
+    pub mlp: MlpKind,
+    /// The attention output and MLP projections carry biases (OPT).
+    pub dense_bias: bool,
+    /// config.json's key for the MLP width.
+    pub intermediate_key: &'static str,
+    /// The norm epsilon when config.json has none.
+    pub default_norm_eps: f64,
+    /// `tie_word_embeddings` when config.json omits it (the HF config class's default).
+    pub default_tied: bool,
+    /// How checkpoints name tensors that our names (the llama family's) call otherwise.
+    pub naming: Naming,
 }
 
-pub const ARCHITECTURES: [ArchSpec; 4] = [
-    ArchSpec {
-        arch: Architecture::Llama,
-        model_type: "llama",
-        hf_class: "LlamaForCausalLM",
-        qkv_bias: false,
-        qk_norm: false,
-        sliding_window_always: false,
-    },
+/// (ours, the checkpoint's) name rewrites: `prefixes` apply to the start of a whole name
+/// (`model.layers.` among them), `layer_parts` to what follows `model.layers.N.`.
+#[derive(Debug, Clone, Copy)]
+pub struct Naming {
+    pub prefixes: &'static [(&'static str, &'static str)],
+    pub layer_parts: &'static [(&'static str, &'static str)],
+}
+
+const HF_NAMES: Naming = Naming { prefixes: &[], layer_parts: &[] };
+
+impl Naming {
+    fn rewrite(&self, name: &str, to_checkpoint: bool) -> String {
+        let pick = |&(ours, theirs): &(&'static str, &'static str)| {
+            if to_checkpoint { (ours, theirs) } else { (theirs, ours) }
+        };
+        for pair in self.prefixes {
+            let (from, to) = pick(pair);
+            let Some(rest) = name.strip_prefix(from) else { continue };
+            if pair.0 != "model.layers." {
+                return format!("{to}{rest}");
+            }
+            let Some((index, part)) = rest.split_once('.') else { return format!("{to}{rest}") };
+            let part = self
+                .layer_parts
+                .iter()
+                .map(pick)
+                .find_map(|(f, t)| part.strip_prefix(f).map(|tail| format!("{t}{tail}")))
+                .unwrap_or_else(|| part.to_string());
+            return format!("{to}{index}.{part}");
+        }
+        name.to_string()
+    }
+
+    /// Our name for a checkpoint's tensor. Checkpoints saved from the base model (no `model.`
+    /// prefix, as facebook/opt-125m's are) are read as HF's loader reads them.
+    pub fn ours(&self, checkpoint_name: &str) -> String {
+        let full = if checkpoint_name.starts_with("model.") || checkpoint_name.starts_with("lm_head.") {
+            checkpoint_name.to_string()
+        } else {
+            format!("model.{checkpoint_name}")
+        };
+        self.rewrite(&full, false)
+    }
+
+    /// The checkpoint's name for one of ours (what the tiny-model writer writes).
+    pub fn theirs(&self, our_name: &str) -> String {
+        self.rewrite(our_name, true)
+    }
+}
+
+const LLAMA_FAMILY: ArchSpec = ArchSpec {
+    arch: Architecture::Llama,
+    model_type: "llama",
+    hf_class: "LlamaForCausalLM",
+    qkv_bias: false,
+    qk_norm: false,
+    sliding_window_always: false,
+    norm: NormKind::Rms,
+    positions: PositionKind::Rope,
+    mlp: MlpKind::GatedSilu,
+    dense_bias: false,
+    intermediate_key: "intermediate_size",
+    default_norm_eps: 1e-6,
+    default_tied: false,
+    naming: HF_NAMES,
+};
+
+pub const ARCHITECTURES: [ArchSpec; 5] = [
+    LLAMA_FAMILY,
     ArchSpec {
         arch: Architecture::Qwen2,
         model_type: "qwen2",
         hf_class: "Qwen2ForCausalLM",
         qkv_bias: true,
-        qk_norm: false,
-        sliding_window_always: false,
+        ..LLAMA_FAMILY
     },
     ArchSpec {
         arch: Architecture::Qwen3,
         model_type: "qwen3",
         hf_class: "Qwen3ForCausalLM",
-        qkv_bias: false,
         qk_norm: true,
-        sliding_window_always: false,
+        ..LLAMA_FAMILY
     },
     ArchSpec {
         arch: Architecture::Mistral,
         model_type: "mistral",
         hf_class: "MistralForCausalLM",
-        qkv_bias: false,
-        qk_norm: false,
         sliding_window_always: true,
+        ..LLAMA_FAMILY
+    },
+    // facebook/opt-*: pre-LayerNorm, learned positions, ReLU MLP, biases everywhere.
+    ArchSpec {
+        arch: Architecture::Opt,
+        model_type: "opt",
+        hf_class: "OPTForCausalLM",
+        qkv_bias: true,
+        norm: NormKind::Layer,
+        positions: PositionKind::Learned { offset: 2 },
+        mlp: MlpKind::Relu,
+        dense_bias: true,
+        intermediate_key: "ffn_dim",
+        default_norm_eps: 1e-5,
+        default_tied: true,
+        naming: Naming {
+            prefixes: &[
+                ("model.embed_tokens.", "model.decoder.embed_tokens."),
+                ("model.embed_positions.", "model.decoder.embed_positions."),
+                ("model.norm.", "model.decoder.final_layer_norm."),
+                ("model.layers.", "model.decoder.layers."),
+            ],
+            layer_parts: &[
+                ("input_layernorm.", "self_attn_layer_norm."),
+                ("post_attention_layernorm.", "final_layer_norm."),
+                ("self_attn.o_proj.", "self_attn.out_proj."),
+                ("mlp.up_proj.", "fc1."),
+                ("mlp.down_proj.", "fc2."),
+            ],
+        },
+        ..LLAMA_FAMILY
     },
 ];
 
 impl Architecture {
-    pub const ALL: [Architecture; 4] = [Self::Llama, Self::Qwen2, Self::Qwen3, Self::Mistral];
+    pub const ALL: [Architecture; 5] = [Self::Llama, Self::Qwen2, Self::Qwen3, Self::Mistral, Self::Opt];
 
     pub fn spec(self) -> &'static ArchSpec {
         ARCHITECTURES.iter().find(|s| s.arch == self).expect("every architecture has a row")
@@ -112,7 +242,12 @@ pub struct NetConfig {
     pub num_kv_heads: usize,
     pub head_dim: usize,
     pub max_position_embeddings: usize,
-    pub rms_norm_eps: f64,
+    pub norm: NormKind,
+    pub norm_eps: f64,
+    pub positions: PositionKind,
+    pub mlp: MlpKind,
+    /// The attention output and MLP projections carry biases.
+    pub dense_bias: bool,
     pub rope_theta: f64,
     pub rope_scaling: Option<Llama3RopeScaling>,
     /// RoPE rotates adjacent pairs (llama.cpp's layout: its converter permutes Q/K rows so) rather
@@ -176,6 +311,31 @@ fn rope_scaling(v: &Value) -> Result<Option<Llama3RopeScaling>> {
     }
 }
 
+/// The OPT variants our network does not implement are named rather than run wrong: post-LN
+/// (opt-350m), a projected embedding width (opt-350m), other activations, no biases.
+fn check_opt_variant(v: &Value, hidden_size: usize) -> Result<()> {
+    let unsupported = |what: String| Err(EngineError::Load(format!("config.json: {what} is not supported")));
+    if field(v, "do_layer_norm_before").and_then(Value::as_bool) == Some(false) {
+        return unsupported("OPT with do_layer_norm_before = false (post-LayerNorm, as opt-350m)".into());
+    }
+    if let Some(width) = usize_field(v, "word_embed_proj_dim")?
+        && width != hidden_size
+    {
+        return unsupported(format!("OPT with word_embed_proj_dim {width} != hidden_size {hidden_size}"));
+    }
+    if let Some(act) = field(v, "activation_function").and_then(Value::as_str)
+        && act != "relu"
+    {
+        return unsupported(format!("OPT activation_function {act:?} (supported: relu)"));
+    }
+    for flag in ["enable_bias", "layer_norm_elementwise_affine"] {
+        if field(v, flag).and_then(Value::as_bool) == Some(false) {
+            return unsupported(format!("OPT with {flag} = false"));
+        }
+    }
+    Ok(())
+}
+
 impl NetConfig {
     /// Parses and checks an HF `config.json`.
     pub fn from_hf_json(text: &str) -> Result<Self> {
@@ -201,21 +361,28 @@ impl NetConfig {
         };
         let use_window =
             spec.sliding_window_always || field(&v, "use_sliding_window").and_then(Value::as_bool) == Some(true);
+        if spec.arch == Architecture::Opt {
+            check_opt_variant(&v, hidden_size)?;
+        }
         let config = Self {
             arch: spec.arch,
             vocab_size: required(&v, "vocab_size")?,
             hidden_size,
-            intermediate_size: required(&v, "intermediate_size")?,
+            intermediate_size: required(&v, spec.intermediate_key)?,
             num_layers: required(&v, "num_hidden_layers")?,
             num_heads,
             num_kv_heads,
             head_dim,
             max_position_embeddings: required(&v, "max_position_embeddings")?,
-            rms_norm_eps: f64_field(&v, "rms_norm_eps", 1e-6)?,
+            norm: spec.norm,
+            norm_eps: f64_field(&v, "rms_norm_eps", spec.default_norm_eps)?,
+            positions: spec.positions,
+            mlp: spec.mlp,
+            dense_bias: spec.dense_bias,
             rope_theta: f64_field(&v, "rope_theta", 10000.0)?,
             rope_scaling: rope_scaling(&v)?,
             rope_interleaved: false,
-            tie_word_embeddings: field(&v, "tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
+            tie_word_embeddings: field(&v, "tie_word_embeddings").and_then(Value::as_bool).unwrap_or(spec.default_tied),
             qkv_bias: spec.qkv_bias,
             qk_norm: spec.qk_norm,
             sliding_window: if use_window { usize_field(&v, "sliding_window")? } else { None },
@@ -233,7 +400,7 @@ impl NetConfig {
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
+        if self.head_dim == 0 || (self.positions == PositionKind::Rope && !self.head_dim.is_multiple_of(2)) {
             return bad(format!("head_dim {} must be positive and even (RoPE rotates pairs)", self.head_dim));
         }
         if self.sliding_window == Some(0) {
@@ -257,13 +424,20 @@ impl NetConfig {
         self.num_kv_heads * self.head_dim
     }
 
-    /// Every tensor the network reads, with the shape this config implies.
+    /// Every tensor the network reads (by our names), with the shape this config implies.
     pub fn expected_tensors(&self) -> BTreeMap<String, Vec<usize>> {
         let (h, i, v, q, kv, d) =
             (self.hidden_size, self.intermediate_size, self.vocab_size, self.q_dim(), self.kv_dim(), self.head_dim);
+        let layer_norm = self.norm == NormKind::Layer;
         let mut t = BTreeMap::new();
         t.insert("model.embed_tokens.weight".to_string(), vec![v, h]);
+        if let PositionKind::Learned { offset } = self.positions {
+            t.insert("model.embed_positions.weight".to_string(), vec![self.max_position_embeddings + offset, h]);
+        }
         t.insert("model.norm.weight".to_string(), vec![h]);
+        if layer_norm {
+            t.insert("model.norm.bias".to_string(), vec![h]);
+        }
         if !self.tie_word_embeddings {
             t.insert("lm_head.weight".to_string(), vec![v, h]);
         }
@@ -276,15 +450,27 @@ impl NetConfig {
                 ("self_attn.k_proj.weight", vec![kv, h]),
                 ("self_attn.v_proj.weight", vec![kv, h]),
                 ("self_attn.o_proj.weight", vec![h, q]),
-                ("mlp.gate_proj.weight", vec![i, h]),
                 ("mlp.up_proj.weight", vec![i, h]),
                 ("mlp.down_proj.weight", vec![h, i]),
             ];
+            if self.mlp == MlpKind::GatedSilu {
+                layer.push(("mlp.gate_proj.weight", vec![i, h]));
+            }
+            if layer_norm {
+                layer.extend([("input_layernorm.bias", vec![h]), ("post_attention_layernorm.bias", vec![h])]);
+            }
             if self.qkv_bias {
                 layer.extend([
                     ("self_attn.q_proj.bias", vec![q]),
                     ("self_attn.k_proj.bias", vec![kv]),
                     ("self_attn.v_proj.bias", vec![kv]),
+                ]);
+            }
+            if self.dense_bias {
+                layer.extend([
+                    ("self_attn.o_proj.bias", vec![h]),
+                    ("mlp.up_proj.bias", vec![i]),
+                    ("mlp.down_proj.bias", vec![h]),
                 ]);
             }
             if self.qk_norm {
@@ -345,6 +531,47 @@ mod tests {
         assert_eq!(parse(&v).unwrap().rope_scaling.unwrap().original_max_position_embeddings, 8192);
         v["rope_scaling"] = serde_json::json!({"type": "yarn", "factor": 4.0});
         assert!(parse(&v).unwrap_err().to_string().contains("\"yarn\""));
+    }
+
+    #[test]
+    fn opt_maps_its_config_and_its_tensor_names() {
+        let v = serde_json::json!({
+            "model_type": "opt", "vocab_size": 100, "hidden_size": 64, "ffn_dim": 256, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "max_position_embeddings": 128, "do_layer_norm_before": true,
+            "word_embed_proj_dim": 64, "activation_function": "relu",
+        });
+        let c = parse(&v).unwrap();
+        assert_eq!((c.norm, c.mlp, c.intermediate_size, c.norm_eps), (NormKind::Layer, MlpKind::Relu, 256, 1e-5));
+        assert!(c.tie_word_embeddings && c.qkv_bias && c.dense_bias, "OPT's defaults");
+        let t = c.expected_tensors();
+        assert_eq!(t["model.embed_positions.weight"], vec![130, 64]);
+        assert!(t.contains_key("model.layers.1.mlp.down_proj.bias") && t.contains_key("model.norm.bias"));
+        assert!(!t.contains_key("model.layers.1.mlp.gate_proj.weight") && !t.contains_key("lm_head.weight"));
+        let naming = Architecture::Opt.spec().naming;
+        for (ours, theirs) in [
+            ("model.layers.3.mlp.up_proj.weight", "model.decoder.layers.3.fc1.weight"),
+            ("model.layers.0.post_attention_layernorm.bias", "model.decoder.layers.0.final_layer_norm.bias"),
+            ("model.layers.0.self_attn.o_proj.weight", "model.decoder.layers.0.self_attn.out_proj.weight"),
+            ("model.layers.0.self_attn.q_proj.bias", "model.decoder.layers.0.self_attn.q_proj.bias"),
+            ("model.norm.weight", "model.decoder.final_layer_norm.weight"),
+            ("model.embed_positions.weight", "model.decoder.embed_positions.weight"),
+            ("lm_head.weight", "lm_head.weight"),
+        ] {
+            assert_eq!(naming.theirs(ours), theirs);
+            assert_eq!(naming.ours(theirs), ours);
+        }
+        // facebook/opt-125m's own files are saved from the base model, without "model.".
+        assert_eq!(naming.ours("decoder.layers.0.fc2.bias"), "model.layers.0.mlp.down_proj.bias");
+        for (key, value) in [
+            ("do_layer_norm_before", Value::from(false)),
+            ("word_embed_proj_dim", Value::from(512)),
+            ("activation_function", Value::from("gelu")),
+        ] {
+            let mut bad = v.clone();
+            bad[key] = value;
+            let err = parse(&bad).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains("not supported"), "{err}");
+        }
     }
 
     #[test]

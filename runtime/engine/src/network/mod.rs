@@ -1,5 +1,6 @@
-//! Our llama-family network (llama incl. Llama 3.1 RoPE scaling, qwen2, qwen3, mistral), written
-//! for a batching engine: one forward pass takes the tokens of many sequences packed together
+//! Our decoder network (the llama family: llama incl. Llama 3.1 RoPE scaling, qwen2, qwen3,
+//! mistral; and OPT, whose LayerNorm, learned positions and ReLU MLP are variants of the same
+//! block, chosen by `NetConfig`), written for a batching engine: one forward pass takes the tokens of many sequences packed together
 //! (a decode token for some, a prefill chunk for others), runs every projection once over the
 //! whole pack, writes K and V straight into the paged cache and attends per sequence over its
 //! blocks. q/k/v and gate/up projections are fused at load; grouped-query attention reads the
@@ -18,7 +19,7 @@ use candle_core::{D, DType, Device, Module, Tensor};
 
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvStorage;
-pub use config::{ARCHITECTURES, ArchSpec, Architecture, NetConfig};
+pub use config::{ARCHITECTURES, ArchSpec, Architecture, MlpKind, NetConfig, NormKind, PositionKind};
 
 /// A weight as the checkpoint pool hands it over: a dense tensor in the compute dtype, or a
 /// quantized one (GGUF) that stays quantized on the device.
@@ -101,18 +102,72 @@ pub struct WeightHandling {
     pub dequantize: bool,
 }
 
+/// RMSNorm (weight) or LayerNorm (weight and bias), as the config says.
+struct Norm {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    eps: f32,
+}
+
+impl Norm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = x.contiguous()?;
+        match &self.bias {
+            None => candle_nn::ops::rms_norm(&x, &self.weight, self.eps),
+            Some(b) => candle_nn::ops::layer_norm(&x, &self.weight, b, self.eps),
+        }
+    }
+}
+
+fn add_bias(x: Tensor, bias: &Option<Tensor>) -> candle_core::Result<Tensor> {
+    match bias {
+        Some(b) => x.broadcast_add(b),
+        None => Ok(x),
+    }
+}
+
+enum Mlp {
+    /// `gate_up` outputs `[tokens, 2 intermediate]`: gate, then up.
+    GatedSilu {
+        gate_up: Projection,
+        down: Linear,
+    },
+    Relu {
+        up: Linear,
+        up_bias: Option<Tensor>,
+        down: Linear,
+        down_bias: Option<Tensor>,
+    },
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor, intermediate: usize) -> candle_core::Result<Tensor> {
+        match self {
+            Mlp::GatedSilu { gate_up, down } => {
+                let gate_up = gate_up.forward(x)?;
+                let gate = gate_up.narrow(D::Minus1, 0, intermediate)?;
+                let up = gate_up.narrow(D::Minus1, intermediate, intermediate)?;
+                down.forward(&(candle_nn::ops::silu(&gate)? * up)?)
+            }
+            Mlp::Relu { up, up_bias, down, down_bias } => {
+                let hidden = add_bias(up.forward(x)?, up_bias)?.relu()?;
+                add_bias(down.forward(&hidden)?, down_bias)
+            }
+        }
+    }
+}
+
 struct Layer {
-    attn_norm: Tensor,
+    attn_norm: Norm,
     /// Output `[tokens, q_dim + 2 kv_dim]`.
     qkv: Projection,
     qkv_bias: Option<Tensor>,
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
     o_proj: Linear,
-    mlp_norm: Tensor,
-    /// Output `[tokens, 2 intermediate]`: gate, then up.
-    gate_up: Projection,
-    down: Linear,
+    o_bias: Option<Tensor>,
+    mlp_norm: Norm,
+    mlp: Mlp,
 }
 
 pub struct Network {
@@ -121,11 +176,16 @@ pub struct Network {
     pub dtype: DType,
     embed: Tensor,
     layers: Vec<Layer>,
-    norm: Tensor,
+    norm: Norm,
     lm_head: Linear,
+    positions: Positions,
+}
+
+enum Positions {
     /// f32 RoPE tables for positions `0..context`.
-    cos: Tensor,
-    sin: Tensor,
+    Rope { cos: Tensor, sin: Tensor },
+    /// Learned embeddings, row `p` for position `p` (the offset already cut off).
+    Learned(Tensor),
 }
 
 /// One sequence's part of a batch: `len` tokens starting at position `start` of the sequence
@@ -154,6 +214,10 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)
 }
 
+fn optional(weights: &mut HashMap<String, Weight>, name: &str, present: bool) -> Result<Option<Weight>> {
+    if present { take(weights, name).map(Some) } else { Ok(None) }
+}
+
 impl Network {
     /// Builds the network from named tensors already on `device` in `dtype` (the checkpoint
     /// pool's output). `context` bounds the positions RoPE tables are built for.
@@ -178,9 +242,21 @@ impl Network {
         };
         let embed = embed_weight.dense(dtype).map_err(load)?;
         let dense = |w: Weight| w.dense(dtype).map_err(load);
+        let dense_opt = |w: Option<Weight>| w.map(dense).transpose();
+        let layer_norm = config.norm == NormKind::Layer;
+        let eps = config.norm_eps as f32;
+        let norm = |w: &mut HashMap<String, Weight>, prefix: &str| -> Result<Norm> {
+            Ok(Norm {
+                weight: dense(take(w, &format!("{prefix}.weight"))?)?,
+                bias: dense_opt(optional(w, &format!("{prefix}.bias"), layer_norm)?)?,
+                eps,
+            })
+        };
         let mut layers = Vec::with_capacity(config.num_layers);
         for l in 0..config.num_layers {
             let p = format!("model.layers.{l}.");
+            let attn_norm = norm(w, &format!("{p}input_layernorm"))?;
+            let mlp_norm = norm(w, &format!("{p}post_attention_layernorm"))?;
             let mut t = |name: &str| take(w, &format!("{p}{name}"));
             let qkv = Projection::new(
                 vec![t("self_attn.q_proj.weight")?, t("self_attn.k_proj.weight")?, t("self_attn.v_proj.weight")?],
@@ -199,27 +275,53 @@ impl Network {
             } else {
                 (None, None)
             };
-            layers.push(Layer {
-                attn_norm: dense(t("input_layernorm.weight")?)?,
-                qkv,
-                qkv_bias,
-                q_norm,
-                k_norm,
-                o_proj: Linear::new(t("self_attn.o_proj.weight")?, &how).map_err(load)?,
-                mlp_norm: dense(t("post_attention_layernorm.weight")?)?,
-                gate_up: Projection::new(vec![t("mlp.gate_proj.weight")?, t("mlp.up_proj.weight")?], &how)
+            let o_proj = Linear::new(t("self_attn.o_proj.weight")?, &how).map_err(load)?;
+            let mut bias = |name: &str| -> Result<Option<Tensor>> {
+                dense_opt(optional(w, &format!("{p}{name}"), config.dense_bias)?)
+            };
+            let o_bias = bias("self_attn.o_proj.bias")?;
+            let mlp = match config.mlp {
+                MlpKind::GatedSilu => Mlp::GatedSilu {
+                    gate_up: Projection::new(
+                        vec![
+                            take(w, &format!("{p}mlp.gate_proj.weight"))?,
+                            take(w, &format!("{p}mlp.up_proj.weight"))?,
+                        ],
+                        &how,
+                    )
                     .map_err(load)?,
-                down: Linear::new(t("mlp.down_proj.weight")?, &how).map_err(load)?,
-            });
+                    down: Linear::new(take(w, &format!("{p}mlp.down_proj.weight"))?, &how).map_err(load)?,
+                },
+                MlpKind::Relu => {
+                    let (up_bias, down_bias) = (bias("mlp.up_proj.bias")?, bias("mlp.down_proj.bias")?);
+                    Mlp::Relu {
+                        up: Linear::new(take(w, &format!("{p}mlp.up_proj.weight"))?, &how).map_err(load)?,
+                        up_bias,
+                        down: Linear::new(take(w, &format!("{p}mlp.down_proj.weight"))?, &how).map_err(load)?,
+                        down_bias,
+                    }
+                }
+            };
+            layers.push(Layer { attn_norm, qkv, qkv_bias, q_norm, k_norm, o_proj, o_bias, mlp_norm, mlp });
         }
-        let norm = dense(take(w, "model.norm.weight")?)?;
+        let norm = norm(w, "model.norm")?;
         let lm_head = match tied_head {
             Some(head) => head,
             None if config.tie_word_embeddings => Linear::Dense(embed.clone()),
             None => Linear::new(take(w, "lm_head.weight")?, &how).map_err(load)?,
         };
-        let (cos, sin) = rope::tables(&config, context, device).map_err(load)?;
-        Ok(Self { config, device: device.clone(), dtype, embed, layers, norm, lm_head, cos, sin })
+        let positions = match config.positions {
+            PositionKind::Rope => {
+                let (cos, sin) = rope::tables(&config, context, device).map_err(load)?;
+                Positions::Rope { cos, sin }
+            }
+            PositionKind::Learned { offset } => {
+                let table = dense(take(w, "model.embed_positions.weight")?)?;
+                let rows = table.dim(0).map_err(load)?;
+                Positions::Learned(table.narrow(0, offset, rows - offset).map_err(load)?)
+            }
+        };
+        Ok(Self { config, device: device.clone(), dtype, embed, layers, norm, lm_head, positions })
     }
 
     /// Runs one step over a packed batch, writing each token's K and V into `kv` at its slot.
@@ -232,41 +334,46 @@ impl Network {
         let c = &self.config;
         let n = batch.tokens.len();
         let plan = attention::StepPlan::new(batch, c, &self.device)?;
-        let cos = self.cos.index_select(&plan.positions, 0)?;
-        let sin = self.sin.index_select(&plan.positions, 0)?;
         let tokens = Tensor::new(batch.tokens.as_slice(), &self.device)?;
         let mut x = self.embed.index_select(&tokens, 0)?;
-        for (l, layer) in self.layers.iter().enumerate() {
-            let h = rms_norm(&x, &layer.attn_norm, c.rms_norm_eps)?;
-            let mut qkv = layer.qkv.forward(&h)?;
-            if let Some(b) = &layer.qkv_bias {
-                qkv = qkv.broadcast_add(b)?;
+        let rope = match &self.positions {
+            Positions::Rope { cos, sin } => {
+                Some((cos.index_select(&plan.positions, 0)?, sin.index_select(&plan.positions, 0)?))
             }
+            Positions::Learned(table) => {
+                x = (x + table.index_select(&plan.positions, 0)?)?;
+                None
+            }
+        };
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = layer.attn_norm.forward(&x)?;
+            let qkv = add_bias(layer.qkv.forward(&h)?, &layer.qkv_bias)?;
             let q = qkv.narrow(1, 0, c.q_dim())?.reshape((n, c.num_heads, c.head_dim))?;
             let k = qkv.narrow(1, c.q_dim(), c.kv_dim())?.reshape((n, c.num_kv_heads, c.head_dim))?;
             let v = qkv.narrow(1, c.q_dim() + c.kv_dim(), c.kv_dim())?.reshape((n, c.num_kv_heads, c.head_dim))?;
             let (q, k) = match (&layer.q_norm, &layer.k_norm) {
-                (Some(qn), Some(kn)) => (rms_norm(&q, qn, c.rms_norm_eps)?, rms_norm(&k, kn, c.rms_norm_eps)?),
+                (Some(qn), Some(kn)) => (rms_norm(&q, qn, c.norm_eps)?, rms_norm(&k, kn, c.norm_eps)?),
                 _ => (q, k),
             };
-            let q = rope::apply(&q, &cos, &sin, c.rope_interleaved)?;
-            let k = rope::apply(&k, &cos, &sin, c.rope_interleaved)?;
+            let (q, k) = match &rope {
+                Some((cos, sin)) => {
+                    (rope::apply(&q, cos, sin, c.rope_interleaved)?, rope::apply(&k, cos, sin, c.rope_interleaved)?)
+                }
+                None => (q.contiguous()?, k),
+            };
             // The cache is head-major: [kv_heads, slots, hd].
             kv.k[l].scatter_set(&plan.write_slots, &k.transpose(0, 1)?.contiguous()?, 1)?;
             kv.v[l].scatter_set(&plan.write_slots, &v.transpose(0, 1)?.contiguous()?, 1)?;
             let attn = attention::paged(&q, &kv.k[l], &kv.v[l], &plan, c)?;
-            x = (x + layer.o_proj.forward(&attn)?)?;
-            let h = rms_norm(&x, &layer.mlp_norm, c.rms_norm_eps)?;
-            let gate_up = layer.gate_up.forward(&h)?;
-            let gate = gate_up.narrow(D::Minus1, 0, c.intermediate_size)?;
-            let up = gate_up.narrow(D::Minus1, c.intermediate_size, c.intermediate_size)?;
-            x = (x + layer.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?)?;
+            x = (x + add_bias(layer.o_proj.forward(&attn)?, &layer.o_bias)?)?;
+            let h = layer.mlp_norm.forward(&x)?;
+            x = (x + layer.mlp.forward(&h, c.intermediate_size)?)?;
         }
         if plan.samples == 0 {
             return Tensor::zeros((0, c.vocab_size), DType::F32, &self.device);
         }
         let last = x.index_select(&plan.sample_rows, 0)?;
-        let last = rms_norm(&last, &self.norm, c.rms_norm_eps)?;
+        let last = self.norm.forward(&last)?;
         self.lm_head.forward(&last)?.to_dtype(DType::F32)
     }
 }

@@ -15,7 +15,7 @@ use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
-use crate::network::{Architecture, NetConfig};
+use crate::network::{Architecture, NetConfig, PositionKind};
 
 mod bigram;
 use crate::error::{EngineError, Result};
@@ -47,6 +47,7 @@ pub struct TinySpec {
 impl TinySpec {
     pub fn new(arch: Architecture) -> Self {
         let spec = arch.spec();
+        let rope = spec.positions == PositionKind::Rope;
         Self {
             arch,
             head_dim: if spec.qk_norm { 32 } else { 16 },
@@ -56,7 +57,8 @@ impl TinySpec {
             intermediate_size: 172,
             num_hidden_layers: 2,
             num_attention_heads: 4,
-            num_key_value_heads: 2,
+            // Learned-position families (OPT) have no grouped-query attention.
+            num_key_value_heads: if rope { 2 } else { 4 },
             max_position_embeddings: 512,
             vocab_target: 384,
             seed: 0x6b696e646c696e67, // "kindling"
@@ -155,6 +157,28 @@ pub fn make_tiny_model(dir: &Path, spec: &TinySpec) -> Result<NetConfig> {
             "original_max_position_embeddings": original,
         });
     }
+    if spec.arch == Architecture::Opt {
+        config = serde_json::json!({
+            "architectures": [spec.arch.spec().hf_class],
+            "model_type": "opt",
+            "vocab_size": vocab_size,
+            "hidden_size": spec.hidden_size,
+            "word_embed_proj_dim": spec.hidden_size,
+            "ffn_dim": spec.intermediate_size,
+            "num_hidden_layers": spec.num_hidden_layers,
+            "num_attention_heads": spec.num_attention_heads,
+            "max_position_embeddings": spec.max_position_embeddings,
+            "do_layer_norm_before": true,
+            "activation_function": "relu",
+            "enable_bias": true,
+            "layer_norm_elementwise_affine": true,
+            "tie_word_embeddings": false,
+            "bos_token_id": eos[0],
+            "eos_token_id": eos,
+            "pad_token_id": eos[0],
+            "torch_dtype": "bfloat16",
+        });
+    }
     let config_text = serde_json::to_string_pretty(&config).expect("json");
     let shape = NetConfig::from_hf_json(&config_text)?;
 
@@ -188,6 +212,7 @@ fn write_weights(path: &Path, shape: &NetConfig, spec: &TinySpec, tokenizer: &To
         .map(|e| e.get_ids().to_vec())
         .collect();
     let (embed, head) = bigram::bigram_factors(&sequences, shape.vocab_size, shape.hidden_size, &mut rng);
+    let naming = shape.arch.spec().naming;
     // BTreeMap order makes the draw order, and so the bytes, deterministic.
     let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = shape
         .expected_tensors()
@@ -198,6 +223,12 @@ fn write_weights(path: &Path, shape: &NetConfig, spec: &TinySpec, tokenizer: &To
                 embed.clone()
             } else if name == "lm_head.weight" {
                 head.clone()
+            } else if name == "model.embed_positions.weight" {
+                (0..n).map(|_| 0.02 * rng.normal()).collect()
+            } else if name.ends_with("norm.bias") || name.ends_with("o_proj.bias") || name.ends_with("down_proj.bias") {
+                // Biases added to the residual stream shift every token's logits alike: kept
+                // small, so the text stays corpus-like.
+                (0..n).map(|_| 0.01 * rng.normal()).collect()
             } else if name.ends_with("norm.weight") {
                 (0..n).map(|_| 1.0 + 0.05 * rng.normal()).collect()
             } else if name.ends_with(".bias") {
@@ -211,7 +242,7 @@ fn write_weights(path: &Path, shape: &NetConfig, spec: &TinySpec, tokenizer: &To
                 (0..n).map(|_| scale * rng.normal()).collect()
             };
             let bytes = values.iter().flat_map(|v| bf16_bits(*v).to_le_bytes()).collect();
-            (name, dims, bytes)
+            (naming.theirs(&name), dims, bytes)
         })
         .collect();
     let views: Vec<(String, TensorView<'_>)> = tensors
