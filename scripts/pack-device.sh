@@ -4,8 +4,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .device
 xz -T0 -6 -c target/cuda/release/kindling > .device/kindling.xz
-# Guests for `kindling bench serve` and `bench invoke` (the GPU machine cannot build guests).
-for guest in openai-python ping-python ping-js; do
-  if [ -f "target/guests/$guest.wasm" ]; then cp "target/guests/$guest.wasm" .device/; fi
+# Guests for `kindling bench serve` and `bench invoke` (the GPU machine cannot build guests),
+# named by GUESTS; the carry limit is 64 MiB in all.
+for guest in ${GUESTS:-openai-python}; do
+  if [ -f "target/guests/$guest.wasm" ]; then xz -T0 -6 -c "target/guests/$guest.wasm" > ".device/$guest.wasm.xz"; fi
 done
-ls -la target/cuda/release/kindling .device/*
+# The gguf package (make_gguf.py, transformers' GGUF loader), and, with SMOLLM2=1, the real
+# SmolLM2 GGUF split in two (over the limit whole): part b goes in .device-b/, carried by a second call.
+pip download -q --no-deps "gguf>=0.10" -d .device/
+if [ "${SMOLLM2:-0}" = 1 ]; then
+  f=.kindling/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
+  mkdir -p .device-b
+  head -c 45000000 "$f" > .device/smollm2.part-a
+  tail -c +45000001 "$f" > .device-b/smollm2.part-b
+fi
+ls -la target/cuda/release/kindling .device/* .device-b/* 2>/dev/null
+du -sh .device .device-b 2>/dev/null

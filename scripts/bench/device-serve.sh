@@ -8,6 +8,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 BIN=/tmp/kindling
 [ -x "$BIN" ] || { xz -dc .device/kindling.xz > "$BIN" && chmod +x "$BIN"; }
+for g in .device/*.wasm.xz; do xz -dc "$g" > ".device/$(basename "$g" .xz)"; done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 # Smoke: the CUDA engine serves a tiny model through the whole stack before the long runs.
 "$BIN" models make-tiny /tmp/models/tiny >/dev/null

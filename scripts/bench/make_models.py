@@ -1,8 +1,8 @@
-"""Writes random-weight models of real shapes (qwen2-0.5B, llama3-8B) in HF format for the cold-start
-benchmark, with a tokenizer.json of the right vocabulary size (byte-level BPE alphabet plus filler
+"""Writes random-weight models of real shapes (opt-125m, qwen2-0.5B, qwen3-0.6B, llama3-8B) in HF
+format for the cold-start benchmark, with a tokenizer.json of the right vocabulary size (byte-level BPE alphabet plus filler
 tokens). Runs where transformers and a GPU are (the lent H100); nothing is downloaded.
 
-usage: make_models.py OUT_DIR [NAME ...]   (qwen2-0.5b, qwen3-0.6b, llama3-8b, llama3.1-8b)
+usage: make_models.py OUT_DIR [NAME ...]   (opt-125m, qwen2-0.5b, qwen3-0.6b, llama3-8b, llama3.1-8b, tiny-llama)
 """
 
 import json
@@ -11,6 +11,15 @@ import sys
 import time
 
 SHAPES = {
+    # facebook/opt-125m (the Worker Controller and vLLM cold-start logs of the seeds).
+    "opt-125m": dict(model_type="opt", hidden_size=768, ffn_dim=3072, num_hidden_layers=12, num_attention_heads=12,
+                     vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=768,
+                     do_layer_norm_before=True, activation_function="relu", eos_token_id=2, bos_token_id=2,
+                     pad_token_id=1),
+    # A small llama for make_gguf.py's own check (dimensions multiples of 256 for Q4_K).
+    "tiny-llama": dict(model_type="llama", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=1024, max_position_embeddings=512,
+                       eos_token_id=1000, bos_token_id=1001),
     "qwen2-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                        num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
                        tie_word_embeddings=True, max_position_embeddings=32768, rope_theta=1000000.0,

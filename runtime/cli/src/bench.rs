@@ -28,6 +28,10 @@ pub struct ColdstartArgs {
     hf_python: Option<String>,
     #[arg(long, default_value = "scripts/bench/hf_coldstart.py")]
     hf_script: PathBuf,
+    /// NAME=PATH: the checkpoint HF loads for NAME's baseline, when not the model itself (a
+    /// GGUF: give the same shape in safetensors). Repeatable.
+    #[arg(long = "hf-model", value_name = "NAME=PATH")]
+    hf_models: Vec<String>,
     /// Skip the fresh-kindling-process baseline.
     #[arg(long)]
     skip_fresh: bool,
@@ -118,21 +122,26 @@ fn spawn_timed(cmd: &mut Command) -> anyhow::Result<(f64, Value)> {
 }
 
 pub fn coldstart(args: ColdstartArgs) -> anyhow::Result<()> {
-    let models: Vec<(String, PathBuf)> = args
-        .models
-        .iter()
-        .map(|m| m.split_once('=').map(|(n, p)| (n.to_string(), PathBuf::from(p))).context("--model NAME=PATH"))
-        .collect::<anyhow::Result<_>>()?;
+    let pairs = |list: &[String], flag: &str| -> anyhow::Result<Vec<(String, PathBuf)>> {
+        list.iter()
+            .map(|m| m.split_once('=').map(|(n, p)| (n.to_string(), PathBuf::from(p))).context(format!("{flag} NAME=PATH")))
+            .collect()
+    };
+    let models = pairs(&args.models, "--model")?;
+    let hf_models = pairs(&args.hf_models, "--hf-model")?;
     let mut results = json!({ "device": args.device, "runs": args.runs, "models": {} });
 
     for (name, path) in &models {
         let entry = &mut results["models"][name];
         let ckpt = Checkpoint::open(path)?;
         entry["weight_bytes"] = json!(ckpt.weight_bytes);
+        entry["format"] = json!(ckpt.format);
         if let Some(python) = &args.hf_python {
             let (mut walls, mut runs) = (Vec::new(), Vec::new());
+            let hf_path = hf_models.iter().find(|(n, _)| n == name).map_or(path, |(_, p)| p);
+            entry["hf_checkpoint"] = json!(hf_path);
             for run in 0..args.runs {
-                let (wall, phases) = spawn_timed(Command::new(python).arg(&args.hf_script).arg(path))?;
+                let (wall, phases) = spawn_timed(Command::new(python).arg(&args.hf_script).arg(hf_path))?;
                 eprintln!("[{name}] HF transformers fresh process, run {run}: {wall:.3} s {phases}");
                 walls.push(wall);
                 runs.push(json!({ "wall_s": wall, "phases": phases }));

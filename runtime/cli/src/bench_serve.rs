@@ -37,6 +37,10 @@ pub struct ServeBenchArgs {
     hf_python: Option<String>,
     #[arg(long, default_value = "scripts/bench/hf_serve.py")]
     hf_script: PathBuf,
+    /// The checkpoint HF loads for its baseline, when not the model itself (a GGUF: HF would
+    /// dequantize it; give the same shape in safetensors).
+    #[arg(long)]
+    hf_model: Option<String>,
     /// Extra arguments for `kindling serve` (e.g. "--kv-cache-gib 24").
     #[arg(long, allow_hyphen_values = true)]
     serve_args: Option<String>,
@@ -238,7 +242,7 @@ pub fn serve(args: ServeBenchArgs) -> anyhow::Result<()> {
     let max_streams = args.concurrency.iter().copied().max().unwrap_or(1);
 
     let hf = match &args.hf_python {
-        Some(python) => Some(hf_baseline(&args, python, dir, &levels)?),
+        Some(python) => Some(hf_baseline(&args, python, args.hf_model.as_deref().unwrap_or(dir), &levels)?),
         None => None,
     };
     let server = start_server(&args, max_streams)?;

@@ -124,7 +124,7 @@ enum ModelsCommand {
     MakeTiny {
         /// Directory to write.
         dir: PathBuf,
-        /// llama, qwen2, qwen3 or mistral.
+        /// llama, qwen2, qwen3, mistral or opt.
         #[arg(long, value_parser = parse_arch, default_value = "qwen2")]
         arch: Architecture,
     },
