@@ -124,7 +124,9 @@ fn spawn_timed(cmd: &mut Command) -> anyhow::Result<(f64, Value)> {
 pub fn coldstart(args: ColdstartArgs) -> anyhow::Result<()> {
     let pairs = |list: &[String], flag: &str| -> anyhow::Result<Vec<(String, PathBuf)>> {
         list.iter()
-            .map(|m| m.split_once('=').map(|(n, p)| (n.to_string(), PathBuf::from(p))).context(format!("{flag} NAME=PATH")))
+            .map(|m| {
+                m.split_once('=').map(|(n, p)| (n.to_string(), PathBuf::from(p))).context(format!("{flag} NAME=PATH"))
+            })
             .collect()
     };
     let models = pairs(&args.models, "--model")?;

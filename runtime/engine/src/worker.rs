@@ -159,6 +159,14 @@ mod cuda {
                 boot_time: Default::default(),
                 pinner: Some(Arc::new(CudaPinner { ctx })),
             };
+            crate::network::fused::honour_env();
+            if crate::network::fused::applies(&worker.device) {
+                match crate::network::fused::self_check(&worker.device) {
+                    Ok(diff) if diff < 0.02 => tracing::info!(max_rel_diff = diff, "fused layer kernels checked"),
+                    Ok(diff) => crate::network::fused::disable(&format!("self-check differs by {diff}")),
+                    Err(e) => crate::network::fused::disable(&format!("self-check failed: {e}")),
+                }
+            }
             worker.warm_up()?;
             match crate::network::paged_kernel::self_check(&worker.device) {
                 Ok(diff) if diff < 0.02 => tracing::info!(max_abs_diff = diff, "paged decode kernel checked"),

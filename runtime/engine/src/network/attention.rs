@@ -45,7 +45,9 @@ enum DecodeKeys {
 pub struct StepPlan {
     /// Position of each packed token, `[tokens]`.
     pub positions: Tensor,
-    /// Cache slot of each packed token, broadcast to `[kv_heads, tokens, head_dim]` for `scatter_set`.
+    /// Cache slot of each packed token, `[tokens]`.
+    pub slots: Tensor,
+    /// The same broadcast to `[kv_heads, tokens, head_dim]` for `scatter_set` (the unfused path).
     pub write_slots: Tensor,
     /// Rows of the packed batch whose logits are wanted.
     pub sample_rows: Tensor,
@@ -150,9 +152,11 @@ impl StepPlan {
         }
         let samples = sample_rows.len();
         let (kvh, hd) = (config.num_kv_heads, config.head_dim);
-        let write_slots = Tensor::from_vec(write, (1, n, 1), device)?.broadcast_as((kvh, n, hd))?.contiguous()?;
+        let slots = Tensor::from_vec(write, n, device)?;
+        let write_slots = slots.reshape((1, n, 1))?.broadcast_as((kvh, n, hd))?.contiguous()?;
         Ok(Self {
             positions: Tensor::from_vec(positions, n, device)?,
+            slots,
             write_slots,
             sample_rows: Tensor::from_vec(sample_rows, samples, device)?,
             samples,

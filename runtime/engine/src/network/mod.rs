@@ -8,6 +8,7 @@
 
 pub mod attention;
 pub mod config;
+pub mod fused;
 pub mod paged_kernel;
 pub mod rope;
 
@@ -141,8 +142,9 @@ enum Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor, intermediate: usize) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, intermediate: usize, fused: bool) -> candle_core::Result<Tensor> {
         match self {
+            Mlp::GatedSilu { gate_up, down } if fused => down.forward(&fused::silu_mul(&gate_up.forward(x)?)?),
             Mlp::GatedSilu { gate_up, down } => {
                 let gate_up = gate_up.forward(x)?;
                 let gate = gate_up.narrow(D::Minus1, 0, intermediate)?;
@@ -332,48 +334,110 @@ impl Network {
 
     fn forward_inner(&self, batch: &Batch, kv: &KvStorage) -> candle_core::Result<Tensor> {
         let c = &self.config;
-        let n = batch.tokens.len();
+        let fused = fused::applies(&self.device);
         let plan = attention::StepPlan::new(batch, c, &self.device)?;
         let tokens = Tensor::new(batch.tokens.as_slice(), &self.device)?;
         let mut x = self.embed.index_select(&tokens, 0)?;
-        let rope = match &self.positions {
-            Positions::Rope { cos, sin } => {
+        if let Positions::Learned(table) = &self.positions {
+            x = (x + table.index_select(&plan.positions, 0)?)?;
+        }
+        // Rotation angles per packed token, for the unfused path (the fused kernel indexes the
+        // tables itself).
+        let angles = match &self.positions {
+            Positions::Rope { cos, sin } if !fused => {
                 Some((cos.index_select(&plan.positions, 0)?, sin.index_select(&plan.positions, 0)?))
             }
-            Positions::Learned(table) => {
-                x = (x + table.index_select(&plan.positions, 0)?)?;
-                None
-            }
+            _ => None,
         };
+        // Each block's output waits here to be added to the residual stream by the next norm,
+        // so the add and the norm can run as one kernel.
+        let mut delta: Option<Tensor> = None;
         for (l, layer) in self.layers.iter().enumerate() {
-            let h = layer.attn_norm.forward(&x)?;
-            let qkv = add_bias(layer.qkv.forward(&h)?, &layer.qkv_bias)?;
-            let q = qkv.narrow(1, 0, c.q_dim())?.reshape((n, c.num_heads, c.head_dim))?;
-            let k = qkv.narrow(1, c.q_dim(), c.kv_dim())?.reshape((n, c.num_kv_heads, c.head_dim))?;
-            let v = qkv.narrow(1, c.q_dim() + c.kv_dim(), c.kv_dim())?.reshape((n, c.num_kv_heads, c.head_dim))?;
-            let (q, k) = match (&layer.q_norm, &layer.k_norm) {
-                (Some(qn), Some(kn)) => (rms_norm(&q, qn, c.norm_eps)?, rms_norm(&k, kn, c.norm_eps)?),
-                _ => (q, k),
+            let h = add_norm(&mut x, delta.take(), &layer.attn_norm, fused)?;
+            let qkv = layer.qkv.forward(&h)?;
+            let q = if fused {
+                fused::qkv_rope_cache(&qkv, &kv.k[l], &kv.v[l], &self.qkv_args(layer, &plan))?
+            } else {
+                self.qkv_unfused(layer, qkv, &plan, angles.as_ref(), kv, l)?
             };
-            let (q, k) = match &rope {
-                Some((cos, sin)) => {
-                    (rope::apply(&q, cos, sin, c.rope_interleaved)?, rope::apply(&k, cos, sin, c.rope_interleaved)?)
-                }
-                None => (q.contiguous()?, k),
-            };
-            // The cache is head-major: [kv_heads, slots, hd].
-            kv.k[l].scatter_set(&plan.write_slots, &k.transpose(0, 1)?.contiguous()?, 1)?;
-            kv.v[l].scatter_set(&plan.write_slots, &v.transpose(0, 1)?.contiguous()?, 1)?;
             let attn = attention::paged(&q, &kv.k[l], &kv.v[l], &plan, c)?;
-            x = (x + add_bias(layer.o_proj.forward(&attn)?, &layer.o_bias)?)?;
-            let h = layer.mlp_norm.forward(&x)?;
-            x = (x + layer.mlp.forward(&h, c.intermediate_size)?)?;
+            let o = add_bias(layer.o_proj.forward(&attn)?, &layer.o_bias)?;
+            let h = add_norm(&mut x, Some(o), &layer.mlp_norm, fused)?;
+            delta = Some(layer.mlp.forward(&h, c.intermediate_size, fused)?);
         }
         if plan.samples == 0 {
             return Tensor::zeros((0, c.vocab_size), DType::F32, &self.device);
         }
-        let last = x.index_select(&plan.sample_rows, 0)?;
+        let mut last = x.index_select(&plan.sample_rows, 0)?;
+        if let Some(d) = delta {
+            last = (last + d.index_select(&plan.sample_rows, 0)?)?;
+        }
         let last = self.norm.forward(&last)?;
         self.lm_head.forward(&last)?.to_dtype(DType::F32)
+    }
+
+    fn qkv_args(&self, layer: &Layer, plan: &attention::StepPlan) -> fused::QkvArgs {
+        fused::QkvArgs {
+            heads: self.config.num_heads,
+            bias: layer.qkv_bias.clone(),
+            norms: layer.q_norm.clone().zip(layer.k_norm.clone()),
+            rope: match &self.positions {
+                Positions::Rope { cos, sin } => Some((cos.clone(), sin.clone())),
+                Positions::Learned(_) => None,
+            },
+            interleaved: self.config.rope_interleaved,
+            positions: plan.positions.clone(),
+            slots: plan.slots.clone(),
+            eps: self.config.norm_eps as f32,
+        }
+    }
+
+    /// q/k/v split, bias, q/k norms and RoPE as separate ops; k and v scattered into the cache.
+    fn qkv_unfused(
+        &self,
+        layer: &Layer,
+        qkv: Tensor,
+        plan: &attention::StepPlan,
+        angles: Option<&(Tensor, Tensor)>,
+        kv: &KvStorage,
+        l: usize,
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.config;
+        let n = qkv.dim(0)?;
+        let qkv = add_bias(qkv, &layer.qkv_bias)?;
+        let q = qkv.narrow(1, 0, c.q_dim())?.reshape((n, c.num_heads, c.head_dim))?;
+        let k = qkv.narrow(1, c.q_dim(), c.kv_dim())?.reshape((n, c.num_kv_heads, c.head_dim))?;
+        let v = qkv.narrow(1, c.q_dim() + c.kv_dim(), c.kv_dim())?.reshape((n, c.num_kv_heads, c.head_dim))?;
+        let (q, k) = match (&layer.q_norm, &layer.k_norm) {
+            (Some(qn), Some(kn)) => (rms_norm(&q, qn, c.norm_eps)?, rms_norm(&k, kn, c.norm_eps)?),
+            _ => (q, k),
+        };
+        let (q, k) = match angles {
+            Some((cos, sin)) => {
+                (rope::apply(&q, cos, sin, c.rope_interleaved)?, rope::apply(&k, cos, sin, c.rope_interleaved)?)
+            }
+            None => (q.contiguous()?, k),
+        };
+        // The cache is head-major: [kv_heads, slots, hd].
+        kv.k[l].scatter_set(&plan.write_slots, &k.transpose(0, 1)?.contiguous()?, 1)?;
+        kv.v[l].scatter_set(&plan.write_slots, &v.transpose(0, 1)?.contiguous()?, 1)?;
+        Ok(q)
+    }
+}
+
+/// Adds a block's output to the residual stream `x` (when there is one) and normalises the sum;
+/// one kernel on a GPU for RMSNorm.
+fn add_norm(x: &mut Tensor, delta: Option<Tensor>, norm: &Norm, fused: bool) -> candle_core::Result<Tensor> {
+    match delta {
+        None => norm.forward(x),
+        Some(d) if fused && norm.bias.is_none() => {
+            let (sum, normed) = fused::add_rms_norm(x, &d, &norm.weight, norm.eps)?;
+            *x = sum;
+            Ok(normed)
+        }
+        Some(d) => {
+            *x = (&*x + d)?;
+            norm.forward(x)
+        }
     }
 }

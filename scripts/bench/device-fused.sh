@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Runs on the lent GPU machine: the fused layer kernels (network/fused.rs) against the unfused
+# ops in the same run. (1) Tiny models of every architecture generate the same greedy text with
+# and without them (KINDLING_FUSED_KERNELS=0); (2) `kindling bench serve` with each, and HF
+# transformers once, for the models in MODELS (made by make_models.py if missing).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+BIN=/tmp/kindling M=/tmp/models
+xz -dc .device/kindling.xz > "$BIN" && chmod +x "$BIN"
+[ -f /tmp/openai-python.wasm ] || xz -dc .device/openai-python.wasm.xz > /tmp/openai-python.wasm
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+archs="llama qwen2 qwen3 mistral opt"
+args=()
+for a in $archs; do "$BIN" models make-tiny $M/tiny-$a --arch $a >/dev/null; args+=(--model tiny-$a=$M/tiny-$a); done
+generate() { # LABEL (env decides fused or not)
+  "$BIN" serve --device cuda "${args[@]}" --listen 127.0.0.1:8432 --data-dir /tmp/kd-$1 >"$OUT/tiny-$1.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 90); do curl -sf localhost:8432/healthz >/dev/null && break; sleep 1; done
+  sed "s/models = \[\"tiny\"\]/models = [$(printf '"tiny-%s",' $archs | sed 's/,$//')]/" plugins/openai-python/kindling.toml > /tmp/tiny.toml
+  "$BIN" deploy --url http://127.0.0.1:8432 -m /tmp/tiny.toml -c /tmp/openai-python.wasm >/dev/null
+  for a in $archs; do for p in "Once upon a time" "The lighthouse keeper climbed the stairs and"; do
+    curl -s localhost:8432/v1/completions -d "{\"model\":\"tiny-$a\",\"prompt\":\"$p\",\"max_tokens\":40,\"temperature\":0}" \
+      | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["choices"][0]["text"]))'
+  done; done > "$OUT/tiny-$1.txt"
+  kill $pid; wait $pid 2>/dev/null
+  grep -E "fused layer kernels|paged decode kernel" "$OUT/tiny-$1.log" | sed 's/.*INFO //; s/.*WARN //' | head -3
+}
+if [ -z "${SKIP_TINY:-}" ]; then
+  generate fused
+  KINDLING_FUSED_KERNELS=0 generate unfused
+  if cmp -s "$OUT/tiny-fused.txt" "$OUT/tiny-unfused.txt"; then echo "tiny models: same text fused and unfused ($(wc -l < "$OUT/tiny-fused.txt") completions)";
+  else echo "tiny models: TEXT DIFFERS"; diff "$OUT/tiny-fused.txt" "$OUT/tiny-unfused.txt" | head -20; fi
+fi
+serve() { # LABEL NAME PATH EXTRA...
+  local label=$1 name=$2 path=$3; shift 3
+  "$BIN" bench serve --device cuda --model "$name=$path" --plugin /tmp/openai-python.wasm --concurrency ${LEVELS:-1,64} \
+    --prompt-tokens 128-512 --output-tokens 256 --serve-args "--kv-cache-gib 24 --max-step-tokens 4096" \
+    --out "$OUT/serve-$name-$label.json" "$@" 2>"$OUT/serve-$name-$label.log" | tail -1 \
+    || { echo "bench serve $name $label failed"; grep -v " INFO " "$OUT/serve-$name-$label.log" | tail -10; }
+  python3 - "$OUT/serve-$name-$label.json" "$label" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+for l in d["levels"]:
+    k, h = l["kindling"], l["hf"] or {}
+    print(f'{d["model"]} {sys.argv[2]} streams={l["streams"]} tok/s={k["output_tok_s"]:.1f} ttft_p50={k["ttft_p50_s"]} ttft_p99={k["ttft_p99_s"]} errors={k["errors"]} hf={h.get("output_tok_s")}')
+PY
+}
+for spec in ${MODELS:-llama3.1-8b}; do  # NAME (a make_models.py shape) or NAME=PATH
+  name=${spec%%=*}; path=$M/$name; [ "$spec" = "$name" ] || path=${spec#*=}
+  [ -e "$path" ] || python3 scripts/bench/make_models.py $M "$name" 2>&1 | tail -1
+  [ -e "$path" ] || { echo "no model at $path"; continue; }
+  serve fused "$name" "$path" --hf-python python3 ${HF_MODEL:+--hf-model $HF_MODEL}
+  KINDLING_FUSED_KERNELS=0 serve unfused "$name" "$path"
+done
