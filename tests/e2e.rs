@@ -78,6 +78,7 @@ fn forty_concurrent_streams_over_five_architectures_match_the_reference() {
     }
     let metrics = server.get("/metrics").body;
     assert!(metrics.contains("kindling_engine_kv_blocks_used{model=\"tiny-qwen3\"} 0"), "{metrics}");
+    assert!(metrics.contains("kindling_worker_engines{worker=\"cpu\"} 5"), "{metrics}");
 }
 
 /// One sample of a per-model engine series from `/metrics`.

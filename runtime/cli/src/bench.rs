@@ -17,9 +17,13 @@ pub struct ColdstartArgs {
     /// NAME=PATH of an HF-format model directory. Repeatable.
     #[arg(long = "model", value_name = "NAME=PATH", required = true)]
     models: Vec<String>,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    /// cpu, cuda, cuda:N, a list of GPUs ("cuda:0,cuda:1") or cuda:all: one warm worker each.
+    #[arg(long, alias = "devices", default_value = "cpu")]
     device: String,
+    /// Then scale every model from zero at the same moment (from the pool), and report where each
+    /// landed and its time to first token.
+    #[arg(long)]
+    together: bool,
     /// Timed runs of each variant.
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -167,11 +171,14 @@ pub fn coldstart(args: ColdstartArgs) -> anyhow::Result<()> {
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
-        let worker = crate::worker_from_args(&args.device, 1e6, 0.8).await?;
-        eprintln!("warm worker {} ready in {:.3} s (paid once, at boot)", worker.label, worker.boot_time.as_secs_f64());
-        results["worker_boot_s"] = json!(secs(worker.boot_time));
-        let pool = Arc::new(CheckpointPool::new(crate::serve::gib(args.pool_gib), worker.pinner()));
-        let registry = ModelRegistry::new(Arc::new(worker), pool);
+        let workers = crate::workers_from_args(&args.device, 1e6, 0.8).await?;
+        for worker in &workers {
+            eprintln!("warm worker {} ready in {:.3} s (paid once, at boot)", worker.label, worker.boot_time.as_secs_f64());
+        }
+        results["worker_boot_s"] = json!(secs(workers[0].boot_time));
+        let pool = Arc::new(CheckpointPool::new(crate::serve::gib(args.pool_gib), workers[0].pinner()));
+        let workers = workers.into_iter().map(Arc::new).collect();
+        let registry = Arc::new(ModelRegistry::with_workers(workers, pool, kindling_engine::EngineConfig::default()));
         for (name, path) in &models {
             registry.register(name, path)?;
             let entry = &mut results["models"][name.as_str()];
@@ -205,6 +212,9 @@ pub fn coldstart(args: ColdstartArgs) -> anyhow::Result<()> {
             registry.unload(name);
             entry["kindling_warm_pool"] = json!({ "runs": runs, "median_s": median(&mut walls) });
         }
+        if args.together {
+            results["together"] = together(&registry, &models).await?;
+        }
         anyhow::Ok(())
     })?;
 
@@ -213,6 +223,38 @@ pub fn coldstart(args: ColdstartArgs) -> anyhow::Result<()> {
         std::fs::write(out, serde_json::to_string_pretty(&results)?)?;
     }
     Ok(())
+}
+
+/// Every model scaled from zero at the same moment (all pooled already): each one's time to
+/// first token and the worker it was placed on.
+async fn together(registry: &Arc<ModelRegistry>, models: &[(String, PathBuf)]) -> anyhow::Result<Value> {
+    for (name, _) in models {
+        registry.unload(name);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await; // let the old engines free their memory
+    let started = Instant::now();
+    let tasks: Vec<_> = models
+        .iter()
+        .map(|(name, _)| {
+            let (registry, name) = (registry.clone(), name.clone());
+            tokio::spawn(async move {
+                let acquired = registry.acquire(&name).await?;
+                acquired.engine.generate(PROMPT.into(), first_token_params()).await?;
+                let load = acquired.engine.info.load;
+                anyhow::Ok(json!({
+                    "model": name, "wall_s": secs(started.elapsed()), "worker": registry.worker_of(&name),
+                    "pool_hit": load.pool_hit, "h2d_s": secs(load.h2d),
+                }))
+            })
+        })
+        .collect();
+    let mut rows = Vec::new();
+    for task in tasks {
+        let row = task.await??;
+        eprintln!("[together] {row}");
+        rows.push(row);
+    }
+    Ok(json!(rows))
 }
 
 fn print_summary(results: &Value) {

@@ -132,16 +132,51 @@ enum ModelsCommand {
 
 /// Makes the worker `--device` names, warm, off the async runtime (GPU boot takes a while).
 pub async fn worker_from_args(device: &str, engine_memory_gib: f64, arena_fraction: f64) -> anyhow::Result<Worker> {
-    let device = device.to_string();
+    let mut workers = workers_from_args(device, engine_memory_gib, arena_fraction).await?;
+    anyhow::ensure!(workers.len() == 1, "--device {device:?}: one device here");
+    Ok(workers.remove(0))
+}
+
+/// Makes one warm worker per device `--device` names ("cpu", "cuda", "cuda:N", a comma-separated
+/// list of those, or "cuda:all"), booting them in parallel off the async runtime.
+pub async fn workers_from_args(spec: &str, engine_memory_gib: f64, arena_fraction: f64) -> anyhow::Result<Vec<Worker>> {
     let budget = serve::gib(engine_memory_gib);
-    let worker = tokio::task::spawn_blocking(move || -> anyhow::Result<Worker> {
-        match cuda_ordinal(&device)? {
-            None => Ok(kindling_engine::worker::warm_cpu(budget)?),
-            Some(ordinal) => cuda_worker(ordinal, arena_fraction),
-        }
-    })
-    .await??;
-    Ok(worker)
+    let devices = device_list(spec)?;
+    let boots: Vec<_> = devices
+        .into_iter()
+        .map(|ordinal| {
+            tokio::task::spawn_blocking(move || -> anyhow::Result<Worker> {
+                match ordinal {
+                    None => Ok(kindling_engine::worker::warm_cpu(budget)?),
+                    Some(ordinal) => cuda_worker(ordinal, arena_fraction),
+                }
+            })
+        })
+        .collect();
+    let mut workers = Vec::with_capacity(boots.len());
+    for boot in boots {
+        workers.push(boot.await??);
+    }
+    Ok(workers)
+}
+
+/// The devices a `--device` value names: `None` for the CPU, GPU ordinals otherwise.
+pub fn device_list(spec: &str) -> anyhow::Result<Vec<Option<usize>>> {
+    if spec == "cuda:all" {
+        let count = cuda_device_count()?;
+        anyhow::ensure!(count > 0, "--device cuda:all: no CUDA device found");
+        return Ok((0..count).map(Some).collect());
+    }
+    let devices: Vec<Option<usize>> = spec.split(',').map(|d| cuda_ordinal(d.trim())).collect::<anyhow::Result<_>>()?;
+    let mut seen = std::collections::BTreeSet::new();
+    for d in &devices {
+        anyhow::ensure!(seen.insert(*d), "--device {spec:?} names a device twice");
+    }
+    anyhow::ensure!(
+        devices.len() == 1 || devices.iter().all(Option::is_some),
+        "--device {spec:?}: the CPU is one device; list GPUs only"
+    );
+    Ok(devices)
 }
 
 /// `None` for "cpu", the GPU ordinal for "cuda" / "cuda:N".
@@ -150,8 +185,18 @@ pub fn cuda_ordinal(device: &str) -> anyhow::Result<Option<usize>> {
         _ if device == "cpu" => Ok(None),
         Some("") => Ok(Some(0)),
         Some(n) if n.starts_with(':') => Ok(Some(n[1..].parse().with_context(|| format!("--device {device}"))?)),
-        _ => anyhow::bail!("--device must be cpu, cuda or cuda:N, got {device:?}"),
+        _ => anyhow::bail!("--device must be cpu, cuda, cuda:N, a list of those or cuda:all, got {device:?}"),
     }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device_count() -> anyhow::Result<usize> {
+    Ok(kindling_engine::worker::cuda_device_count()?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device_count() -> anyhow::Result<usize> {
+    anyhow::bail!("this kindling was built without CUDA; rebuild with `cargo build --release --features cuda`")
 }
 
 #[cfg(feature = "cuda")]
@@ -218,7 +263,7 @@ fn main() -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::cuda_ordinal;
+    use super::{cuda_ordinal, device_list};
 
     #[test]
     fn device_names_parse_or_explain() {
@@ -227,6 +272,15 @@ mod tests {
         assert_eq!(cuda_ordinal("cuda:3").unwrap(), Some(3));
         for bad in ["gpu", "cuda3", "cuda:x", "cuda:"] {
             assert!(cuda_ordinal(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn device_lists_name_each_gpu_once() {
+        assert_eq!(device_list("cpu").unwrap(), [None]);
+        assert_eq!(device_list("cuda:0, cuda:1").unwrap(), [Some(0), Some(1)]);
+        for bad in ["cuda:0,cuda:0", "cpu,cuda:1", "cpu,cpu", "cuda:0,"] {
+            assert!(device_list(bad).is_err(), "{bad}");
         }
     }
 }

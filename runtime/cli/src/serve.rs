@@ -31,8 +31,10 @@ pub struct ServeArgs {
     /// Drop a model's engine after this many seconds without requests (scale to zero); 0 keeps engines.
     #[arg(long, default_value_t = 300)]
     idle_unload_secs: u64,
-    /// Where engines run: "cpu", or "cuda" / "cuda:N" (needs a build with --features cuda).
-    #[arg(long, default_value = "cpu")]
+    /// Where engines run: "cpu", or "cuda" / "cuda:N", a list ("cuda:0,cuda:1") or "cuda:all"
+    /// (needs a build with --features cuda): one warm worker per GPU, each model placed on the
+    /// GPU with the most room, else where the least recently used idle engines make room.
+    #[arg(long, alias = "devices", default_value = "cpu")]
     device: String,
     /// Checkpoint pool capacity in GiB: model files kept resident (and pinned on GPU hosts).
     #[arg(long, default_value_t = 64.0)]
@@ -107,8 +109,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(args.log_json);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let served = runtime.block_on(async move {
-        let worker = crate::worker_from_args(&args.device, args.engine_memory_gib, args.arena_fraction).await?;
-        tracing::info!(worker = %worker.label, boot_ms = worker.boot_time.as_millis() as u64, "worker ready");
+        let workers = crate::workers_from_args(&args.device, args.engine_memory_gib, args.arena_fraction).await?;
+        for worker in &workers {
+            tracing::info!(worker = %worker.label, boot_ms = worker.boot_time.as_millis() as u64, budget = worker.memory_budget, "worker ready");
+        }
+        let worker = &workers[0];
+        // Pinned pages are registered portable: every GPU's worker can DMA from them.
         let pool = Arc::new(CheckpointPool::new(gib(args.pool_gib), worker.pinner()));
         let engine_config = EngineConfig {
             max_running: args.max_running.max(1),
@@ -122,7 +128,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             dequantize: if args.quantized_matmul { Some(false) } else { None },
             ..EngineConfig::default()
         };
-        let registry = Arc::new(ModelRegistry::with_engine_config(Arc::new(worker), pool, engine_config));
+        let workers = workers.into_iter().map(Arc::new).collect();
+        let registry = Arc::new(ModelRegistry::with_workers(workers, pool, engine_config));
         for spec in &args.models {
             let (name, path) = spec.split_once('=').with_context(|| format!("--model {spec:?}: expected NAME=PATH"))?;
             let entry = registry.register(name, path.as_ref()).with_context(|| format!("--model {spec}"))?;

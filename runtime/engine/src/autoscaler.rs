@@ -1,6 +1,7 @@
-//! Scaling policy: which engines to drop when a load needs room (least recently used, never a
-//! busy one), and the reaper that drops engines idle past the timeout (scale to zero). The
-//! checkpoints of dropped engines stay in the pool, so scaling back up is a pool hit.
+//! Scaling policy: which worker (GPU) a model's engine goes to, which engines to drop when a load
+//! needs room (least recently used, never a busy one), and the reaper that drops engines idle past
+//! the timeout (scale to zero). The checkpoints of dropped engines stay in the pool, so scaling
+//! back up is a pool hit.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +50,66 @@ pub fn evictions(need: u64, budget: u64, resident: &[Resident]) -> Result<Vec<St
     }
 }
 
+/// One worker as placement sees it.
+#[derive(Debug, Clone)]
+pub struct WorkerView {
+    pub budget: u64,
+    /// Bytes held by loads in progress and retiring engines: taken, not evictable.
+    pub pinned: u64,
+    pub resident: Vec<Resident>,
+}
+
+impl WorkerView {
+    fn free(&self) -> u64 {
+        let used: u64 = self.resident.iter().map(|r| r.bytes).sum();
+        self.budget.saturating_sub(self.pinned + used)
+    }
+}
+
+/// Where a load of `need` bytes goes: the worker with the most free memory among those it fits
+/// without evicting anything (so simultaneous cold starts spread over the GPUs); failing that, the
+/// worker whose evictions drop the least recently used engines. Returns the worker's index and
+/// the engines to drop there.
+pub fn placement(need: u64, workers: &[WorkerView]) -> Result<(usize, Vec<String>), EngineError> {
+    let largest = workers.iter().map(|w| w.budget).max().unwrap_or(0);
+    if need > largest {
+        return Err(EngineError::Load(format!(
+            "model needs {need} bytes (weights and KV cache) but the largest worker's engine memory budget is {largest} bytes"
+        )));
+    }
+    let roomiest = workers
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| w.free() >= need)
+        .max_by_key(|(i, w)| (w.free(), std::cmp::Reverse(*i)));
+    if let Some((i, _)) = roomiest {
+        return Ok((i, Vec::new()));
+    }
+    let mut best: Option<(usize, Vec<String>, Duration)> = None;
+    for (i, w) in workers.iter().enumerate() {
+        // It fits some worker's budget (checked above); where it cannot here, loads in progress
+        // or busy engines hold the room: a retry later may succeed.
+        if let Ok(victims) = evictions(need, w.budget.saturating_sub(w.pinned), &w.resident) {
+            // The most recently used engine this choice drops: the older, the better.
+            let freshest = victims
+                .iter()
+                .filter_map(|v| w.resident.iter().find(|r| &r.name == v))
+                .map(|r| r.idle_for)
+                .min()
+                .unwrap_or(Duration::MAX);
+            if best.as_ref().is_none_or(|(_, _, b)| freshest > *b) {
+                best = Some((i, victims, freshest));
+            }
+        }
+    }
+    match best {
+        Some((i, victims, _)) => Ok((i, victims)),
+        None => Err(EngineError::Overloaded(format!(
+            "not enough engine memory: need {need} bytes, and every worker's room is held by engines that are busy or loading"
+        ))),
+    }
+}
+
 /// Drops engines idle for longer than `idle`, checking every few seconds.
 pub fn spawn_idle_reaper(registry: Arc<ModelRegistry>, idle: Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -87,6 +148,33 @@ mod tests {
         let resident = [r("busy", 80, 500, true), r("idle", 10, 1, false)];
         let err = evictions(30, 100, &resident).unwrap_err();
         assert!(matches!(err, EngineError::Overloaded(_)), "{err}");
+    }
+
+    fn worker(budget: u64, resident: &[Resident]) -> WorkerView {
+        WorkerView { budget, pinned: 0, resident: resident.to_vec() }
+    }
+
+    #[test]
+    fn loads_spread_over_the_workers_with_room() {
+        let empty = [worker(100, &[]), worker(100, &[])];
+        assert_eq!(placement(60, &empty).unwrap(), (0, vec![]));
+        let one_taken = [worker(100, &[r("a", 60, 0, true)]), worker(100, &[])];
+        assert_eq!(placement(60, &one_taken).unwrap(), (1, vec![]), "the second 8B goes to the other GPU");
+        let loading = [worker(100, &[]), WorkerView { budget: 100, pinned: 70, resident: vec![] }];
+        assert_eq!(placement(40, &loading).unwrap(), (0, vec![]), "a load in progress counts as taken");
+    }
+
+    #[test]
+    fn when_every_worker_is_full_the_least_recently_used_engines_go() {
+        let full = [worker(100, &[r("recent", 90, 5, false)]), worker(100, &[r("stale", 90, 500, false)])];
+        assert_eq!(placement(50, &full).unwrap(), (1, vec!["stale".to_string()]));
+        let busy = [worker(100, &[r("a", 90, 500, true)]), worker(100, &[r("b", 90, 1, false)])];
+        assert_eq!(placement(50, &busy).unwrap(), (1, vec!["b".to_string()]), "busy engines stay");
+        let all_busy = [worker(100, &[r("a", 90, 5, true)]), worker(100, &[r("b", 90, 5, true)])];
+        assert!(matches!(placement(50, &all_busy).unwrap_err(), EngineError::Overloaded(_)));
+        let small = [worker(100, &[]), worker(120, &[])];
+        assert!(matches!(placement(130, &small).unwrap_err(), EngineError::Load(_)));
+        assert_eq!(placement(110, &small).unwrap(), (1, vec![]), "only the larger GPU can hold it");
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! Named models and their engines. A model is registered by name with a checkpoint directory;
-//! its engine is started on the warm worker by the first request that needs it (scale from zero),
+//! its engine is started on a warm worker (one per GPU; `autoscaler::placement` picks which) by
+//! the first request that needs it (scale from zero),
 //! from the checkpoint pool; concurrent first requests share one load; `unload` / `unload_idle`
 //! and memory pressure drop engines (scale to zero) while their checkpoints stay pooled.
 //!
-//! Residency has one owner, the table here. Each model is absent, loading (its bytes reserved
-//! before the load starts), or ready (with a count of users); an engine dropped while still in
-//! use is retiring until its thread exits. The memory budget counts all three in full, so two
+//! Residency has one owner, the table here. Each model is absent, loading (its bytes reserved on
+//! its worker before the load starts), or ready (with a count of users); an engine dropped while
+//! still in use is retiring until its thread exits. Each worker's memory budget counts all three in full, so two
 //! loads at once cannot both squeeze past it and a busy engine is never evicted. A load runs on
 //! its own task: a request that stops waiting does not cancel it, and its result is kept.
 
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::autoscaler::{Resident, evictions};
+use crate::autoscaler::{Resident, WorkerView, placement};
 use crate::checkpoint::Checkpoint;
 use crate::checkpoint_pool::{AdmitProgress, CheckpointPool, PoolStats};
 use crate::engine::{EngineConfig, EngineHandle, LoadBreakdown, start_engine};
@@ -49,6 +50,18 @@ pub struct ModelEntry {
     /// Weights plus the KV cache its engine takes: what a load reserves.
     pub engine_bytes: u64,
     pub loaded: bool,
+    /// The worker its engine runs on, when loaded.
+    pub worker: Option<String>,
+}
+
+/// One worker's memory as the registry counts it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WorkerUsage {
+    pub label: String,
+    pub budget_bytes: u64,
+    /// Ready, loading and retiring engines on it.
+    pub resident_bytes: u64,
+    pub engines: usize,
 }
 
 struct Registered {
@@ -61,11 +74,17 @@ struct Registered {
 type LoadResult = Option<Result<EngineHandle>>;
 
 enum Slot {
-    Loading { id: u64, reserved: u64, done: watch::Receiver<LoadResult> },
-    Ready { engine: EngineHandle, bytes: u64 },
+    Loading { id: u64, worker: usize, reserved: u64, done: watch::Receiver<LoadResult> },
+    Ready { engine: EngineHandle, worker: usize, bytes: u64 },
 }
 
 impl Slot {
+    fn worker(&self) -> usize {
+        match self {
+            Slot::Loading { worker, .. } | Slot::Ready { worker, .. } => *worker,
+        }
+    }
+
     /// Bytes of a ready engine.
     fn ready_bytes(&self) -> u64 {
         match self {
@@ -85,6 +104,7 @@ impl Slot {
 
 /// Dropped engines whose threads may still hold memory (in-flight generations finishing).
 struct Retiring {
+    worker: usize,
     bytes: u64,
     alive: Weak<()>,
 }
@@ -97,17 +117,23 @@ struct Residency {
 }
 
 impl Residency {
-    /// Bytes held by loads in progress and by retiring engines: not evictable.
-    fn pinned_bytes(&mut self) -> u64 {
+    /// Bytes held on `worker` by loads in progress and by retiring engines: not evictable.
+    fn pinned_bytes(&mut self, worker: usize) -> u64 {
         self.retiring.retain(|r| r.alive.strong_count() > 0);
-        let retiring: u64 = self.retiring.iter().map(|r| r.bytes).sum();
-        retiring + self.slots.values().map(Slot::reserved_bytes).sum::<u64>()
+        let retiring: u64 = self.retiring.iter().filter(|r| r.worker == worker).map(|r| r.bytes).sum();
+        retiring + self.slots.values().filter(|s| s.worker() == worker).map(Slot::reserved_bytes).sum::<u64>()
+    }
+
+    /// Everything counted against `worker`'s budget.
+    fn used_bytes(&mut self, worker: usize) -> u64 {
+        let ready: u64 = self.slots.values().filter(|s| s.worker() == worker).map(Slot::ready_bytes).sum();
+        ready + self.pinned_bytes(worker)
     }
 
     fn remove(&mut self, name: &str) -> bool {
         match self.slots.remove(name) {
-            Some(Slot::Ready { engine, bytes }) => {
-                self.retiring.push(Retiring { bytes, alive: engine.alive_token() });
+            Some(Slot::Ready { engine, bytes, worker }) => {
+                self.retiring.push(Retiring { worker, bytes, alive: engine.alive_token() });
                 true
             }
             Some(Slot::Loading { .. }) | None => false,
@@ -116,7 +142,8 @@ impl Residency {
 }
 
 pub struct ModelRegistry {
-    worker: Arc<Worker>,
+    /// One per device; never empty.
+    workers: Vec<Arc<Worker>>,
     pool: Arc<CheckpointPool>,
     engine_config: EngineConfig,
     sources: RwLock<BTreeMap<String, Registered>>,
@@ -144,7 +171,13 @@ impl ModelRegistry {
     }
 
     pub fn with_engine_config(worker: Arc<Worker>, pool: Arc<CheckpointPool>, engine_config: EngineConfig) -> Self {
-        Self { worker, pool, engine_config, sources: RwLock::default(), residency: Arc::default() }
+        Self::with_workers(vec![worker], pool, engine_config)
+    }
+
+    /// A registry over several workers (one per GPU), sharing one checkpoint pool.
+    pub fn with_workers(workers: Vec<Arc<Worker>>, pool: Arc<CheckpointPool>, engine_config: EngineConfig) -> Self {
+        assert!(!workers.is_empty(), "a registry needs a worker");
+        Self { workers, pool, engine_config, sources: RwLock::default(), residency: Arc::default() }
     }
 
     /// Registers (or re-points) `name` at a checkpoint directory after checking it opens.
@@ -152,7 +185,7 @@ impl ModelRegistry {
     pub fn register(&self, name: &str, dir: &Path) -> Result<ModelEntry> {
         validate_model_name(name)?;
         let ckpt = Checkpoint::open(dir)?;
-        let kv = self.engine_config.kv_plan(&ckpt.config, self.engine_config.dtype_for(&self.worker.device));
+        let kv = self.engine_config.kv_plan(&ckpt.config, self.engine_config.dtype_for(&self.workers[0].device));
         let entry = Registered {
             path: ckpt.dir.clone(),
             architecture: ckpt.arch.name(),
@@ -179,6 +212,7 @@ impl ModelRegistry {
             weight_bytes: r.weight_bytes,
             engine_bytes: r.engine_bytes,
             loaded: self.loaded(name).is_some(),
+            worker: self.worker_of(name),
         })
     }
 
@@ -197,6 +231,12 @@ impl ModelRegistry {
             Some(r) => Ok((r.path.clone(), r.engine_bytes)),
             None => Err(EngineError::ModelNotFound(name.to_string())),
         }
+    }
+
+    /// The label of the worker `name`'s engine runs (or loads) on.
+    pub fn worker_of(&self, name: &str) -> Option<String> {
+        let res = self.residency.lock().expect("poisoned");
+        res.slots.get(name).map(|s| self.workers[s.worker()].label.clone())
     }
 
     /// The running engine for `name`, if any, without starting one.
@@ -221,12 +261,12 @@ impl ModelRegistry {
                 Some(Slot::Ready { .. }) | None => {
                     // Absent, or its engine thread died (it is dropped here and loaded afresh).
                     res.slots.remove(name);
-                    self.make_room(&mut res, name, bytes)?;
+                    let worker = self.make_room(&mut res, name, bytes)?;
                     let (tx, rx) = watch::channel(None);
                     let id = res.next_load;
                     res.next_load += 1;
-                    res.slots.insert(name.to_string(), Slot::Loading { id, reserved: bytes, done: rx.clone() });
-                    self.spawn_load(name.to_string(), path, bytes, id, tx);
+                    res.slots.insert(name.to_string(), Slot::Loading { id, worker, reserved: bytes, done: rx.clone() });
+                    self.spawn_load(name.to_string(), path, bytes, (id, worker), tx);
                     rx
                 }
             }
@@ -243,9 +283,16 @@ impl ModelRegistry {
     }
 
     /// Loads on a task of its own, so the result outlives any one waiter, then publishes it.
-    fn spawn_load(&self, name: String, path: PathBuf, bytes: u64, id: u64, tx: watch::Sender<LoadResult>) {
+    fn spawn_load(
+        &self,
+        name: String,
+        path: PathBuf,
+        bytes: u64,
+        (id, at): (u64, usize),
+        tx: watch::Sender<LoadResult>,
+    ) {
         let (worker, pool, config, residency) =
-            (self.worker.clone(), self.pool.clone(), self.engine_config.clone(), self.residency.clone());
+            (self.workers[at].clone(), self.pool.clone(), self.engine_config.clone(), self.residency.clone());
         tokio::spawn(async move {
             tracing::info!(model = %name, path = %path.display(), worker = %worker.label, "cold start: loading model");
             let loader_name = name.clone();
@@ -266,11 +313,11 @@ impl ModelRegistry {
                 }
                 match &result {
                     Ok(engine) if ours => {
-                        res.slots.insert(name.clone(), Slot::Ready { engine: engine.clone(), bytes });
+                        res.slots.insert(name.clone(), Slot::Ready { engine: engine.clone(), worker: at, bytes });
                     }
                     // Unloaded while loading: whoever waited still gets the engine; count it
                     // as retiring until they are done with it.
-                    Ok(engine) => res.retiring.push(Retiring { bytes, alive: engine.alive_token() }),
+                    Ok(engine) => res.retiring.push(Retiring { worker: at, bytes, alive: engine.alive_token() }),
                     Err(_) => {}
                 }
             }
@@ -294,39 +341,43 @@ impl ModelRegistry {
         });
     }
 
-    /// Drops least recently used idle engines until `bytes` more fit in the worker's budget,
-    /// counting loads in progress and retiring engines as taken.
-    fn make_room(&self, res: &mut Residency, loading: &str, bytes: u64) -> Result<()> {
-        let budget = self.worker.memory_budget;
-        if bytes > budget {
-            return Err(EngineError::Load(format!(
-                "model {loading} needs {bytes} bytes (weights and KV cache) but this worker's engine memory budget is {budget} bytes"
-            )));
-        }
-        let pinned = res.pinned_bytes();
-        let resident: Vec<Resident> = res
-            .slots
-            .iter()
-            .filter_map(|(n, s)| match s {
-                Slot::Ready { engine, bytes } => Some(Resident {
-                    name: n.clone(),
-                    bytes: *bytes,
-                    idle_for: engine.idle_for(),
-                    busy: engine.is_busy(),
-                }),
-                Slot::Loading { .. } => None,
+    /// Picks the worker for a load of `bytes` and drops least recently used idle engines there
+    /// until it fits, counting loads in progress and retiring engines as taken. Returns the
+    /// worker's index.
+    fn make_room(&self, res: &mut Residency, loading: &str, bytes: u64) -> Result<usize> {
+        let views: Vec<WorkerView> = (0..self.workers.len())
+            .map(|w| WorkerView {
+                budget: self.workers[w].memory_budget,
+                pinned: res.pinned_bytes(w),
+                resident: res
+                    .slots
+                    .iter()
+                    .filter_map(|(n, s)| match s {
+                        Slot::Ready { engine, bytes, worker } if *worker == w => Some(Resident {
+                            name: n.clone(),
+                            bytes: *bytes,
+                            idle_for: engine.idle_for(),
+                            busy: engine.is_busy(),
+                        }),
+                        _ => None,
+                    })
+                    .collect(),
             })
             .collect();
-        let victims = evictions(bytes, budget.saturating_sub(pinned), &resident).map_err(|_| {
-            EngineError::Overloaded(format!(
-                "not enough engine memory for model {loading}: {bytes} bytes needed, the rest of the {budget}-byte budget is held by engines that are busy or loading"
-            ))
+        let (worker, victims) = placement(bytes, &views).map_err(|e| match e {
+            EngineError::Load(_) => EngineError::Load(format!(
+                "model {loading} needs {bytes} bytes (weights and KV cache), more than any worker's engine memory budget ({})",
+                self.workers.iter().map(|w| format!("{} {}", w.label, w.memory_budget)).collect::<Vec<_>>().join(", ")
+            )),
+            _ => EngineError::Overloaded(format!(
+                "not enough engine memory for model {loading}: {bytes} bytes needed, and on every worker the rest of the budget is held by engines that are busy or loading"
+            )),
         })?;
         for victim in victims {
-            tracing::info!(model = %victim, for_model = %loading, "evicting engine to make room");
+            tracing::info!(model = %victim, for_model = %loading, worker = %self.workers[worker].label, "evicting engine to make room");
             res.remove(&victim);
         }
-        Ok(())
+        Ok(worker)
     }
 
     /// Admits `name`'s checkpoint to the pool ahead of the first request (page-in and pinning can
@@ -363,11 +414,23 @@ impl ModelRegistry {
         self.residency.lock().expect("poisoned").next_load
     }
 
-    /// Bytes the budget counts as taken now: ready, loading and retiring engines.
+    /// Bytes the budgets count as taken now, on all workers: ready, loading and retiring engines.
     pub fn resident_bytes(&self) -> u64 {
         let mut res = self.residency.lock().expect("poisoned");
-        let ready: u64 = res.slots.values().map(Slot::ready_bytes).sum();
-        ready + res.pinned_bytes()
+        (0..self.workers.len()).map(|w| res.used_bytes(w)).sum()
+    }
+
+    /// Each worker's budget and what is counted against it.
+    pub fn workers(&self) -> Vec<WorkerUsage> {
+        let mut res = self.residency.lock().expect("poisoned");
+        (0..self.workers.len())
+            .map(|w| WorkerUsage {
+                label: self.workers[w].label.clone(),
+                budget_bytes: self.workers[w].memory_budget,
+                resident_bytes: res.used_bytes(w),
+                engines: res.slots.values().filter(|s| s.worker() == w).count(),
+            })
+            .collect()
     }
 
     /// Drops the engine for `name`; in-flight generations finish first (they hold handles), and
@@ -512,6 +575,49 @@ mod tests {
             assert!(registry.resident_bytes() <= one * 3 / 2, "the budget held at every point");
         }
         assert_eq!(held.len(), 1, "only one of the two fits; the other is told to retry");
+    }
+
+    /// Two fake devices, each with room for one tiny engine and a half.
+    fn two_worker_registry(dir: &Path) -> ModelRegistry {
+        let one = engine_bytes(dir);
+        let workers = (0..2)
+            .map(|i| {
+                let mut w = Worker::cpu(one * 3 / 2);
+                w.label = format!("cpu:{i}");
+                Arc::new(w)
+            })
+            .collect();
+        let pool = Arc::new(CheckpointPool::new(1 << 30, None));
+        let registry = ModelRegistry::with_workers(workers, pool, EngineConfig::default());
+        for name in ["q", "l", "q2"] {
+            registry.register(name, &dir.join(if name == "l" { "l" } else { "q" })).unwrap();
+        }
+        registry
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn models_scaled_from_zero_together_land_on_different_workers() {
+        let dir = models();
+        let registry = Arc::new(two_worker_registry(dir.path()));
+        let (q, l) = tokio::join!(registry.acquire("q"), registry.acquire("l"));
+        let (q, l) = (q.unwrap().engine, l.unwrap().engine);
+        let (wq, wl) = (registry.worker_of("q").unwrap(), registry.worker_of("l").unwrap());
+        assert_ne!(wq, wl, "one per worker: neither needed an eviction");
+        for usage in registry.workers() {
+            assert_eq!(usage.engines, 1, "{usage:?}");
+            assert!(usage.resident_bytes <= usage.budget_bytes, "{usage:?}");
+        }
+        // Both busy: a third model has nowhere to go.
+        assert!(matches!(registry.acquire("q2").await, Err(EngineError::Overloaded(_))));
+        // q idle the longest: the third model takes its worker, l stays where it is.
+        drop(q);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        l.generate("Once".into(), SamplingParams { max_tokens: 2, ..Default::default() }).await.unwrap();
+        drop(l);
+        drop(registry.acquire("q2").await.unwrap());
+        assert!(registry.loaded("q").is_none(), "the least recently used engine made room");
+        assert_eq!(registry.worker_of("q2").unwrap(), wq);
+        assert_eq!(registry.worker_of("l").unwrap(), wl);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

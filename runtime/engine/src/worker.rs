@@ -78,6 +78,9 @@ impl Worker {
 }
 
 #[cfg(feature = "cuda")]
+pub use cuda::cuda_device_count;
+
+#[cfg(feature = "cuda")]
 mod cuda {
     use std::sync::Arc;
     use std::time::Instant;
@@ -88,6 +91,12 @@ mod cuda {
     use super::Worker;
     use crate::checkpoint_pool::HostPinner;
     use crate::error::{EngineError, Result};
+
+    /// How many CUDA devices the driver sees.
+    pub fn cuda_device_count() -> Result<usize> {
+        let count = CudaContext::device_count().map_err(EngineError::load)?;
+        Ok(usize::try_from(count).unwrap_or(0))
+    }
 
     fn check(what: &str, r: sys::CUresult) -> Result<()> {
         if r == sys::CUresult::CUDA_SUCCESS { Ok(()) } else { Err(EngineError::Load(format!("{what} failed: {r:?}"))) }

@@ -150,6 +150,23 @@ impl Metrics {
             let n = section_into(&mut out, name, "gauge", help);
             let _ = writeln!(out, "{n} {v}");
         }
+        let workers = registry.workers();
+        type WorkerSeries = (&'static str, &'static str, fn(&kindling_engine::registry::WorkerUsage) -> u64);
+        let series: [WorkerSeries; 3] = [
+            ("kindling_worker_budget_bytes", "Engine memory budget of each worker (GPU).", |w| w.budget_bytes),
+            (
+                "kindling_worker_resident_bytes",
+                "Engine bytes counted against each worker: ready, loading, retiring.",
+                |w| w.resident_bytes,
+            ),
+            ("kindling_worker_engines", "Engines on each worker, ready or loading.", |w| w.engines as u64),
+        ];
+        for (name, help, value) in series {
+            let n = section_into(&mut out, name, "gauge", help);
+            for w in &workers {
+                let _ = writeln!(out, "{n}{{worker=\"{}\"}} {}", label(&w.label), value(w));
+            }
+        }
         render_engines(&mut out, &registry.engines());
         out
     }
