@@ -266,6 +266,20 @@ fn first_request_reports_a_cold_start_and_later_ones_do_not() {
         assert!(metrics.body.lines().any(|l| l == line), "/metrics lacks {line:?}:\n{}", metrics.body);
     }
     assert!(metrics.body.contains("kindling_engine_loaded_bytes{model=\"tiny\"}"));
+
+    // Scaled to zero asleep, the model wakes with its weights still in place: nothing copied.
+    let slept = server.post_json("/admin/models/tiny/sleep", &json!({}));
+    assert_eq!(slept.json()["asleep"], true, "{}", slept.body);
+    let models = server.get("/admin/models").json();
+    assert_eq!(models[0]["asleep"], true, "{models}");
+    let woken = server.post_json("/hello", &req);
+    assert_eq!(woken.status, 200, "{}", woken.body);
+    let cold = woken.header("x-kindling-cold-start").expect("a wake is a cold start");
+    assert!(cold.contains("pool=resident;") && cold.contains("h2d_ms=0.0;"), "{cold}");
+    assert_eq!(woken.json()["text"], first.json()["text"]);
+    let metrics = server.get("/metrics").body;
+    let line = "kindling_cold_starts_total{model=\"tiny\",pool=\"resident\"} 1";
+    assert!(metrics.lines().any(|l| l == line), "/metrics lacks {line:?}:\n{metrics}");
 }
 
 #[test]

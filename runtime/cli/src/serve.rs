@@ -28,7 +28,9 @@ pub struct ServeArgs {
     /// Require this bearer token on the admin API.
     #[arg(long, env = "KINDLING_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
-    /// Drop a model's engine after this many seconds without requests (scale to zero); 0 keeps engines.
+    /// Scale a model's engine to zero after this many seconds without requests: its thread and KV
+    /// cache go, its weights stay on the device (asleep) until the memory is needed, so the next
+    /// request wakes it in milliseconds; 0 keeps engines running.
     #[arg(long, default_value_t = 300)]
     idle_unload_secs: u64,
     /// Where engines run: "cpu", or "cuda" / "cuda:N", a list ("cuda:0,cuda:1") or "cuda:all"

@@ -1,7 +1,8 @@
 //! Scaling policy: which worker (GPU) a model's engine goes to, which engines to drop when a load
-//! needs room (least recently used, never a busy one), and the reaper that drops engines idle past
-//! the timeout (scale to zero). The checkpoints of dropped engines stay in the pool, so scaling
-//! back up is a pool hit.
+//! needs room (sleeping engines first, then the least recently used, never a busy one), and the
+//! reaper that puts engines idle past the timeout to sleep (scale to zero, weights kept on the
+//! device while the memory is not needed). The checkpoints of dropped engines stay in the pool,
+//! so scaling back up after an eviction is a pool hit.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -110,14 +111,15 @@ pub fn placement(need: u64, workers: &[WorkerView]) -> Result<(usize, Vec<String
     }
 }
 
-/// Drops engines idle for longer than `idle`, checking every few seconds.
+/// Puts engines idle for longer than `idle` to sleep (scale to zero: thread and KV cache freed,
+/// weights kept on the device until the memory is needed), checking every few seconds.
 pub fn spawn_idle_reaper(registry: Arc<ModelRegistry>, idle: Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(idle.min(Duration::from_secs(5)).max(Duration::from_millis(100)));
         loop {
             tick.tick().await;
-            for name in registry.unload_idle(idle) {
-                tracing::info!(model = %name, idle_secs = idle.as_secs_f64(), "scaled to zero after idle timeout");
+            for name in registry.sleep_idle(idle) {
+                tracing::info!(model = %name, idle_secs = idle.as_secs_f64(), "scaled to zero after idle timeout (asleep: weights kept on the device)");
             }
         }
     })

@@ -94,7 +94,7 @@ impl EngineConfig {
 }
 
 /// What the rest of the host may know about a loaded model.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ModelInfo {
     pub name: String,
     pub arch: Architecture,
@@ -116,6 +116,9 @@ pub struct LoadBreakdown {
     pub h2d: Duration,
     /// Building the network (fusing projections, RoPE tables) and the KV cache.
     pub init: Duration,
+    /// Woken from sleep: the weights were still on the device; only the KV cache and the engine
+    /// thread were made (`pool_hit` is then true and `h2d` zero).
+    pub woke: bool,
 }
 
 /// Live counters of one engine, read by the metrics endpoint.
@@ -212,6 +215,8 @@ pub struct EngineHandle {
     epoch: Instant,
     /// Alive while the engine thread runs (and holds the model's memory).
     alive: Weak<()>,
+    /// Where the weights go when the thread ends; taken by whoever puts the engine to sleep.
+    dormant: Arc<std::sync::Mutex<Option<DormantReceiver>>>,
 }
 
 /// A prompt longer than this many bytes per token of context cannot fit, whatever it tokenizes
@@ -293,6 +298,12 @@ impl EngineHandle {
         self.in_flight() > 0 || Arc::strong_count(&self.info) > 1
     }
 
+    /// Claims the engine's weights for when its thread ends (once every handle is dropped and
+    /// nothing runs): the caller then holds them asleep, on the device. `None` if already claimed.
+    pub fn take_dormant(&self) -> Option<DormantReceiver> {
+        self.dormant.lock().expect("poisoned").take()
+    }
+
     /// Time since the last request was submitted.
     pub fn idle_for(&self) -> Duration {
         let last = Duration::from_millis(self.last_used.load(Ordering::Relaxed));
@@ -333,6 +344,7 @@ pub fn start_engine(
         admit: if pool_hit { Duration::ZERO } else { pooled.admit_time },
         h2d,
         init: started.elapsed(),
+        woke: false,
     };
     let info = ModelInfo {
         name: name.to_string(),
@@ -361,9 +373,44 @@ pub struct EngineParts {
     pub chat_template: Arc<Option<ChatTemplate>>,
 }
 
+/// What a sleeping engine keeps: its weights on the device (the network) and what it needs to
+/// serve again. Waking makes a fresh KV cache and thread around them: no copy at all.
+pub struct Dormant {
+    info: ModelInfo,
+    network: Network,
+    tokenizer: Arc<Tokenizer>,
+    eos: BTreeSet<u32>,
+    chat_template: Arc<Option<ChatTemplate>>,
+}
+
+/// Where an engine's weights go when its thread ends: to whoever took the receiver from its
+/// handle (a sleeping slot), or, if nobody did, nowhere (they are freed).
+type DormantSender = std::sync::mpsc::SyncSender<Dormant>;
+pub type DormantReceiver = std::sync::mpsc::Receiver<Dormant>;
+
+/// Starts an engine again around a sleeping one's weights: a new KV cache and thread. Blocking.
+pub fn wake_engine(dormant: Dormant, device: &Device, config: &EngineConfig) -> Result<EngineHandle> {
+    let started = Instant::now();
+    let c = &dormant.network.config;
+    let dtype = config.dtype_for(device);
+    let kv = config.kv_plan(c, dtype);
+    let storage = KvStorage::new(c.num_layers, c.num_kv_heads, c.head_dim, kv.blocks, dtype, device)?;
+    let load = LoadBreakdown { pool_hit: true, woke: true, init: started.elapsed(), ..Default::default() };
+    let info = ModelInfo { kv_cache_bytes: storage.bytes(), load, ..dormant.info };
+    let parts = EngineParts {
+        network: dormant.network,
+        storage,
+        tokenizer: dormant.tokenizer,
+        eos: dormant.eos,
+        chat_template: dormant.chat_template,
+    };
+    spawn_engine(info, parts, config)
+}
+
 /// Starts the actor thread around an already-built network.
 pub fn spawn_engine(info: ModelInfo, parts: EngineParts, config: &EngineConfig) -> Result<EngineHandle> {
     let (jobs, rx) = mpsc::unbounded_channel::<Job>();
+    let (dormant_tx, dormant_rx) = std::sync::mpsc::sync_channel(1);
     let stats = Arc::new(EngineStats::default());
     let (tokenizer, chat_template) = (parts.tokenizer.clone(), parts.chat_template.clone());
     let scheduler = SchedulerConfig {
@@ -373,8 +420,15 @@ pub fn spawn_engine(info: ModelInfo, parts: EngineParts, config: &EngineConfig) 
     let blocks = parts.storage.blocks;
     let alive = Arc::new(());
     let alive_token = Arc::downgrade(&alive);
-    let actor =
-        Actor { parts, stats: stats.clone(), sched: Scheduler::new(scheduler, blocks), next_id: 0, _alive: alive };
+    let actor = Actor {
+        parts,
+        info: info.clone(),
+        dormant: dormant_tx,
+        stats: stats.clone(),
+        sched: Scheduler::new(scheduler, blocks),
+        next_id: 0,
+        _alive: alive,
+    };
     std::thread::Builder::new()
         .name(format!("engine-{}", info.name))
         .spawn(move || actor.run(rx))
@@ -390,6 +444,7 @@ pub fn spawn_engine(info: ModelInfo, parts: EngineParts, config: &EngineConfig) 
         last_used: Arc::new(AtomicU64::new(0)),
         epoch: Instant::now(),
         alive: alive_token,
+        dormant: Arc::new(std::sync::Mutex::new(Some(dormant_rx))),
     })
 }
 
@@ -404,6 +459,8 @@ struct Running {
 
 struct Actor {
     parts: EngineParts,
+    info: ModelInfo,
+    dormant: DormantSender,
     stats: Arc<EngineStats>,
     sched: Scheduler<Running>,
     next_id: u64,
@@ -416,7 +473,7 @@ impl Actor {
             if self.sched.is_idle() {
                 match rx.blocking_recv() {
                     Some(job) => self.admit(job),
-                    None => return,
+                    None => return self.retire(),
                 }
             }
             while let Ok(job) = rx.try_recv() {
@@ -427,6 +484,15 @@ impl Actor {
             self.step();
             self.publish();
         }
+    }
+
+    /// Every handle is gone and nothing runs: the KV cache is freed here, and the weights go to
+    /// a sleeping slot if one waits for them (else they are freed too).
+    fn retire(self) {
+        let Actor { parts, info, dormant, .. } = self;
+        let EngineParts { network, storage, tokenizer, eos, chat_template } = parts;
+        drop(storage);
+        let _ = dormant.try_send(Dormant { info, network, tokenizer, eos, chat_template });
     }
 
     fn admit(&mut self, mut job: Job) {

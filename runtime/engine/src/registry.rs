@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use crate::autoscaler::{Resident, WorkerView, placement};
 use crate::checkpoint::Checkpoint;
 use crate::checkpoint_pool::{AdmitProgress, CheckpointPool, PoolStats};
-use crate::engine::{EngineConfig, EngineHandle, LoadBreakdown, start_engine};
+use crate::engine::{DormantReceiver, EngineConfig, EngineHandle, LoadBreakdown, start_engine, wake_engine};
 use crate::error::{EngineError, Result};
 use crate::worker::Worker;
 
@@ -50,7 +50,9 @@ pub struct ModelEntry {
     /// Weights plus the KV cache its engine takes: what a load reserves.
     pub engine_bytes: u64,
     pub loaded: bool,
-    /// The worker its engine runs on, when loaded.
+    /// Scaled to zero with its weights kept on the device (woken by the next request).
+    pub asleep: bool,
+    /// The worker its engine runs (or sleeps) on.
     pub worker: Option<String>,
 }
 
@@ -74,21 +76,40 @@ struct Registered {
 type LoadResult = Option<Result<EngineHandle>>;
 
 enum Slot {
-    Loading { id: u64, worker: usize, reserved: u64, done: watch::Receiver<LoadResult> },
-    Ready { engine: EngineHandle, worker: usize, bytes: u64 },
+    Loading {
+        id: u64,
+        worker: usize,
+        reserved: u64,
+        done: watch::Receiver<LoadResult>,
+    },
+    Ready {
+        engine: EngineHandle,
+        worker: usize,
+        bytes: u64,
+    },
+    /// Scaled to zero but its weights kept on the device while the memory is not needed: no
+    /// thread, no KV cache. Waking takes milliseconds; memory pressure drops it like an idle engine.
+    Asleep {
+        dormant: DormantReceiver,
+        worker: usize,
+        weight_bytes: u64,
+        since: Instant,
+        alive: Weak<()>,
+    },
 }
 
 impl Slot {
     fn worker(&self) -> usize {
         match self {
-            Slot::Loading { worker, .. } | Slot::Ready { worker, .. } => *worker,
+            Slot::Loading { worker, .. } | Slot::Ready { worker, .. } | Slot::Asleep { worker, .. } => *worker,
         }
     }
 
-    /// Bytes of a ready engine.
+    /// Bytes of a ready engine, or the weights of a sleeping one.
     fn ready_bytes(&self) -> u64 {
         match self {
             Slot::Ready { bytes, .. } => *bytes,
+            Slot::Asleep { weight_bytes, .. } => *weight_bytes,
             Slot::Loading { .. } => 0,
         }
     }
@@ -97,7 +118,7 @@ impl Slot {
     fn reserved_bytes(&self) -> u64 {
         match self {
             Slot::Loading { reserved, .. } => *reserved,
-            Slot::Ready { .. } => 0,
+            Slot::Ready { .. } | Slot::Asleep { .. } => 0,
         }
     }
 }
@@ -136,6 +157,7 @@ impl Residency {
                 self.retiring.push(Retiring { worker, bytes, alive: engine.alive_token() });
                 true
             }
+            Some(Slot::Asleep { .. }) => true,
             Some(Slot::Loading { .. }) | None => false,
         }
     }
@@ -149,6 +171,14 @@ pub struct ModelRegistry {
     sources: RwLock<BTreeMap<String, Registered>>,
     residency: Arc<Mutex<Residency>>,
 }
+
+/// A sleeping engine as eviction sees it: idle since it fell asleep, and before any awake one.
+fn asleep_resident(name: &str, weight_bytes: u64, since: Instant) -> Resident {
+    Resident { name: name.to_string(), bytes: weight_bytes, idle_for: since.elapsed() + SLEEPERS_FIRST, busy: false }
+}
+
+/// Added to a sleeping engine's idle time: under pressure sleepers go before awake idle engines.
+const SLEEPERS_FIRST: Duration = Duration::from_secs(1 << 30);
 
 /// Model names are used in URLs, manifests and file names.
 pub fn validate_model_name(name: &str) -> Result<()> {
@@ -212,6 +242,7 @@ impl ModelRegistry {
             weight_bytes: r.weight_bytes,
             engine_bytes: r.engine_bytes,
             loaded: self.loaded(name).is_some(),
+            asleep: self.is_asleep(name),
             worker: self.worker_of(name),
         })
     }
@@ -258,6 +289,21 @@ impl ModelRegistry {
                     return Ok(Acquired { engine: engine.clone(), cold_start: None });
                 }
                 Some(Slot::Loading { done, .. }) => done.clone(),
+                Some(Slot::Asleep { .. }) => {
+                    let Some(Slot::Asleep { dormant, worker, alive, .. }) = res.slots.remove(name) else {
+                        unreachable!()
+                    };
+                    // Its old KV cache is freed before the new one is made (the wake waits for
+                    // the thread to end): not counted twice.
+                    res.retiring.retain(|r| !r.alive.ptr_eq(&alive));
+                    self.make_room_on(&mut res, worker, name, bytes)?;
+                    let (tx, rx) = watch::channel(None);
+                    let id = res.next_load;
+                    res.next_load += 1;
+                    res.slots.insert(name.to_string(), Slot::Loading { id, worker, reserved: bytes, done: rx.clone() });
+                    self.spawn_load(name.to_string(), path, bytes, (id, worker), Some(dormant), tx);
+                    rx
+                }
                 Some(Slot::Ready { .. }) | None => {
                     // Absent, or its engine thread died (it is dropped here and loaded afresh).
                     res.slots.remove(name);
@@ -266,7 +312,7 @@ impl ModelRegistry {
                     let id = res.next_load;
                     res.next_load += 1;
                     res.slots.insert(name.to_string(), Slot::Loading { id, worker, reserved: bytes, done: rx.clone() });
-                    self.spawn_load(name.to_string(), path, bytes, (id, worker), tx);
+                    self.spawn_load(name.to_string(), path, bytes, (id, worker), None, tx);
                     rx
                 }
             }
@@ -282,13 +328,15 @@ impl ModelRegistry {
         Ok(Acquired { engine, cold_start: Some(cold_start) })
     }
 
-    /// Loads on a task of its own, so the result outlives any one waiter, then publishes it.
+    /// Loads on a task of its own, so the result outlives any one waiter, then publishes it. With
+    /// a sleeping engine's weights, wakes it instead (a load from the pool if they never come).
     fn spawn_load(
         &self,
         name: String,
         path: PathBuf,
         bytes: u64,
         (id, at): (u64, usize),
+        asleep: Option<DormantReceiver>,
         tx: watch::Sender<LoadResult>,
     ) {
         let (worker, pool, config, residency) =
@@ -300,6 +348,11 @@ impl ModelRegistry {
                 let log_progress = |p: AdmitProgress| {
                     tracing::info!(model = %loader_name, resident = p.resident_bytes, total = p.total_bytes, "admitting checkpoint to the pool");
                 };
+                // The sleeping engine's thread hands its weights over as it ends (at once: only
+                // idle engines are put to sleep).
+                if let Some(dormant) = asleep.and_then(|rx| rx.recv_timeout(Duration::from_secs(10)).ok()) {
+                    return wake_engine(dormant, &worker.device, &config);
+                }
                 let (pooled, hit) = pool.checkout_path(&path, &log_progress)?;
                 start_engine(&loader_name, &pooled, hit, &worker.device, &config)
             })
@@ -359,6 +412,9 @@ impl ModelRegistry {
                             idle_for: engine.idle_for(),
                             busy: engine.is_busy(),
                         }),
+                        Slot::Asleep { weight_bytes, worker, since, .. } if *worker == w => {
+                            Some(asleep_resident(n, *weight_bytes, *since))
+                        }
                         _ => None,
                     })
                     .collect(),
@@ -378,6 +434,37 @@ impl ModelRegistry {
             res.remove(&victim);
         }
         Ok(worker)
+    }
+
+    /// Makes room for `bytes` on one given worker (where a sleeping engine's weights are).
+    fn make_room_on(&self, res: &mut Residency, worker: usize, loading: &str, bytes: u64) -> Result<()> {
+        let budget = self.workers[worker].memory_budget.saturating_sub(res.pinned_bytes(worker));
+        let resident: Vec<Resident> = res
+            .slots
+            .iter()
+            .filter(|(_, s)| s.worker() == worker)
+            .filter_map(|(n, s)| match s {
+                Slot::Ready { engine, bytes, .. } => Some(Resident {
+                    name: n.clone(),
+                    bytes: *bytes,
+                    idle_for: engine.idle_for(),
+                    busy: engine.is_busy(),
+                }),
+                Slot::Asleep { weight_bytes, since, .. } => Some(asleep_resident(n, *weight_bytes, *since)),
+                Slot::Loading { .. } => None,
+            })
+            .collect();
+        let victims = crate::autoscaler::evictions(bytes, budget, &resident).map_err(|_| {
+            EngineError::Overloaded(format!(
+                "not enough engine memory on {} to wake model {loading}: {bytes} bytes needed, the rest is held by engines that are busy or loading",
+                self.workers[worker].label
+            ))
+        })?;
+        for victim in victims {
+            tracing::info!(model = %victim, for_model = %loading, "evicting engine to make room");
+            res.remove(&victim);
+        }
+        Ok(())
     }
 
     /// Admits `name`'s checkpoint to the pool ahead of the first request (page-in and pinning can
@@ -402,7 +489,7 @@ impl ModelRegistry {
             .iter()
             .filter_map(|(n, s)| match s {
                 Slot::Ready { engine, .. } => Some((n.clone(), engine.clone())),
-                Slot::Loading { .. } => None,
+                Slot::Loading { .. } | Slot::Asleep { .. } => None,
             })
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -439,8 +526,34 @@ impl ModelRegistry {
         self.residency.lock().expect("poisoned").remove(name)
     }
 
-    /// Drops every engine idle for longer than `idle` and not in use; returns their names.
-    pub fn unload_idle(&self, idle: Duration) -> Vec<String> {
+    /// Drops the engine for `name` but keeps its weights on the device (scale to zero, asleep):
+    /// its thread and KV cache go, and the next request wakes it without copying anything.
+    /// Memory pressure drops a sleeping engine like any idle one. False if it is not loaded.
+    pub fn sleep(&self, name: &str) -> bool {
+        let mut res = self.residency.lock().expect("poisoned");
+        Self::sleep_locked(&mut res, name)
+    }
+
+    fn sleep_locked(res: &mut Residency, name: &str) -> bool {
+        let Some(Slot::Ready { engine, .. }) = res.slots.get(name) else { return false };
+        let Some(dormant) = engine.take_dormant() else { return res.remove(name) };
+        let Some(Slot::Ready { engine, worker, bytes }) = res.slots.remove(name) else { unreachable!() };
+        let weight_bytes = engine.info.weight_bytes.min(bytes);
+        // Until the thread ends, its KV cache still holds memory.
+        let alive = engine.alive_token();
+        res.retiring.push(Retiring { worker, bytes: bytes - weight_bytes, alive: alive.clone() });
+        res.slots
+            .insert(name.to_string(), Slot::Asleep { dormant, worker, weight_bytes, since: Instant::now(), alive });
+        true
+    }
+
+    /// Whether `name`'s engine is asleep (weights kept on its device).
+    pub fn is_asleep(&self, name: &str) -> bool {
+        matches!(self.residency.lock().expect("poisoned").slots.get(name), Some(Slot::Asleep { .. }))
+    }
+
+    /// Puts every engine idle for longer than `idle` and not in use to sleep; returns their names.
+    pub fn sleep_idle(&self, idle: Duration) -> Vec<String> {
         let mut res = self.residency.lock().expect("poisoned");
         let idle_names: Vec<String> = res
             .slots
@@ -449,7 +562,7 @@ impl ModelRegistry {
             .map(|(n, _)| n.clone())
             .collect();
         for name in &idle_names {
-            res.remove(name);
+            Self::sleep_locked(&mut res, name);
         }
         idle_names
     }
@@ -543,11 +656,11 @@ mod tests {
         let q = registry.acquire("q").await.unwrap().engine;
         // Held by an invocation (it may generate next): neither pressure nor the reaper drops it.
         assert!(matches!(registry.acquire("l").await, Err(EngineError::Overloaded(_))));
-        assert!(registry.unload_idle(Duration::ZERO).is_empty());
+        assert!(registry.sleep_idle(Duration::ZERO).is_empty());
         // Generating without a handle beyond the registry's own still counts as in use.
         let stream = q.submit("Once".into(), SamplingParams { max_tokens: 200, ..Default::default() }).unwrap();
         drop(q);
-        assert!(registry.unload_idle(Duration::ZERO).is_empty(), "a generation is in flight");
+        assert!(registry.sleep_idle(Duration::ZERO).is_empty(), "a generation is in flight");
         assert!(matches!(registry.acquire("l").await, Err(EngineError::Overloaded(_))));
         stream.collect().await.unwrap();
         assert!(registry.acquire("l").await.is_ok(), "once idle, q makes room");
@@ -575,6 +688,45 @@ mod tests {
             assert!(registry.resident_bytes() <= one * 3 / 2, "the budget held at every point");
         }
         assert_eq!(held.len(), 1, "only one of the two fits; the other is told to retry");
+    }
+
+    #[tokio::test]
+    async fn a_sleeping_engine_wakes_without_a_copy_and_gives_way_under_pressure() {
+        let dir = models();
+        let (one, weights) = {
+            let probe = registry_over(dir.path(), u64::MAX);
+            let q = probe.list().into_iter().find(|e| e.name == "q").unwrap();
+            (q.engine_bytes, q.weight_bytes)
+        };
+        // Room for one awake engine, not for one awake and another's weights.
+        let registry = registry_over(dir.path(), one + weights / 2);
+        let params = SamplingParams { max_tokens: 8, ..Default::default() };
+        let first = registry.acquire("q").await.unwrap();
+        let (before, _) = first.engine.generate("Once".into(), params.clone()).await.unwrap();
+        drop(first);
+        assert_eq!(registry.sleep_idle(Duration::ZERO), ["q"]);
+        assert!(registry.is_asleep("q") && registry.loaded("q").is_none());
+        let woke = registry.acquire("q").await.unwrap();
+        let load = woke.cold_start.expect("a wake is a start").load;
+        assert!(load.woke && load.h2d.is_zero(), "the weights were still there: {load:?}");
+        let (after, _) = woke.engine.generate("Once".into(), params).await.unwrap();
+        assert_eq!(before, after);
+        drop(woke);
+        assert!(registry.sleep("q"));
+        // Its KV cache counts until its thread has ended; then only the weights do.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while registry.resident_bytes() > weights {
+            assert!(
+                Instant::now() < deadline,
+                "the sleeping engine's thread ended: {:?} vs {weights}",
+                registry.workers()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        drop(registry.acquire("l").await.unwrap());
+        assert!(!registry.is_asleep("q"), "a sleeping engine's weights gave way to l");
+        let reloaded = registry.acquire("q").await.unwrap().cold_start.unwrap().load;
+        assert!(!reloaded.woke && reloaded.pool_hit, "then q comes back from the pool: {reloaded:?}");
     }
 
     /// Two fake devices, each with room for one tiny engine and a half.
@@ -640,7 +792,7 @@ mod tests {
     async fn idle_engines_are_reaped_and_unknown_models_are_not_found() {
         let (_d, registry) = registry(u64::MAX);
         drop(registry.acquire("l").await.unwrap());
-        assert_eq!(registry.unload_idle(Duration::ZERO), ["l"]);
+        assert_eq!(registry.sleep_idle(Duration::ZERO), ["l"]);
         assert!(matches!(registry.acquire("nope").await, Err(EngineError::ModelNotFound(_))));
     }
 }

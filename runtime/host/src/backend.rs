@@ -64,9 +64,25 @@ pub enum Piece {
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct LoadPhases {
     pub pool_hit: bool,
+    /// Woken from sleep: the weights were still on the device.
+    pub woke: bool,
     pub admit: Duration,
     pub h2d: Duration,
     pub init: Duration,
+}
+
+impl LoadPhases {
+    /// Where the weights came from: "resident" (still on the device, asleep), "hit" (the
+    /// checkpoint pool) or "miss" (disk).
+    pub fn source(&self) -> &'static str {
+        if self.woke {
+            "resident"
+        } else if self.pool_hit {
+            "hit"
+        } else {
+            "miss"
+        }
+    }
 }
 
 /// A load that had to start the model: how long the caller waited and the load's phases.

@@ -90,6 +90,10 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, local: bool) -> Resp
             let unloaded = app.registry.unload(name);
             json(StatusCode::OK, &serde_json::json!({ "model": name, "unloaded": unloaded }))
         }
+        (Method::POST, ["models", name, "sleep"]) => {
+            let asleep = app.registry.sleep(name);
+            json(StatusCode::OK, &serde_json::json!({ "model": name, "asleep": asleep }))
+        }
         (Method::GET, ["tenants"]) => json(StatusCode::OK, &app.tenants.list()),
         (Method::POST, ["tenants"]) => create_tenant(app, req).await,
         (Method::GET, ["tenants", name]) => match app.tenants.get(name) {

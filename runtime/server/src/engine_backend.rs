@@ -33,7 +33,13 @@ impl ModelBackend for EngineBackend {
             let acquired = self.0.acquire(name).await.map_err(failure)?;
             let cold_start = acquired.cold_start.map(|c| ColdStart {
                 waited: c.waited,
-                load: LoadPhases { pool_hit: c.load.pool_hit, admit: c.load.admit, h2d: c.load.h2d, init: c.load.init },
+                load: LoadPhases {
+                    pool_hit: c.load.pool_hit,
+                    woke: c.load.woke,
+                    admit: c.load.admit,
+                    h2d: c.load.h2d,
+                    init: c.load.init,
+                },
             });
             Ok(Loaded { model: Arc::new(EngineModel(acquired.engine)), cold_start })
         })

@@ -29,7 +29,7 @@ fn cold_start_header(report: &LlmReport) -> Option<HeaderValue> {
             let mut v = format!(
                 "model={model};wait_ms={:.1};pool={};admit_ms={:.1};h2d_ms={:.1};init_ms={:.1}",
                 ms(c.waited),
-                if c.load.pool_hit { "hit" } else { "miss" },
+                c.load.source(),
                 ms(c.load.admit),
                 ms(c.load.h2d),
                 ms(c.load.init)

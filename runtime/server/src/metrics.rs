@@ -76,7 +76,7 @@ impl Metrics {
         *s.prompt_tokens.entry(deployment.to_string()).or_default() += report.prompt_tokens;
         *s.completion_tokens.entry(deployment.to_string()).or_default() += report.completion_tokens;
         for (model, cold) in &report.cold_starts {
-            let pool = if cold.load.pool_hit { "hit" } else { "miss" };
+            let pool = cold.load.source();
             *s.cold_starts.entry((model.clone(), pool)).or_default() += 1;
             for (phase, d) in
                 [("wait", cold.waited), ("admit", cold.load.admit), ("h2d", cold.load.h2d), ("init", cold.load.init)]
@@ -124,7 +124,7 @@ impl Metrics {
             &mut out,
             "kindling_cold_starts_total",
             "counter",
-            "Engine starts caused by requests, by model and pool hit/miss.",
+            "Engine starts caused by requests, by model and where the weights came from (resident, hit, miss).",
         );
         for ((m, pool), v) in &s.cold_starts {
             let _ = writeln!(out, "{n}{{model=\"{}\",pool=\"{pool}\"}} {v}", label(m));
