@@ -134,6 +134,13 @@ pub struct EngineStats {
     /// Sum (microseconds) and count of per-sequence time per output token after the first.
     pub tpot_us_sum: AtomicU64,
     pub tpot_count: AtomicU64,
+    /// Where steps' time goes (microseconds, summed): scheduling and building the batch on the
+    /// host; the forward pass as the host sees it (on a GPU: launching it); waiting for the
+    /// sampled tokens (on a GPU: the device finishing); and handing tokens to their streams.
+    pub step_schedule_us: AtomicU64,
+    pub step_forward_us: AtomicU64,
+    pub step_sample_us: AtomicU64,
+    pub step_deliver_us: AtomicU64,
 }
 
 /// One item of a generation's output stream.
@@ -508,6 +515,7 @@ impl Actor {
     }
 
     fn step(&mut self) {
+        let started = Instant::now();
         let mut plan = self.sched.schedule();
         if plan.is_empty() {
             return;
@@ -522,7 +530,16 @@ impl Actor {
             batch.tokens.extend_from_slice(&e.tokens[s.start..s.start + s.len]);
             batch.chunks.push(SeqChunk { start: s.start, len: s.len, block_table: e.blocks.clone(), sample: s.sample });
         }
-        let tokens = self.parts.network.forward(&batch, &self.parts.storage).and_then(|l| self.sample_all(&plan, &l));
+        let add = |counter: &AtomicU64, since: Instant| {
+            counter.fetch_add(since.elapsed().as_micros() as u64, Ordering::Relaxed);
+            Instant::now()
+        };
+        let stats = self.stats.clone();
+        let forwarding = add(&stats.step_schedule_us, started);
+        let logits = self.parts.network.forward(&batch, &self.parts.storage);
+        let sampling = add(&stats.step_forward_us, forwarding);
+        let tokens = logits.and_then(|l| self.sample_all(&plan, &l));
+        let delivering = add(&stats.step_sample_us, sampling);
         let tokens = match tokens {
             Ok(tokens) => tokens,
             Err(e) => {
@@ -542,6 +559,7 @@ impl Actor {
                 self.accept(s.id, token);
             }
         }
+        add(&stats.step_deliver_us, delivering);
     }
 
     /// The next token of every sampled sequence of the step, in plan order, with one host sync.

@@ -222,6 +222,24 @@ fn render_engines(out: &mut String, engines: &[(String, EngineHandle)]) {
             let _ = writeln!(out, "{n}{{model=\"{}\"}} {}", label(model), value(engine));
         }
     }
+    let n = section_into(
+        out,
+        "kindling_engine_step_seconds_total",
+        "counter",
+        "Where steps' time went: schedule (host batch building), forward (launching the pass), sample (waiting for the tokens), deliver (to the streams).",
+    );
+    for (model, engine) in engines {
+        let s = &engine.stats;
+        for (phase, us) in [
+            ("schedule", &s.step_schedule_us),
+            ("forward", &s.step_forward_us),
+            ("sample", &s.step_sample_us),
+            ("deliver", &s.step_deliver_us),
+        ] {
+            let _ =
+                writeln!(out, "{n}{{model=\"{}\",phase=\"{phase}\"}} {}", label(model), us.load(Relaxed) as f64 / 1e6);
+        }
+    }
 }
 
 fn section_into(out: &mut String, name: &str, kind: &str, help: &str) -> String {
