@@ -4,13 +4,7 @@
 # and without them (KINDLING_FUSED_KERNELS=0); (2) `kindling bench serve` with each, and HF
 # transformers once, for the models in MODELS (made by make_models.py if missing).
 set -uo pipefail
-cd "$(dirname "$0")/../.."
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-BIN=/tmp/kindling M=/tmp/models
-xz -dc .device/kindling.xz > "$BIN" && chmod +x "$BIN"
-[ -f /tmp/openai-python.wasm ] || xz -dc .device/openai-python.wasm.xz > /tmp/openai-python.wasm
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+source "$(dirname "$0")/device-env.sh"
 archs="llama qwen2 qwen3 mistral opt"
 args=()
 for a in $archs; do "$BIN" models make-tiny $M/tiny-$a --arch $a >/dev/null; args+=(--model tiny-$a=$M/tiny-$a); done

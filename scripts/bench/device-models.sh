@@ -5,16 +5,9 @@
 # gguf wheel, SmolLM2 in two parts: .device/smollm2.part-a and, carried in a second call,
 # .device-b/smollm2.part-b). STEPS picks: check coldstart serve smol. Results land in $OUT.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-BIN=/tmp/kindling M=/tmp/models
-[ -x "$BIN" ] || { xz -dc .device/kindling.xz > "$BIN" && chmod +x "$BIN"; }
-[ -f /tmp/openai-python.wasm ] || xz -dc .device/openai-python.wasm.xz > /tmp/openai-python.wasm
+source "$(dirname "$0")/device-env.sh"
 [ -d /tmp/pylib/gguf ] || pip install -q --no-deps --no-index --target /tmp/pylib .device/gguf-*.whl
 export PYTHONPATH=/tmp/pylib
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-mkdir -p $M
 serve() { # NAME PATH CONCURRENCY HF_DIR
   "$BIN" bench serve --device cuda --model "$1=$2" --plugin /tmp/openai-python.wasm --concurrency "$3" \
     --prompt-tokens 128-512 --output-tokens 256 --hf-python python3 --hf-model "$4" \

@@ -3,12 +3,7 @@
 # 8B-shaped models (random weights) scaled from zero at the same moment, from the pool: on two
 # GPUs they land one per GPU; on one GPU (the same-run baseline) they share its link.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-BIN=/tmp/kindling M=/tmp/models
-xz -dc .device/kindling.xz > "$BIN" && chmod +x "$BIN"
-nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+source "$(dirname "$0")/device-env.sh"
 python3 scripts/bench/make_models.py $M llama3-8b llama3.1-8b 2>&1 | grep made
 models=(--model a=$M/llama3-8b --model b=$M/llama3.1-8b)
 "$BIN" bench coldstart --device cuda:0,cuda:1 --together --runs 2 --skip-fresh --hf-python python3 "${models[@]}" \
