@@ -2,10 +2,10 @@
 //! when no token is configured) manages everything; a tenant's API key manages its own
 //! deployments and sees the models granted to it, nothing else.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::AsyncWriteExt;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -314,12 +314,16 @@ async fn read_upload(
                 manifest = Some(text);
             }
             Some("component") => {
-                std::fs::create_dir_all(&dir).map_err(storage_error)?;
-                let mut file = tempfile::NamedTempFile::new_in(&dir).map_err(storage_error)?;
+                tokio::fs::create_dir_all(&dir).await.map_err(storage_error)?;
+                let staged = tempfile::NamedTempFile::new_in(&dir).map_err(storage_error)?;
+                // Written through tokio's file, so a slow disk stalls this upload, not the executor.
+                let (file, path) = staged.into_parts();
+                let mut file = tokio::fs::File::from_std(file);
                 while let Some(chunk) = field.chunk().await.map_err(malformed)? {
-                    file.write_all(&chunk).map_err(storage_error)?;
+                    file.write_all(&chunk).await.map_err(storage_error)?;
                 }
-                component = Some(file.into_temp_path());
+                file.flush().await.map_err(storage_error)?;
+                component = Some(path);
             }
             _ => {}
         }
