@@ -628,6 +628,33 @@ fn bench_serve_drives_concurrent_streams_through_the_openai_plugin() {
 }
 
 #[test]
+fn bench_coldstart_measures_a_pool_miss_hits_wakes_and_models_started_together_on_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("coldstart.json");
+    let out = std::process::Command::new(kindling_e2e::kindling_bin())
+        .args(["bench", "coldstart", "--runs", "2", "--skip-fresh", "--together", "--out"])
+        .arg(&out_file)
+        .arg("--model")
+        .arg(format!("q={}", tiny_model("qwen2").display()))
+        .arg("--model")
+        .arg(format!("l={}", tiny_model("llama").display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out_file).unwrap()).unwrap();
+    for name in ["q", "l"] {
+        let m = &report["models"][name];
+        assert!(m["first_request_pool_miss_s"].as_f64().unwrap() > 0.0, "{m}");
+        let hits = m["kindling_warm_pool"]["runs"].as_array().unwrap();
+        assert!(hits.len() == 2 && hits.iter().all(|r| r["pool_hit"] == true), "{m}");
+        assert_eq!(m["kindling_wake"]["runs"].as_array().unwrap().len(), 2, "{m}");
+    }
+    let together = report["together"].as_array().unwrap();
+    assert_eq!(together.len(), 2, "{report}");
+    assert!(together.iter().all(|r| r["pool_hit"] == true && r["worker"] == "cpu"), "{report}");
+}
+
+#[test]
 fn the_openai_plugin_serves_the_official_openai_client() {
     let server = server_with_models();
     let plugin = python_guest(Path::new("plugins/openai-python"));
