@@ -6,6 +6,9 @@
   gguf FILE OUT transformers loads the GGUF (dequantizing with the `gguf` package), saves it as an
                 HF directory in OUT (bf16, tokenizer included) for the baselines, and prints its
                 greedy answer to a chat question, to set beside Kindling's.
+  tokens FILE KINDLING TEXT...
+                token ids of each text from transformers' tokenizer for the GGUF (its own
+                converter, the model's reference tokenizer) against `kindling models tokenize`.
 """
 
 import json
@@ -62,6 +65,24 @@ def check_gguf(file, out_dir):
     return True
 
 
+def check_tokens(file, kindling, texts):
+    file = Path(file)
+    tok = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+    same = []
+    for text in texts:
+        theirs = tok.encode(text)
+        out = subprocess.run([kindling, "models", "tokenize", str(file), text], check=True, capture_output=True, text=True)
+        ours = json.loads(out.stdout)["ids"]
+        same.append(ours == theirs)
+        print(json.dumps({"text": text, "equal": ours == theirs, "kindling": ours, "transformers": theirs}))
+    return all(same)
+
+
 if __name__ == "__main__":
-    ok = check_opt(sys.argv[2]) if sys.argv[1] == "opt" else check_gguf(sys.argv[2], sys.argv[3])
+    if sys.argv[1] == "tokens":
+        ok = check_tokens(sys.argv[2], sys.argv[3], sys.argv[4:])
+    elif sys.argv[1] == "opt":
+        ok = check_opt(sys.argv[2])
+    else:
+        ok = check_gguf(sys.argv[2], sys.argv[3])
     sys.exit(0 if ok else 1)

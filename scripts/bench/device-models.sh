@@ -3,7 +3,7 @@
 # weights in the real shapes, cold start and warm path against HF in the same run; the real
 # SmolLM2 GGUF served from the GPU. Needs .device/ (scripts/pack-device.sh: binary, OpenAI plugin,
 # gguf wheel, SmolLM2 in two parts: .device/smollm2.part-a and, carried in a second call,
-# .device-b/smollm2.part-b). STEPS picks: check coldstart serve smol. Results land in $OUT.
+# .device-b/smollm2.part-b). STEPS picks: check coldstart serve smol tokens. Results land in $OUT.
 set -uo pipefail
 source "$(dirname "$0")/device-env.sh"
 [ -d /tmp/pylib/gguf ] || pip install -q --no-deps --no-index --target /tmp/pylib .device/gguf-*.whl
@@ -31,6 +31,14 @@ for step in ${STEPS:-check coldstart serve}; do
   serve)
     serve opt-125m $M/opt-125m 1,64 $M/opt-125m
     serve llama3.1-8b-q4k $M/llama3.1-8b-q4k.gguf 1,64 $M/llama3.1-8b
+    ;;
+  tokens)
+    S=$M/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf; mkdir -p $M/smollm2
+    [ -f $S ] || cat .device/smollm2.part-a .device-b/smollm2.part-b > $S
+    python3 scripts/bench/check_on_device.py tokens $S "$BIN" "Hello, world!" \
+      "<|im_start|>user
+What is 1234 + 5678? Ça va, naïve café…<|im_end|>
+" "  two  spaces, a	tab and 🙂 emoji" "def f(x):\n    return x ** 2  # square" 2>"$OUT/tokens.log" | tee "$OUT/check-tokens.jsonl" | cut -c1-160
     ;;
   smol)
     S=$M/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf; mkdir -p $M/smollm2
