@@ -649,9 +649,12 @@ fn bench_coldstart_measures_a_pool_miss_hits_wakes_and_models_started_together_o
         assert!(hits.len() == 2 && hits.iter().all(|r| r["pool_hit"] == true), "{m}");
         assert_eq!(m["kindling_wake"]["runs"].as_array().unwrap().len(), 2, "{m}");
     }
-    let together = report["together"].as_array().unwrap();
+    let together = report["together"]["models"].as_array().unwrap();
     assert_eq!(together.len(), 2, "{report}");
     assert!(together.iter().all(|r| r["pool_hit"] == true && r["worker"] == "cpu"), "{report}");
+    let (p50, p99) =
+        (report["together"]["first_token_p50_s"].as_f64(), report["together"]["first_token_p99_s"].as_f64());
+    assert!(p50.unwrap() > 0.0 && p50 <= p99, "{report}");
 }
 
 #[test]

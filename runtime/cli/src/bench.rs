@@ -284,7 +284,11 @@ async fn together(registry: &Arc<ModelRegistry>, models: &[(String, PathBuf)]) -
         eprintln!("[together] {row}");
         rows.push(row);
     }
-    Ok(json!(rows))
+    let mut walls: Vec<f64> = rows.iter().filter_map(|r| r["wall_s"].as_f64()).collect();
+    walls.sort_by(f64::total_cmp);
+    let (p50, p99) = (crate::bench_serve::percentile(&walls, 0.5), crate::bench_serve::percentile(&walls, 0.99));
+    eprintln!("[together] {} models, time to first token p50 {p50:.4} s, p99 {p99:.4} s", walls.len());
+    Ok(json!({ "models": rows, "first_token_p50_s": p50, "first_token_p99_s": p99 }))
 }
 
 fn print_summary(results: &Value) {
