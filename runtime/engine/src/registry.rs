@@ -151,6 +151,24 @@ impl Residency {
         ready + self.pinned_bytes(worker)
     }
 
+    /// The engines on `worker` as eviction sees them: ready ones (busy or not) and sleeping ones.
+    fn evictable_on(&self, worker: usize) -> Vec<Resident> {
+        self.slots
+            .iter()
+            .filter(|(_, s)| s.worker() == worker)
+            .filter_map(|(n, s)| match s {
+                Slot::Ready { engine, bytes, .. } => Some(Resident {
+                    name: n.clone(),
+                    bytes: *bytes,
+                    idle_for: engine.idle_for(),
+                    busy: engine.is_busy(),
+                }),
+                Slot::Asleep { weight_bytes, since, .. } => Some(asleep_resident(n, *weight_bytes, *since)),
+                Slot::Loading { .. } => None,
+            })
+            .collect()
+    }
+
     fn remove(&mut self, name: &str) -> bool {
         match self.slots.remove(name) {
             Some(Slot::Ready { engine, bytes, worker }) => {
@@ -402,22 +420,7 @@ impl ModelRegistry {
             .map(|w| WorkerView {
                 budget: self.workers[w].memory_budget,
                 pinned: res.pinned_bytes(w),
-                resident: res
-                    .slots
-                    .iter()
-                    .filter_map(|(n, s)| match s {
-                        Slot::Ready { engine, bytes, worker } if *worker == w => Some(Resident {
-                            name: n.clone(),
-                            bytes: *bytes,
-                            idle_for: engine.idle_for(),
-                            busy: engine.is_busy(),
-                        }),
-                        Slot::Asleep { weight_bytes, worker, since, .. } if *worker == w => {
-                            Some(asleep_resident(n, *weight_bytes, *since))
-                        }
-                        _ => None,
-                    })
-                    .collect(),
+                resident: res.evictable_on(w),
             })
             .collect();
         let (worker, victims) = placement(bytes, &views).map_err(|e| match e {
@@ -439,21 +442,7 @@ impl ModelRegistry {
     /// Makes room for `bytes` on one given worker (where a sleeping engine's weights are).
     fn make_room_on(&self, res: &mut Residency, worker: usize, loading: &str, bytes: u64) -> Result<()> {
         let budget = self.workers[worker].memory_budget.saturating_sub(res.pinned_bytes(worker));
-        let resident: Vec<Resident> = res
-            .slots
-            .iter()
-            .filter(|(_, s)| s.worker() == worker)
-            .filter_map(|(n, s)| match s {
-                Slot::Ready { engine, bytes, .. } => Some(Resident {
-                    name: n.clone(),
-                    bytes: *bytes,
-                    idle_for: engine.idle_for(),
-                    busy: engine.is_busy(),
-                }),
-                Slot::Asleep { weight_bytes, since, .. } => Some(asleep_resident(n, *weight_bytes, *since)),
-                Slot::Loading { .. } => None,
-            })
-            .collect();
+        let resident = res.evictable_on(worker);
         let victims = crate::autoscaler::evictions(bytes, budget, &resident).map_err(|_| {
             EngineError::Overloaded(format!(
                 "not enough engine memory on {} to wake model {loading}: {bytes} bytes needed, the rest is held by engines that are busy or loading",
