@@ -432,10 +432,7 @@ impl ModelRegistry {
                 "not enough engine memory for model {loading}: {bytes} bytes needed, and on every worker the rest of the budget is held by engines that are busy or loading"
             )),
         })?;
-        for victim in victims {
-            tracing::info!(model = %victim, for_model = %loading, worker = %self.workers[worker].label, "evicting engine to make room");
-            res.remove(&victim);
-        }
+        self.evict(res, worker, &victims, loading);
         Ok(worker)
     }
 
@@ -449,11 +446,15 @@ impl ModelRegistry {
                 self.workers[worker].label
             ))
         })?;
-        for victim in victims {
-            tracing::info!(model = %victim, for_model = %loading, "evicting engine to make room");
-            res.remove(&victim);
-        }
+        self.evict(res, worker, &victims, loading);
         Ok(())
+    }
+
+    fn evict(&self, res: &mut Residency, worker: usize, victims: &[String], loading: &str) {
+        for victim in victims {
+            tracing::info!(model = %victim, for_model = %loading, worker = %self.workers[worker].label, "evicting engine to make room");
+            res.remove(victim);
+        }
     }
 
     /// Admits `name`'s checkpoint to the pool ahead of the first request (page-in and pinning can

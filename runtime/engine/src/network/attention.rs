@@ -47,8 +47,6 @@ pub struct StepPlan {
     pub positions: Tensor,
     /// Cache slot of each packed token, `[tokens]`.
     pub slots: Tensor,
-    /// The same broadcast to `[kv_heads, tokens, head_dim]` for `scatter_set` (the unfused path).
-    pub write_slots: Tensor,
     /// Rows of the packed batch whose logits are wanted.
     pub sample_rows: Tensor,
     pub samples: usize,
@@ -151,13 +149,9 @@ impl StepPlan {
             candle_core::bail!("batch has {n} tokens but its chunks cover {offset}");
         }
         let samples = sample_rows.len();
-        let (kvh, hd) = (config.num_kv_heads, config.head_dim);
-        let slots = Tensor::from_vec(write, n, device)?;
-        let write_slots = slots.reshape((1, n, 1))?.broadcast_as((kvh, n, hd))?.contiguous()?;
         Ok(Self {
             positions: Tensor::from_vec(positions, n, device)?,
-            slots,
-            write_slots,
+            slots: Tensor::from_vec(write, n, device)?,
             sample_rows: Tensor::from_vec(sample_rows, samples, device)?,
             samples,
             decode,

@@ -92,9 +92,8 @@ mod cuda {
 
     /// A contiguous CUDA tensor's elements from its start.
     fn view<'a, T: CudaDType>(storage: &'a Storage, layout: &Layout) -> Result<CudaView<'a, T>> {
-        let Some((start, end)) = layout.contiguous_offsets() else { bail!("fused kernels need contiguous inputs") };
         match storage {
-            Storage::Cuda(s) => Ok(s.as_cuda_slice::<T>()?.slice(start..end)),
+            Storage::Cuda(s) => cuda_view(s, layout),
             _ => bail!("fused kernels need GPU tensors"),
         }
     }

@@ -341,24 +341,18 @@ impl Network {
         if let Positions::Learned(table) = &self.positions {
             x = (x + table.index_select(&plan.positions, 0)?)?;
         }
-        // Rotation angles per packed token, for the unfused path (the fused kernel indexes the
-        // tables itself).
-        let angles = match &self.positions {
-            Positions::Rope { cos, sin } if !fused => {
-                Some((cos.index_select(&plan.positions, 0)?, sin.index_select(&plan.positions, 0)?))
-            }
-            _ => None,
-        };
+        // What the unfused q/k/v path needs for every layer (the fused kernel reads the RoPE
+        // tables and the slots itself).
+        let unfused = if fused { None } else { Some(UnfusedStep::new(&plan, &self.positions, c)?) };
         // Each block's output waits here to be added to the residual stream by the next norm,
         // so the add and the norm can run as one kernel.
         let mut delta: Option<Tensor> = None;
         for (l, layer) in self.layers.iter().enumerate() {
             let h = add_norm(&mut x, delta.take(), &layer.attn_norm, fused)?;
             let qkv = layer.qkv.forward(&h)?;
-            let q = if fused {
-                fused::qkv_rope_cache(&qkv, &kv.k[l], &kv.v[l], &self.qkv_args(layer, &plan))?
-            } else {
-                self.qkv_unfused(layer, qkv, &plan, angles.as_ref(), kv, l)?
+            let q = match &unfused {
+                None => fused::qkv_rope_cache(&qkv, &kv.k[l], &kv.v[l], &self.qkv_args(layer, &plan))?,
+                Some(step) => self.qkv_unfused(layer, qkv, step, kv, l)?,
             };
             let attn = attention::paged(&q, &kv.k[l], &kv.v[l], &plan, c)?;
             let o = add_bias(layer.o_proj.forward(&attn)?, &layer.o_bias)?;
@@ -397,8 +391,7 @@ impl Network {
         &self,
         layer: &Layer,
         qkv: Tensor,
-        plan: &attention::StepPlan,
-        angles: Option<&(Tensor, Tensor)>,
+        step: &UnfusedStep,
         kv: &KvStorage,
         l: usize,
     ) -> candle_core::Result<Tensor> {
@@ -412,16 +405,38 @@ impl Network {
             (Some(qn), Some(kn)) => (rms_norm(&q, qn, c.norm_eps)?, rms_norm(&k, kn, c.norm_eps)?),
             _ => (q, k),
         };
-        let (q, k) = match angles {
+        let (q, k) = match &step.angles {
             Some((cos, sin)) => {
                 (rope::apply(&q, cos, sin, c.rope_interleaved)?, rope::apply(&k, cos, sin, c.rope_interleaved)?)
             }
             None => (q.contiguous()?, k),
         };
         // The cache is head-major: [kv_heads, slots, hd].
-        kv.k[l].scatter_set(&plan.write_slots, &k.transpose(0, 1)?.contiguous()?, 1)?;
-        kv.v[l].scatter_set(&plan.write_slots, &v.transpose(0, 1)?.contiguous()?, 1)?;
+        kv.k[l].scatter_set(&step.write_slots, &k.transpose(0, 1)?.contiguous()?, 1)?;
+        kv.v[l].scatter_set(&step.write_slots, &v.transpose(0, 1)?.contiguous()?, 1)?;
         Ok(q)
+    }
+}
+
+/// Per-step inputs of the unfused q/k/v path, shared by every layer.
+struct UnfusedStep {
+    /// cos and sin of each packed token's position (RoPE families).
+    angles: Option<(Tensor, Tensor)>,
+    /// Each token's cache slot broadcast to `[kv_heads, tokens, head_dim]` for `scatter_set`.
+    write_slots: Tensor,
+}
+
+impl UnfusedStep {
+    fn new(plan: &attention::StepPlan, positions: &Positions, c: &NetConfig) -> candle_core::Result<Self> {
+        let angles = match positions {
+            Positions::Rope { cos, sin } => {
+                Some((cos.index_select(&plan.positions, 0)?, sin.index_select(&plan.positions, 0)?))
+            }
+            Positions::Learned(_) => None,
+        };
+        let n = plan.slots.dim(0)?;
+        let write_slots = plan.slots.reshape((1, n, 1))?.broadcast_as((c.num_kv_heads, n, c.head_dim))?.contiguous()?;
+        Ok(Self { angles, write_slots })
     }
 }
 
