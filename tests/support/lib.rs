@@ -7,6 +7,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
+pub mod cluster;
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the workspace").to_path_buf()
 }
@@ -184,6 +186,9 @@ pub struct ServerOptions {
     pub data_dir: Option<PathBuf>,
     pub admin_token: Option<String>,
     pub extra_args: Vec<String>,
+    /// Listen here instead of a free port (a node a gateway knows by address, restarted).
+    pub listen: Option<String>,
+    pub env: Vec<(String, String)>,
 }
 
 /// An HTTP answer, whatever its status.
@@ -242,12 +247,14 @@ impl Server {
             }
         };
         let mut cmd = Command::new(kindling_bin());
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--idle-unload-secs", "0", "--data-dir"])
+        let listen = opts.listen.clone().unwrap_or_else(|| "127.0.0.1:0".into());
+        cmd.args(["serve", "--listen", &listen, "--idle-unload-secs", "0", "--data-dir"])
             .arg(&data_dir)
             .arg("--compile-cache")
             .arg(shared_dir("compiled"))
             .args(&opts.extra_args)
             .env("KINDLING_LOG", "info")
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         for (name, path) in models {
@@ -368,6 +375,12 @@ impl Server {
     pub fn stop(mut self) -> bool {
         self.terminate();
         self.wait_exit(Duration::from_secs(60)).is_some_and(|s| s.success())
+    }
+
+    /// Kills the process outright (SIGKILL), as a crashed node dies.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Sends SIGTERM without waiting.

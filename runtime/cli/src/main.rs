@@ -4,6 +4,7 @@ mod bench;
 mod bench_invoke;
 mod bench_serve;
 mod client;
+mod picker;
 mod serve;
 
 use std::path::PathBuf;
@@ -34,6 +35,8 @@ pub struct Remote {
 enum Command {
     /// Run the server: invocations at deployment routes, the admin API under /admin.
     Serve(serve::ServeArgs),
+    /// Run the endpoint picker Envoy asks (ext_proc) which node should serve each request.
+    Picker(picker::PickerArgs),
     /// Deploy (or redeploy) a handler component with its manifest.
     Deploy {
         /// The deployment manifest (kindling.toml).
@@ -213,6 +216,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve::run(args),
+        Command::Picker(args) => picker::run(args),
         Command::Deploy { manifest, component, remote } => client::deploy(&remote, &manifest, &component),
         Command::List { remote } => client::print_json(&remote, "GET", "/admin/deployments", None),
         Command::Delete { name, remote } => client::delete(&remote, &name),

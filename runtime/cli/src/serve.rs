@@ -91,6 +91,18 @@ pub struct ServeArgs {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+    /// Shared state for a cluster: tenants, deployments and registered models in this PostgreSQL
+    /// database (`postgres://user@host:port/db`), followed by every node. Needs `--blobs`.
+    /// Without it, state lives under `--data-dir` (single node).
+    #[arg(long, env = "KINDLING_STATE", requires = "blobs", hide_env_values = true)]
+    state: Option<String>,
+    /// Where a cluster keeps component bytes: S3-compatible storage as `http://host:port/bucket`
+    /// (credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, region from AWS_REGION).
+    #[arg(long, env = "KINDLING_BLOBS", requires = "state")]
+    blobs: Option<String>,
+    /// Seconds between full resyncs with the shared state (each change is also followed at once).
+    #[arg(long, default_value_t = 30)]
+    resync_secs: u64,
 }
 
 pub fn gib(v: f64) -> u64 {
@@ -146,6 +158,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         config.drain_timeout = Duration::from_secs(args.drain_secs);
         config.header_read_timeout = Duration::from_secs(args.header_timeout_secs.max(1));
         config.tenant_max_deployments = args.tenant_max_deployments;
+        if let (Some(postgres_url), Some(blobs)) = (&args.state, &args.blobs) {
+            let blobs = kindling_server::store::s3::S3Config::from_url(blobs)?;
+            config.state = kindling_server::store::StateConfig::Shared { postgres_url: postgres_url.clone(), blobs };
+        }
+        config.resync_interval = Duration::from_secs(args.resync_secs.max(1));
         if let Some(dir) = &args.compile_cache {
             config.runtime.cache_dir = Some(dir.clone());
         }

@@ -200,7 +200,12 @@ impl CheckpointPool {
     }
 
     pub fn contains(&self, ckpt: &Checkpoint) -> bool {
-        self.entries.lock().expect("poisoned").contains_key(&ckpt.dir)
+        self.holds(&ckpt.dir)
+    }
+
+    /// Whether the checkpoint at `dir` (a registered model's path) is resident in the pool.
+    pub fn holds(&self, dir: &Path) -> bool {
+        self.entries.lock().expect("poisoned").contains_key(dir)
     }
 
     /// The pooled checkpoint at `dir` (a registered model's path): a hit is handed out as pooled,

@@ -40,6 +40,29 @@ pub struct Acquired {
     pub cold_start: Option<ColdStart>,
 }
 
+/// Where a registered model's weights are closest to serving, best first: what a request routed
+/// here would pay (nothing, a copy from pinned memory, a read from disk).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    /// Loaded on a worker (running or asleep): serves without copying weights.
+    Device,
+    /// In the checkpoint pool: a cold start copies from resident, pinned memory.
+    Pool,
+    /// Only on disk: a cold start reads the files first.
+    Disk,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Device => "device",
+            Tier::Pool => "pool",
+            Tier::Disk => "disk",
+        }
+    }
+}
+
 /// A registered model as listed by the admin API.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ModelEntry {
@@ -54,6 +77,7 @@ pub struct ModelEntry {
     pub asleep: bool,
     /// The worker its engine runs (or sleeps) on.
     pub worker: Option<String>,
+    pub tier: Tier,
 }
 
 /// One worker's memory as the registry counts it.
@@ -262,6 +286,7 @@ impl ModelRegistry {
             loaded: self.loaded(name).is_some(),
             asleep: self.is_asleep(name),
             worker: self.worker_of(name),
+            tier: self.tier_of(name, &r.path),
         })
     }
 
@@ -272,6 +297,20 @@ impl ModelRegistry {
 
     pub fn contains(&self, name: &str) -> bool {
         self.sources.read().expect("poisoned").contains_key(name)
+    }
+
+    fn tier_of(&self, name: &str, path: &Path) -> Tier {
+        let on_device = matches!(
+            self.residency.lock().expect("poisoned").slots.get(name),
+            Some(Slot::Ready { .. } | Slot::Asleep { .. } | Slot::Loading { .. })
+        );
+        if on_device {
+            Tier::Device
+        } else if self.pool.holds(path) {
+            Tier::Pool
+        } else {
+            Tier::Disk
+        }
     }
 
     /// The checkpoint directory and engine footprint `name` is registered with.

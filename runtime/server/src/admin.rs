@@ -80,7 +80,7 @@ pub async fn handle(app: &Arc<App>, req: Request<Incoming>, local: bool) -> Resp
         (Method::GET, ["models"]) => json(StatusCode::OK, &app.registry.list()),
         (_, ["models", ..] | ["tenants", ..]) if !admin => forbidden(),
         (Method::POST, ["models"]) => add_model(app, req).await,
-        (Method::DELETE, ["models", name]) => match app.remove_model(name) {
+        (Method::DELETE, ["models", name]) => match app.remove_model(name).await {
             Ok(true) => empty(StatusCode::NO_CONTENT),
             Ok(false) => not_found("model", name),
             Err(e) => storage_error(e),
@@ -197,7 +197,7 @@ async fn create_tenant(app: &Arc<App>, req: Request<Incoming>) -> Response<Body>
         #[serde(flatten)]
         grants: &'a Grants,
     }
-    match app.tenants.create(&new.name, new.grants.clone()) {
+    match app.tenants.create(&new.name, new.grants.clone()).await {
         Ok(api_key) => json(StatusCode::CREATED, &Created { name: &new.name, api_key, grants: &new.grants }),
         Err(e) => tenant_error(e),
     }
@@ -224,7 +224,7 @@ async fn update_tenant(app: &Arc<App>, name: &str, req: Request<Incoming>) -> Re
     if let Some(resp) = ungrantable(app, &grants) {
         return resp;
     }
-    match app.tenants.set_grants(name, grants) {
+    match app.tenants.set_grants(name, grants).await {
         Ok(info) => json(StatusCode::OK, &info),
         Err(e) => tenant_error(e),
     }
@@ -346,12 +346,10 @@ async fn add_model(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
         Ok(a) => a,
         Err(resp) => return resp,
     };
-    let app2 = app.clone();
-    let result = tokio::task::spawn_blocking(move || app2.register_model(&add.name, &add.path)).await;
-    match result {
-        Ok(Ok(entry)) => json(StatusCode::CREATED, &entry),
-        Ok(Err(e @ ModelError::Invalid(_))) => error(ErrorCode::InvalidModel, e.to_string()),
-        Ok(Err(e @ ModelError::Storage(_))) => storage_error(e),
-        Err(e) => error(ErrorCode::Internal, e.to_string()),
+    match app.register_model(&add.name, &add.path).await {
+        Ok(entry) => json(StatusCode::CREATED, &entry),
+        Err(e @ ModelError::Invalid(_)) => error(ErrorCode::InvalidModel, e.to_string()),
+        Err(e @ ModelError::Storage(_)) => storage_error(e),
+        Err(e @ ModelError::Internal(_)) => error(ErrorCode::Internal, e.to_string()),
     }
 }

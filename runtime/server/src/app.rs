@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use kindling_engine::{EngineError, ModelEntry, ModelRegistry};
 use kindling_host::llm::GenerationShare;
@@ -14,7 +14,7 @@ use tokio::sync::Semaphore;
 
 use crate::manifest::{Manifest, ManifestError};
 use crate::metrics::Metrics;
-use crate::store::{DeploymentRecord, DeploymentStore, ModelStore};
+use crate::store::{DeploymentRecord, Records, StateConfig, StateStore};
 use crate::tenant::{Caller, Tenants};
 
 #[derive(Debug, Clone)]
@@ -40,6 +40,10 @@ pub struct ServerConfig {
     /// How long a client has to send a request's headers, and how long an idle keep-alive
     /// connection stays open: a slowloris client is cut off here.
     pub header_read_timeout: std::time::Duration,
+    /// Where tenants, deployments and registered models are kept.
+    pub state: StateConfig,
+    /// How often a node with shared state resyncs in full, besides following each change.
+    pub resync_interval: std::time::Duration,
     pub runtime: RuntimeConfig,
 }
 
@@ -73,6 +77,8 @@ impl ServerConfig {
             max_connections: 4096,
             drain_timeout: std::time::Duration::from_secs(30),
             header_read_timeout: std::time::Duration::from_secs(10),
+            state: StateConfig::File,
+            resync_interval: std::time::Duration::from_secs(30),
             runtime,
         }
     }
@@ -147,6 +153,8 @@ pub enum ModelError {
     Invalid(#[from] EngineError),
     #[error("storage failed: {0}")]
     Storage(#[from] std::io::Error),
+    #[error("model registration failed: {0}")]
+    Internal(String),
 }
 
 #[derive(Default)]
@@ -178,17 +186,74 @@ impl Table {
             .max_by_key(|(r, _)| r.len())
             .map(|(_, d)| d.clone())
     }
+}
 
-    /// A route of `manifest` that would take callers from another deployment, with that
-    /// deployment: the same route, or (across owners) a route nested in another's or around it,
-    /// since the longest prefix would then send one owner's callers to the other.
-    fn conflict(&self, manifest: &Manifest, owner: Option<&str>) -> Option<(String, Arc<Deployment>)> {
-        self.by_name.values().filter(|d| d.manifest.name != manifest.name).find_map(|d| {
-            let same_owner = d.record.tenant.as_deref() == owner;
-            manifest.routes.iter().find_map(|r| {
-                let clash = |o: &String| normalize(o) == normalize(r) || (!same_owner && routes_overlap(o, r));
-                d.manifest.routes.iter().any(clash).then(|| (r.clone(), d.clone()))
-            })
+/// A route of `manifest` that would take callers from another deployment, with that deployment's
+/// name and owner: the same route, or (across owners) a route nested in another's or around it,
+/// since the longest prefix would then send one owner's callers to the other.
+fn route_conflict<'a>(
+    others: impl Iterator<Item = (&'a str, Manifest, Option<&'a str>)>,
+    manifest: &Manifest,
+    owner: Option<&str>,
+) -> Option<(String, String, Option<&'a str>)> {
+    others.filter(|(name, _, _)| *name != manifest.name).find_map(|(name, other, other_owner)| {
+        let same_owner = other_owner == owner;
+        manifest.routes.iter().find_map(|r| {
+            let clash = |o: &String| normalize(o) == normalize(r) || (!same_owner && routes_overlap(o, r));
+            other.routes.iter().any(clash).then(|| (r.clone(), name.to_string(), other_owner))
+        })
+    })
+}
+
+/// What a deploy asks for, checked under the store's deploy lock against every node's records.
+struct DeployRequest {
+    caller: Caller,
+    /// The calling tenant; `None` for the operator.
+    tenant: Option<String>,
+    /// The calling tenant's deployment quota.
+    quota: u32,
+    manifest: Manifest,
+    manifest_toml: String,
+    sha256: String,
+    bytes: u64,
+}
+
+impl DeployRequest {
+    /// The record to write, or why not: the name's owner, the tenant's quota, and routes that
+    /// would take another deployment's callers.
+    fn admit(&self, records: &Records) -> Result<DeploymentRecord, DeployError> {
+        let name = &self.manifest.name;
+        let existing = records.iter().find(|(n, _)| n == name).map(|(_, r)| r);
+        // Public deployments and other tenants' answer alike: the name is simply taken.
+        if existing.is_some_and(|r| !self.caller.can_manage(r.tenant.as_deref())) {
+            return Err(DeployError::NameTaken(name.clone()));
+        }
+        // The operator replacing a tenant's deployment keeps it the tenant's.
+        let owner = self.tenant.clone().or_else(|| existing.and_then(|r| r.tenant.clone()));
+        if let (Some(t), None) = (&self.tenant, existing) {
+            let owned = records.iter().filter(|(_, r)| r.tenant.as_deref() == Some(t)).count();
+            if owned >= self.quota as usize {
+                return Err(DeployError::QuotaExceeded(self.quota));
+            }
+        }
+        let others = records
+            .iter()
+            .filter_map(|(n, r)| Some((n.as_str(), Manifest::parse(&r.manifest_toml).ok()?, r.tenant.as_deref())));
+        if let Some((route, other, other_owner)) = route_conflict(others, &self.manifest, owner.as_deref()) {
+            // Name the other deployment only to a caller allowed to see it.
+            let owner = if self.caller.can_manage(other_owner) {
+                format!("deployment {other}")
+            } else {
+                "another owner's deployment".to_string()
+            };
+            return Err(DeployError::RouteConflict { route, owner });
+        }
+        Ok(DeploymentRecord {
+            manifest_toml: self.manifest_toml.clone(),
+            component_sha256: self.sha256.clone(),
+            component_bytes: self.bytes,
+            deployed_at_unix: crate::store::now_unix(),
+            tenant: owner,
         })
     }
 }
@@ -201,26 +266,29 @@ pub struct App {
     pub registry: Arc<ModelRegistry>,
     /// The registry as handlers' `kindling:llm` sees it.
     pub backend: Arc<dyn kindling_host::backend::ModelBackend>,
-    store: DeploymentStore,
-    models: ModelStore,
+    store: Arc<dyn StateStore>,
+    /// Models this node registered from the store (API-registered, here or on another node).
+    synced_models: Mutex<BTreeSet<String>>,
     table: RwLock<Table>,
-    /// Deploys and deletes run one at a time so the store and the table agree.
+    /// Deploys, deletes and resyncs run one at a time on this node so the store and the table
+    /// agree (the store's own lock orders them across nodes).
     deploy_lock: tokio::sync::Mutex<()>,
     compiles: Semaphore,
     draining: AtomicBool,
 }
 
 impl App {
-    /// Opens the data dir and brings every stored deployment back.
+    /// Opens the store and brings every stored deployment back; with shared state, follows the
+    /// other nodes' changes from then on.
     pub async fn open(config: ServerConfig, registry: Arc<ModelRegistry>) -> anyhow::Result<Arc<Self>> {
         std::fs::create_dir_all(&config.data_dir)?;
         // Deploy uploads a crash interrupted; never referenced.
         let _ = std::fs::remove_dir_all(config.data_dir.join("uploads"));
-        let store = DeploymentStore::open(&config.data_dir)?;
-        let tenants = Tenants::open(&config.data_dir)?;
+        let store = crate::store::open(&config.state, &config.data_dir).await?;
+        tracing::info!(state = %store.describe(), "state store");
+        let tenants = Tenants::open(store.clone()).await?;
         let runtime = Arc::new(HandlerRuntime::new(config.runtime.clone())?);
         let compiles = config.max_concurrent_compiles.max(1);
-        let models = ModelStore::open(&config.data_dir);
         let app = Arc::new(Self {
             config,
             metrics: Metrics::default(),
@@ -229,73 +297,145 @@ impl App {
             backend: Arc::new(crate::engine_backend::EngineBackend(registry.clone())),
             registry,
             store,
-            models,
+            synced_models: Mutex::default(),
             table: RwLock::default(),
             deploy_lock: tokio::sync::Mutex::new(()),
             compiles: Semaphore::new(compiles),
             draining: AtomicBool::new(false),
         });
-        app.restore_models();
-        app.restore().await?;
+        app.resync().await?;
+        app.follow();
         Ok(app)
     }
 
-    /// Registers again the models registered through the API before a restart. One that no
-    /// longer opens is logged and skipped; a model given on the command line keeps its path.
-    fn restore_models(&self) {
-        let stored = match self.models.load() {
-            Ok(m) => m,
-            Err(e) => return tracing::error!(error = %e, "could not read the registered models"),
-        };
+    /// With shared state: resyncs after every change another node makes, and in full every
+    /// `resync_interval` (a missed notification costs at most that long).
+    fn follow(self: &Arc<Self>) {
+        let Some(mut changes) = self.store.changes() else { return };
+        let app = Arc::downgrade(self);
+        let every = self.config.resync_interval;
+        tokio::spawn(async move {
+            let mut full = tokio::time::interval(every);
+            full.tick().await;
+            loop {
+                tokio::select! {
+                    changed = changes.changed() => if changed.is_err() { return },
+                    _ = full.tick() => {}
+                }
+                let Some(app) = app.upgrade() else { return };
+                if let Err(e) = app.resync().await {
+                    tracing::warn!(error = %format!("{e:#}"), "could not resync with the shared state");
+                }
+            }
+        });
+    }
+
+    /// Makes this node's tenants, API-registered models and deployment table match the store:
+    /// new and changed deployments are fetched (verified), compiled and swapped in; deleted ones
+    /// stop serving. One that cannot be installed is logged and tried again at the next resync,
+    /// while any version of it this node already serves keeps serving.
+    pub async fn resync(self: &Arc<Self>) -> anyhow::Result<()> {
+        let _guard = self.deploy_lock.lock().await;
+        self.tenants.reload().await?;
+        self.sync_models().await?;
+        let records = self.store.load_deployments().await?;
+        let stored: BTreeSet<String> = records.iter().map(|(n, _)| n.clone()).collect();
+        let mut live = Some(BTreeSet::new());
+        for (name, record) in records {
+            let record = match record {
+                Ok(r) => r,
+                Err(e) => {
+                    live = None;
+                    tracing::error!(deployment = %name, error = %e, "unreadable deployment record");
+                    continue;
+                }
+            };
+            if let Some(live) = &mut live {
+                live.insert(record.component_sha256.clone());
+            }
+            if self.get(&name).is_some_and(|d| d.record == record) {
+                continue;
+            }
+            match self.install(record).await {
+                Ok(d) => {
+                    tracing::info!(deployment = %name, sha256 = %d.record.component_sha256, "deployment installed from the store");
+                    self.table.write().expect("poisoned").by_name.insert(name, Arc::new(d));
+                }
+                Err(e) => {
+                    tracing::error!(deployment = %name, error = %format!("{e:#}"), "could not install deployment")
+                }
+            }
+        }
+        self.table.write().expect("poisoned").by_name.retain(|name, _| {
+            let keep = stored.contains(name);
+            if !keep {
+                tracing::info!(deployment = %name, "deployment deleted from the store");
+            }
+            keep
+        });
+        if let Some(live) = live {
+            self.store.prune_local_cache(&live);
+        }
+        Ok(())
+    }
+
+    async fn install(&self, record: DeploymentRecord) -> anyhow::Result<Deployment> {
+        let manifest = Manifest::parse(&record.manifest_toml)?;
+        let wasm = self.store.read_component(&record.component_sha256).await?;
+        let handler = self.prepare(Arc::new(wasm)).await?;
+        Ok(Self::deployment(manifest, record, handler))
+    }
+
+    /// Registers the models registered through the API (on this node or another) that this node
+    /// lacks, and drops those since unregistered. A model given on the command line keeps its
+    /// path; one whose checkpoint does not open here is logged and skipped.
+    async fn sync_models(&self) -> std::io::Result<()> {
+        let stored = self.store.load_models().await?;
+        let synced = self.synced_models.lock().expect("poisoned").clone();
+        for name in synced.iter().filter(|n| !stored.contains_key(*n)) {
+            self.registry.remove(name);
+            self.synced_models.lock().expect("poisoned").remove(name);
+            tracing::info!(model = %name, "model unregistered from the store");
+        }
         for (name, path) in stored {
             if self.registry.contains(&name) {
                 continue;
             }
-            match self.registry.register(&name, &path) {
-                Ok(_) => tracing::info!(model = %name, path = %path.display(), "restored registered model"),
-                Err(e) => tracing::error!(model = %name, error = %e, "could not restore registered model"),
+            let registry = self.registry.clone();
+            let (n, p) = (name.clone(), path.clone());
+            match tokio::task::spawn_blocking(move || registry.register(&n, &p)).await {
+                Ok(Ok(_)) => {
+                    tracing::info!(model = %name, path = %path.display(), "registered model from the store");
+                    self.synced_models.lock().expect("poisoned").insert(name);
+                }
+                Ok(Err(e)) => tracing::error!(model = %name, error = %e, "could not register stored model"),
+                Err(e) => tracing::error!(model = %name, error = %e, "model registration task failed"),
             }
         }
+        Ok(())
     }
 
-    /// Registers a model and keeps it registered across restarts.
-    pub fn register_model(&self, name: &str, path: &std::path::Path) -> Result<ModelEntry, ModelError> {
-        let entry = self.registry.register(name, path)?;
-        if let Err(e) = self.models.put(name, &entry.path) {
+    /// Registers a model and keeps it registered across restarts (and, with shared state, on
+    /// every node).
+    pub async fn register_model(&self, name: &str, path: &std::path::Path) -> Result<ModelEntry, ModelError> {
+        let registry = self.registry.clone();
+        let (n, p) = (name.to_string(), path.to_path_buf());
+        let entry = tokio::task::spawn_blocking(move || registry.register(&n, &p))
+            .await
+            .map_err(|e| ModelError::Internal(e.to_string()))??;
+        if let Err(e) = self.store.put_model(name, &entry.path).await {
             self.registry.remove(name);
             return Err(e.into());
         }
+        self.synced_models.lock().expect("poisoned").insert(name.to_string());
         Ok(entry)
     }
 
     /// Unregisters a model, for good. Returns whether it was registered.
-    pub fn remove_model(&self, name: &str) -> std::io::Result<bool> {
-        self.models.remove(name)?;
+    pub async fn remove_model(&self, name: &str) -> std::io::Result<bool> {
+        self.store.remove_model(name).await?;
+        self.synced_models.lock().expect("poisoned").remove(name);
         Ok(self.registry.remove(name))
-    }
-
-    async fn restore(self: &Arc<Self>) -> anyhow::Result<()> {
-        for (name, record) in self.store.load_all()? {
-            let restored = async {
-                let record = record?;
-                let manifest = Manifest::parse(&record.manifest_toml)?;
-                let wasm = self.store.read_component(&record.component_sha256)?;
-                let handler = self.prepare(Arc::new(wasm)).await?;
-                anyhow::Ok(Self::deployment(manifest, record, handler))
-            }
-            .await;
-            match restored {
-                Ok(d) => {
-                    tracing::info!(deployment = %name, "restored deployment");
-                    self.table.write().expect("poisoned").by_name.insert(name, Arc::new(d));
-                }
-                // Keep serving the others; the operator sees why this one is missing.
-                Err(e) => {
-                    tracing::error!(deployment = %name, error = %format!("{e:#}"), "could not restore deployment")
-                }
-            }
-        }
-        Ok(())
     }
 
     async fn prepare(&self, wasm: Arc<Vec<u8>>) -> Result<PreparedHandler, PrepareError> {
@@ -370,42 +510,25 @@ impl App {
             let handler = self.prepare(wasm.clone()).await?;
             (wasm, handler)
         };
-        let _guard = self.deploy_lock.lock().await;
-        let existing = self.get(&manifest.name);
-        // Public deployments and other tenants' answer alike: the name is simply taken.
-        if existing.as_ref().is_some_and(|d| !caller.can_manage(d.record.tenant.as_deref())) {
-            return Err(DeployError::NameTaken(manifest.name.clone()));
-        }
-        // The operator replacing a tenant's deployment keeps it the tenant's.
-        let owner = match (&tenant, &existing) {
-            (Some(t), _) => Some(t.clone()),
-            (None, Some(d)) => d.record.tenant.clone(),
-            (None, None) => None,
+        let quota = tenant
+            .as_deref()
+            .and_then(|t| self.tenants.get(t))
+            .and_then(|info| info.grants.max_deployments)
+            .unwrap_or(self.config.tenant_max_deployments);
+        let request = DeployRequest {
+            caller: caller.clone(),
+            tenant,
+            quota,
+            manifest_toml: manifest_toml.to_string(),
+            sha256: handler.hash.clone(),
+            bytes: wasm.len() as u64,
+            manifest,
         };
-        if let (Some(t), None) = (&tenant, &existing) {
-            let quota = self
-                .tenants
-                .get(t)
-                .and_then(|info| info.grants.max_deployments)
-                .unwrap_or(self.config.tenant_max_deployments);
-            if self.owned_by(t).len() >= quota as usize {
-                return Err(DeployError::QuotaExceeded(quota));
-            }
-        }
-        if let Some((route, other)) = self.table.read().expect("poisoned").conflict(&manifest, owner.as_deref()) {
-            // Name the other deployment only to a caller allowed to see it.
-            let owner = if caller.can_manage(other.record.tenant.as_deref()) {
-                format!("deployment {}", other.manifest.name)
-            } else {
-                "another owner's deployment".to_string()
-            };
-            return Err(DeployError::RouteConflict { route, owner });
-        }
-        let record = self
-            .store
-            .put(&manifest, manifest_toml, &handler.hash, &wasm, owner.as_deref())
-            .map_err(|e| DeployError::Storage(e.to_string()))?;
-        let name = manifest.name.clone();
+        let name = request.manifest.name.clone();
+        let manifest = request.manifest.clone();
+        let _guard = self.deploy_lock.lock().await;
+        let record =
+            self.store.put_deployment(&name, wasm, Box::new(move |records: &Records| request.admit(records))).await?;
         let deployment = Arc::new(Self::deployment(manifest, record, handler));
         let replaced = self.table.write().expect("poisoned").by_name.insert(name, deployment.clone()).is_some();
         Ok((deployment, replaced))
@@ -415,15 +538,18 @@ impl App {
     /// under the deploy lock, so a concurrent redeploy cannot change hands in between.
     pub async fn delete(&self, caller: &Caller, name: &str) -> Result<(), DeployError> {
         let _guard = self.deploy_lock.lock().await;
-        match self.get(name) {
-            Some(d) if caller.can_manage(d.record.tenant.as_deref()) => self.remove(name),
-            _ => Err(DeployError::NotFound(name.to_string())),
-        }
+        let caller = caller.clone();
+        self.remove(name, Box::new(move |r| caller.can_manage(r.tenant.as_deref()))).await
     }
 
-    /// Unlinks a deployment's record, then stops serving it. Call under the deploy lock.
-    fn remove(&self, name: &str) -> Result<(), DeployError> {
-        self.store.delete(name).map_err(|e| DeployError::Storage(e.to_string()))?;
+    /// Deletes a deployment's record if `may_delete` allows, then stops serving it. Call under
+    /// the deploy lock.
+    async fn remove(&self, name: &str, may_delete: crate::store::DeleteCheck) -> Result<(), DeployError> {
+        let deleted =
+            self.store.delete_deployment(name, may_delete).await.map_err(|e| DeployError::Storage(e.to_string()))?;
+        if !deleted {
+            return Err(DeployError::NotFound(name.to_string()));
+        }
         self.table.write().expect("poisoned").by_name.remove(name);
         Ok(())
     }
@@ -432,12 +558,17 @@ impl App {
     /// the same name starts with nothing. Returns whether the tenant existed.
     pub async fn delete_tenant(&self, name: &str) -> Result<bool, DeployError> {
         let _guard = self.deploy_lock.lock().await;
-        for deployment in self.owned_by(name) {
-            let deployment = &deployment.manifest.name;
-            self.remove(deployment)?;
+        let records = self.store.load_deployments().await.map_err(|e| DeployError::Storage(e.to_string()))?;
+        let owned = records.into_iter().filter_map(|(n, r)| (r.ok()?.tenant.as_deref() == Some(name)).then_some(n));
+        for deployment in owned {
+            let tenant = name.to_string();
+            match self.remove(&deployment, Box::new(move |r| r.tenant.as_deref() == Some(&tenant))).await {
+                Ok(()) | Err(DeployError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
             tracing::info!(tenant = name, deployment = %deployment, "deleted with its tenant");
         }
-        self.tenants.delete(name).map_err(|e| DeployError::Storage(e.to_string()))
+        self.tenants.delete(name).await.map_err(|e| DeployError::Storage(e.to_string()))
     }
 
     /// The models an invocation of `deployment` may load: its manifest's, less any the operator
@@ -475,11 +606,6 @@ impl App {
 
     pub fn list(&self) -> Vec<Arc<Deployment>> {
         self.table.read().expect("poisoned").by_name.values().cloned().collect()
-    }
-
-    /// The deployments `tenant` owns.
-    fn owned_by(&self, tenant: &str) -> Vec<Arc<Deployment>> {
-        self.list().into_iter().filter(|d| d.record.tenant.as_deref() == Some(tenant)).collect()
     }
 
     pub fn route(&self, path: &str) -> Option<Arc<Deployment>> {

@@ -150,6 +150,15 @@ impl Metrics {
             let n = section_into(&mut out, name, "gauge", help);
             let _ = writeln!(out, "{n} {v}");
         }
+        let n = section_into(
+            &mut out,
+            "kindling_model_resident",
+            "gauge",
+            "1 for each registered model at its closest tier: device (loaded or asleep), pool, disk.",
+        );
+        for m in registry.list() {
+            let _ = writeln!(out, "{n}{{model=\"{}\",tier=\"{}\"}} 1", label(&m.name), m.tier.as_str());
+        }
         let workers = registry.workers();
         type WorkerSeries = (&'static str, &'static str, fn(&kindling_engine::registry::WorkerUsage) -> u64);
         let series: [WorkerSeries; 3] = [

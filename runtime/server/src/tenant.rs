@@ -6,14 +6,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::manifest::validate_name;
-use crate::store::write_atomically;
+use crate::store::StateStore;
 
 /// Who a request comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,12 +54,12 @@ pub struct Grants {
     pub max_deployments: Option<u32>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct TenantRecord {
-    key_sha256: String,
-    created_at_unix: u64,
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantRecord {
+    pub(crate) key_sha256: String,
+    pub(crate) created_at_unix: u64,
     #[serde(default, flatten)]
-    grants: Grants,
+    pub(crate) grants: Grants,
 }
 
 /// A tenant as the admin API shows it (never its key).
@@ -72,14 +71,11 @@ pub struct TenantInfo {
     pub grants: Grants,
 }
 
-#[derive(Default, Serialize, Deserialize)]
-struct TenantFile {
-    tenants: BTreeMap<String, TenantRecord>,
-}
-
+/// The tenants, in memory for every request's authentication, written through to the store
+/// (and, in a cluster, replaced whenever another node changes them).
 pub struct Tenants {
-    path: PathBuf,
-    file: RwLock<TenantFile>,
+    store: Arc<dyn StateStore>,
+    tenants: RwLock<BTreeMap<String, TenantRecord>>,
 }
 
 fn digest(key: &str) -> [u8; 32] {
@@ -115,63 +111,57 @@ pub enum TenantError {
 }
 
 impl Tenants {
-    pub fn open(data_dir: &Path) -> io::Result<Self> {
-        let path = data_dir.join("tenants.json");
-        let file = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(io::Error::other)?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => TenantFile::default(),
-            Err(e) => return Err(e),
-        };
-        Ok(Self { path, file: RwLock::new(file) })
+    pub async fn open(store: Arc<dyn StateStore>) -> io::Result<Self> {
+        let tenants = store.load_tenants().await?;
+        Ok(Self { store, tenants: RwLock::new(tenants) })
     }
 
-    fn save(&self, file: &TenantFile) -> io::Result<()> {
-        write_atomically(&self.path, &serde_json::to_vec_pretty(file).map_err(io::Error::other)?)
+    /// Replaces the in-memory tenants with the store's (another node changed them).
+    pub async fn reload(&self) -> io::Result<()> {
+        let tenants = self.store.load_tenants().await?;
+        *self.tenants.write().expect("poisoned") = tenants;
+        Ok(())
     }
 
     /// Creates a tenant and returns its API key (the only time the key is available).
-    pub fn create(&self, name: &str, grants: Grants) -> Result<String, TenantError> {
+    pub async fn create(&self, name: &str, grants: Grants) -> Result<String, TenantError> {
         validate_name(name).map_err(|_| {
             TenantError::Invalid(format!(
                 "tenant name {name:?} must be 1-63 characters of lowercase letters, digits and '-', not starting with '-'"
             ))
         })?;
-        let mut file = self.file.write().expect("poisoned");
-        if file.tenants.contains_key(name) {
+        if self.tenants.read().expect("poisoned").contains_key(name) {
             return Err(TenantError::Exists(name.to_string()));
         }
         let key = new_key()?;
-        let created_at_unix =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        let key_sha256 = hex::encode(digest(&key));
-        file.tenants.insert(name.to_string(), TenantRecord { key_sha256, created_at_unix, grants });
-        if let Err(e) = self.save(&file) {
-            file.tenants.remove(name);
-            return Err(e.into());
+        let record =
+            TenantRecord { key_sha256: hex::encode(digest(&key)), created_at_unix: crate::store::now_unix(), grants };
+        // The store decides between two creates racing, here or on another node.
+        if !self.store.insert_tenant(name, &record).await? {
+            return Err(TenantError::Exists(name.to_string()));
         }
+        self.tenants.write().expect("poisoned").insert(name.to_string(), record);
         Ok(key)
     }
 
     /// Replaces a tenant's grants; the change applies to the next deploy and the next `load`.
-    pub fn set_grants(&self, name: &str, grants: Grants) -> Result<TenantInfo, TenantError> {
-        let mut file = self.file.write().expect("poisoned");
-        let record = file.tenants.get_mut(name).ok_or_else(|| TenantError::NotFound(name.to_string()))?;
-        let old = std::mem::replace(&mut record.grants, grants);
-        if let Err(e) = self.save(&file) {
-            file.tenants.get_mut(name).expect("present").grants = old;
-            return Err(e.into());
+    pub async fn set_grants(&self, name: &str, grants: Grants) -> Result<TenantInfo, TenantError> {
+        let not_found = || TenantError::NotFound(name.to_string());
+        let mut record = self.tenants.read().expect("poisoned").get(name).cloned().ok_or_else(not_found)?;
+        record.grants = grants;
+        if !self.store.update_tenant(name, &record).await? {
+            self.tenants.write().expect("poisoned").remove(name);
+            return Err(not_found());
         }
-        Ok(Self::info(name, &file.tenants[name]))
+        let info = Self::info(name, &record);
+        self.tenants.write().expect("poisoned").insert(name.to_string(), record);
+        Ok(info)
     }
 
-    pub fn delete(&self, name: &str) -> io::Result<bool> {
-        let mut file = self.file.write().expect("poisoned");
-        let Some(old) = file.tenants.remove(name) else { return Ok(false) };
-        if let Err(e) = self.save(&file) {
-            file.tenants.insert(name.to_string(), old);
-            return Err(e);
-        }
-        Ok(true)
+    pub async fn delete(&self, name: &str) -> io::Result<bool> {
+        let deleted = self.store.delete_tenant(name).await?;
+        self.tenants.write().expect("poisoned").remove(name);
+        Ok(deleted)
     }
 
     fn info(name: &str, r: &TenantRecord) -> TenantInfo {
@@ -179,27 +169,27 @@ impl Tenants {
     }
 
     pub fn get(&self, name: &str) -> Option<TenantInfo> {
-        self.file.read().expect("poisoned").tenants.get(name).map(|r| Self::info(name, r))
+        self.tenants.read().expect("poisoned").get(name).map(|r| Self::info(name, r))
     }
 
     pub fn list(&self) -> Vec<TenantInfo> {
-        self.file.read().expect("poisoned").tenants.iter().map(|(n, r)| Self::info(n, r)).collect()
+        self.tenants.read().expect("poisoned").iter().map(|(n, r)| Self::info(n, r)).collect()
     }
 
     /// The models `name` may use; `None` when the tenant does not exist (any more).
     pub fn granted_models(&self, name: &str) -> Option<BTreeSet<String>> {
-        self.file.read().expect("poisoned").tenants.get(name).map(|r| r.grants.models.clone())
+        self.tenants.read().expect("poisoned").get(name).map(|r| r.grants.models.clone())
     }
 
     /// The tenant whose key this is.
     pub fn authenticate(&self, key: &str) -> Option<String> {
         let d = digest(key);
-        let file = self.file.read().expect("poisoned");
+        let tenants = self.tenants.read().expect("poisoned");
         let matches = |r: &TenantRecord| {
             let mut stored = [0u8; 32];
             hex::decode_to_slice(&r.key_sha256, &mut stored).is_ok() && digests_eq(&stored, &d)
         };
-        file.tenants.iter().find(|(_, r)| matches(r)).map(|(n, _)| n.clone())
+        tenants.iter().find(|(_, r)| matches(r)).map(|(n, _)| n.clone())
     }
 }
 
@@ -245,18 +235,22 @@ pub fn identify(headers: &http::HeaderMap, admin_token: Option<&str>, tenants: &
 mod tests {
     use super::*;
 
-    #[test]
-    fn keys_authenticate_their_tenant_and_survive_a_reopen() {
+    async fn open(dir: &std::path::Path) -> Tenants {
+        Tenants::open(Arc::new(crate::store::FileStore::open(dir).unwrap())).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn keys_authenticate_their_tenant_and_survive_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let tenants = Tenants::open(dir.path()).unwrap();
+        let tenants = open(dir.path()).await;
         let grants = Grants { models: ["tiny".to_string()].into(), max_deployments: Some(2) };
-        let a = tenants.create("acme", grants.clone()).unwrap();
-        let b = tenants.create("bolt", Grants::default()).unwrap();
+        let a = tenants.create("acme", grants.clone()).await.unwrap();
+        let b = tenants.create("bolt", Grants::default()).await.unwrap();
         assert_ne!(a, b);
-        assert!(matches!(tenants.create("acme", Grants::default()), Err(TenantError::Exists(_))));
-        assert!(matches!(tenants.create("Bad Name", Grants::default()), Err(TenantError::Invalid(_))));
+        assert!(matches!(tenants.create("acme", Grants::default()).await, Err(TenantError::Exists(_))));
+        assert!(matches!(tenants.create("Bad Name", Grants::default()).await, Err(TenantError::Invalid(_))));
         drop(tenants);
-        let tenants = Tenants::open(dir.path()).unwrap();
+        let tenants = open(dir.path()).await;
         assert_eq!(tenants.authenticate(&a).as_deref(), Some("acme"));
         assert_eq!(tenants.authenticate(&b).as_deref(), Some("bolt"));
         assert_eq!(tenants.authenticate("kt_guess"), None);
@@ -264,10 +258,10 @@ mod tests {
         let stored = std::fs::read_to_string(dir.path().join("tenants.json")).unwrap();
         assert!(!stored.contains(&a), "keys are stored hashed");
         let none = Grants::default();
-        assert_eq!(tenants.set_grants("acme", none.clone()).unwrap().grants, none);
+        assert_eq!(tenants.set_grants("acme", none.clone()).await.unwrap().grants, none);
         assert_eq!(tenants.granted_models("acme"), Some(BTreeSet::new()));
-        assert!(matches!(tenants.set_grants("nobody", none), Err(TenantError::NotFound(_))));
-        assert!(tenants.delete("acme").unwrap());
+        assert!(matches!(tenants.set_grants("nobody", none).await, Err(TenantError::NotFound(_))));
+        assert!(tenants.delete("acme").await.unwrap());
         assert_eq!(tenants.authenticate(&a), None);
         assert_eq!(tenants.granted_models("acme"), None);
     }
@@ -280,11 +274,11 @@ mod tests {
         assert!(!secret_eq("", "x"));
     }
 
-    #[test]
-    fn callers_are_identified_from_the_bearer_token() {
+    #[tokio::test]
+    async fn callers_are_identified_from_the_bearer_token() {
         let dir = tempfile::tempdir().unwrap();
-        let tenants = Tenants::open(dir.path()).unwrap();
-        let key = tenants.create("acme", Grants::default()).unwrap();
+        let tenants = open(dir.path()).await;
+        let key = tenants.create("acme", Grants::default()).await.unwrap();
         let h = |v: Option<&str>| {
             let mut m = http::HeaderMap::new();
             if let Some(v) = v {

@@ -1,0 +1,60 @@
+//! `kindling picker`: the endpoint picker for Envoy, as its own process beside the gateway.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use kindling_picker::{PickerConfig, Policy};
+
+#[derive(clap::Args, Debug)]
+pub struct PickerArgs {
+    /// Address Envoy's ext_proc cluster connects to (gRPC over HTTP/2, plaintext).
+    #[arg(long, default_value = "127.0.0.1:9002")]
+    listen: std::net::SocketAddr,
+    /// A Kindling node, `host:port` exactly as Envoy's cluster lists it; repeat for each node.
+    #[arg(long = "node", required = true)]
+    nodes: Vec<String>,
+    /// The nodes' admin token (their /metrics and /admin/deployments need it).
+    #[arg(long, env = "KINDLING_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// How often each node is scraped, in milliseconds.
+    #[arg(long, default_value_t = 250)]
+    scrape_ms: u64,
+    /// Sequences a node may have queued over the least loaded one before locality stops
+    /// winning it requests.
+    #[arg(long, default_value_t = 8.0)]
+    imbalance: f64,
+    /// The nodes' `--domain`, so `Host: NAME.<domain>` resolves as they resolve it.
+    #[arg(long)]
+    domain: Option<String>,
+}
+
+pub fn run(args: PickerArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("KINDLING_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let listener =
+            tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("bind {}", args.listen))?;
+        println!("kindling picker listening on {}", listener.local_addr()?);
+        let config = PickerConfig {
+            nodes: args.nodes,
+            admin_token: args.admin_token,
+            scrape_every: Duration::from_millis(args.scrape_ms.max(10)),
+            policy: Policy {
+                imbalance: args.imbalance,
+                domain: args.domain.map(|d| d.trim_matches('.').to_ascii_lowercase()),
+            },
+        };
+        let shutdown = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            }
+        };
+        kindling_picker::serve(listener, config, shutdown).await
+    })
+}
