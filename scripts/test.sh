@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Sets up and runs every test: unit tests of each crate and the end-to-end suite, which starts
 # the real server, builds guest components from source and checks generations against an
-# independent numpy implementation. Ends with one line totalling all test binaries.
+# independent numpy implementation, and the cluster tests start PostgreSQL, an S3 server, Envoy,
+# the picker and three nodes on loopback; the Kubernetes manifests are validated first. Ends with
+# one line totalling all test binaries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+python3 scripts/check-kubernetes.py
 cargo build --locked -p kindling
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

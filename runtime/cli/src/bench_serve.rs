@@ -74,10 +74,10 @@ fn parse_range(s: &str) -> anyhow::Result<(usize, usize)> {
 }
 
 /// What one stream saw.
-struct StreamResult {
-    first_event: Duration,
-    end: Duration,
-    completion_tokens: u64,
+pub(crate) struct StreamResult {
+    pub first_event: Duration,
+    pub end: Duration,
+    pub completion_tokens: u64,
 }
 
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -89,7 +89,13 @@ pub fn round4(x: f64) -> f64 {
 }
 
 /// Sends one streamed completion and reads its server-sent events to the end.
-fn stream_once(url: &str, model: &str, prompt: &str, max_tokens: u32, start: Instant) -> anyhow::Result<StreamResult> {
+pub(crate) fn stream_once(
+    url: &str,
+    model: &str,
+    prompt: &str,
+    max_tokens: u32,
+    start: Instant,
+) -> anyhow::Result<StreamResult> {
     let body = json!({
         "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": true,
         "stream_options": { "include_usage": true },

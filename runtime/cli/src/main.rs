@@ -1,6 +1,7 @@
 //! `kindling`: run the server and talk to it.
 
 mod bench;
+mod bench_cluster;
 mod bench_invoke;
 mod bench_serve;
 mod client;
@@ -92,6 +93,8 @@ enum BenchCommand {
     Serve(bench_serve::ServeBenchArgs),
     /// What an invocation itself costs: handlers that do not generate against /healthz.
     Invoke(bench_invoke::InvokeBenchArgs),
+    /// Model-locality routing vs round robin over a cluster's gateway (scripts/bench/cluster.sh).
+    Cluster(bench_cluster::ClusterBenchArgs),
     /// One fresh-process cold start (used by `coldstart` as its baseline).
     #[command(hide = true)]
     Once(bench::OnceArgs),
@@ -226,6 +229,7 @@ fn main() -> anyhow::Result<()> {
             BenchCommand::Once(args) => bench::once(args),
             BenchCommand::Serve(args) => bench_serve::serve(args),
             BenchCommand::Invoke(args) => bench_invoke::invoke(args),
+            BenchCommand::Cluster(args) => bench_cluster::cluster(args),
         },
         Command::Models { command } => match command {
             ModelsCommand::Add { name, path, preload, remote } => {

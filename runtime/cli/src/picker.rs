@@ -10,7 +10,8 @@ pub struct PickerArgs {
     /// Address Envoy's ext_proc cluster connects to (gRPC over HTTP/2, plaintext).
     #[arg(long, default_value = "127.0.0.1:9002")]
     listen: std::net::SocketAddr,
-    /// A Kindling node, `host:port` exactly as Envoy's cluster lists it; repeat for each node.
+    /// Kindling nodes, `host:port`; repeat for each. A DNS name is resolved at every scrape to all
+    /// its addresses (a Kubernetes headless service: every pod), so nodes may come and go.
     #[arg(long = "node", required = true)]
     nodes: Vec<String>,
     /// The nodes' admin token (their /metrics and /admin/deployments need it).

@@ -38,7 +38,8 @@ const MAX_BODY_PEEK: usize = 1 << 20;
 const MAX_MESSAGE: usize = 16 << 20;
 
 pub struct PickerConfig {
-    /// Kindling nodes as `host:port`, the addresses Envoy's cluster lists them by.
+    /// Kindling nodes as `host:port`: addresses, or DNS names resolved at every scrape (a
+    /// headless service names every pod). Picks name them as `ip:port`, as Envoy knows hosts.
     pub nodes: Vec<String>,
     /// The nodes' admin token: the picker reads their `/metrics` and `/admin/deployments`.
     pub admin_token: Option<String>,
@@ -240,8 +241,8 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(!config.nodes.is_empty(), "the picker needs at least one --node");
-    let nodes = Nodes::new(&config.nodes);
-    nodes.spawn_scrapers(config.scrape_every, config.admin_token.clone());
+    let nodes = Nodes::new();
+    nodes.spawn_scraper(config.nodes.clone(), config.scrape_every, config.admin_token.clone());
     let picker = Arc::new(Picker { nodes, policy: config.policy, rotation: AtomicUsize::new(0) });
     tokio::pin!(shutdown);
     loop {
@@ -281,7 +282,7 @@ mod tests {
     use nodes::{DeploymentInfo, Node, NodeState, Tier};
 
     fn picker() -> Picker {
-        let nodes = Nodes::new(&["n1:1".into(), "n2:2".into()]);
+        let nodes = Nodes::new();
         let node = |address: &str, tier| Node {
             address: address.into(),
             state: NodeState {

@@ -83,16 +83,34 @@ pub fn parse_metrics(text: &str) -> NodeState {
     state
 }
 
-/// Every node's last known state, shared by the scrapers and the picking.
+/// Every node's last known state, shared by the scraper and the picking.
 #[derive(Clone)]
 pub struct Nodes {
     inner: Arc<RwLock<Vec<Node>>>,
 }
 
+/// The endpoints (`ip:port`, as Envoy knows its hosts) that `sources` name now: a source is an
+/// address or a DNS name with a port, such as a Kubernetes headless service naming every pod.
+pub fn resolve(sources: &[String]) -> Vec<String> {
+    use std::net::ToSocketAddrs;
+    let mut out: Vec<String> = sources
+        .iter()
+        .flat_map(|s| match s.to_socket_addrs() {
+            Ok(addrs) => addrs.map(|a| a.to_string()).collect(),
+            Err(e) => {
+                tracing::warn!(source = %s, error = %e, "cannot resolve node address");
+                Vec::new()
+            }
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 impl Nodes {
-    pub fn new(addresses: &[String]) -> Self {
-        let nodes = addresses.iter().map(|a| Node { address: a.clone(), state: NodeState::default() }).collect();
-        Self { inner: Arc::new(RwLock::new(nodes)) }
+    pub fn new() -> Self {
+        Self { inner: Arc::new(RwLock::new(Vec::new())) }
     }
 
     pub fn snapshot(&self) -> Vec<Node> {
@@ -104,34 +122,60 @@ impl Nodes {
         self.inner.write().expect("poisoned")
     }
 
-    fn set(&self, index: usize, state: NodeState) {
+    fn replace(&self, fresh: Vec<Node>) {
         let mut nodes = self.inner.write().expect("poisoned");
-        if nodes[index].state.healthy != state.healthy {
-            tracing::info!(node = %nodes[index].address, healthy = state.healthy, "node health changed");
+        for node in &fresh {
+            let before = nodes.iter().find(|n| n.address == node.address).map(|n| n.state.healthy);
+            if before != Some(node.state.healthy) {
+                tracing::info!(node = %node.address, healthy = node.state.healthy, "node state changed");
+            }
         }
-        nodes[index].state = state;
+        for gone in nodes.iter().filter(|n| !fresh.iter().any(|f| f.address == n.address)) {
+            tracing::info!(node = %gone.address, "node left");
+        }
+        *nodes = fresh;
     }
 
-    /// One scraping thread per node, every `every`, for the life of the process.
-    pub fn spawn_scrapers(&self, every: Duration, admin_token: Option<String>) {
-        let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(2)).build();
-        for (index, node) in self.snapshot().into_iter().enumerate() {
-            let (nodes, agent, token) = (self.clone(), agent.clone(), admin_token.clone());
-            std::thread::Builder::new()
-                .name(format!("scrape-{}", node.address))
-                .spawn(move || {
-                    loop {
-                        let started = Instant::now();
-                        let state = scrape(&agent, &node.address, token.as_deref()).unwrap_or_else(|e| {
-                            tracing::debug!(node = %node.address, error = %e, "scrape failed");
-                            NodeState::default()
-                        });
-                        nodes.set(index, state);
-                        std::thread::sleep(every.saturating_sub(started.elapsed()));
-                    }
-                })
-                .expect("spawn scraper");
-        }
+    /// Every `every`, for the life of the process: resolves `sources` (nodes come and go as a
+    /// StatefulSet scales) and scrapes every node at once.
+    pub fn spawn_scraper(&self, sources: Vec<String>, every: Duration, admin_token: Option<String>) {
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_millis(500))
+            .timeout(Duration::from_secs(1))
+            .build();
+        let nodes = self.clone();
+        std::thread::Builder::new()
+            .name("scrape".into())
+            .spawn(move || {
+                loop {
+                    let started = Instant::now();
+                    let fresh: Vec<Node> = std::thread::scope(|scope| {
+                        let handles: Vec<_> = resolve(&sources)
+                            .into_iter()
+                            .map(|address| {
+                                let (agent, token) = (&agent, admin_token.as_deref());
+                                scope.spawn(move || {
+                                    let state = scrape(agent, &address, token).unwrap_or_else(|e| {
+                                        tracing::debug!(node = %address, error = %e, "scrape failed");
+                                        NodeState::default()
+                                    });
+                                    Node { address, state }
+                                })
+                            })
+                            .collect();
+                        handles.into_iter().filter_map(|h| h.join().ok()).collect()
+                    });
+                    nodes.replace(fresh);
+                    std::thread::sleep(every.saturating_sub(started.elapsed()));
+                }
+            })
+            .expect("spawn scraper");
+    }
+}
+
+impl Default for Nodes {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -151,6 +195,15 @@ fn scrape(agent: &ureq::Agent, address: &str, token: Option<&str>) -> anyhow::Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sources_resolve_to_endpoints() {
+        assert_eq!(
+            resolve(&["127.0.0.1:7070".into(), "127.0.0.1:7070".into(), "localhost:1".into()])[0..1],
+            ["127.0.0.1:1"]
+        );
+        assert!(resolve(&["no-port".into()]).is_empty());
+    }
 
     #[test]
     fn reads_residency_queue_and_kv_usage() {
