@@ -66,6 +66,27 @@ fn a_cluster_shares_deployments_routes_by_locality_and_survives_a_node() {
     }
     let taken = at(&nodes, 2).deploy_as(Some(&bolt), HELLO_MANIFEST, &wasm);
     assert_eq!(taken.status, 409, "another tenant cannot take the name on any node: {}", taken.body);
+    // Two tenants deploying one new name at once on two nodes: the database lets exactly one win.
+    for round in 0..3 {
+        let name = format!("race{round}");
+        let race =
+            HELLO_MANIFEST.replace("\"hello\"", &format!("\"{name}\"")).replace("\"/hello\"", &format!("\"/{name}\""));
+        let statuses: Vec<u16> = std::thread::scope(|scope| {
+            let racers = [(0, &acme), (1, &bolt)].map(|(i, key)| {
+                let (nodes, race, wasm) = (&nodes, &race, &wasm);
+                scope.spawn(move || at(nodes, i).deploy_as(Some(key), race, wasm).status)
+            });
+            racers.map(|r| r.join().unwrap()).to_vec()
+        });
+        let mut sorted = statuses.clone();
+        sorted.sort();
+        assert_eq!(sorted, [201, 409], "one deploy wins, the other finds {name} taken: {statuses:?}");
+        let winner = if statuses[0] == 201 { &acme } else { &bolt };
+        assert_eq!(
+            at(&nodes, 2).call_as(Some(winner), "DELETE", &format!("/admin/deployments/{name}"), None).status,
+            204
+        );
+    }
     assert_eq!(blobs.keys(BUCKET, "components/"), [format!("components/{sha}.wasm")], "stored once, by hash");
 
     // Through Envoy and the picker, requests for a model follow the node that holds it.

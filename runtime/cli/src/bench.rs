@@ -24,6 +24,10 @@ pub struct ColdstartArgs {
     /// landed and its time to first token.
     #[arg(long)]
     together: bool,
+    /// Then, with the first model decoding one long stream, scale the others from zero on the same
+    /// worker, and report the stream's time per output token before and during their loads.
+    #[arg(long)]
+    warm_traffic: bool,
     /// Timed runs of each variant.
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -216,6 +220,10 @@ pub fn coldstart(args: ColdstartArgs) -> anyhow::Result<()> {
         if args.together {
             results["together"] = together(&registry, &models).await?;
         }
+        if args.warm_traffic {
+            anyhow::ensure!(models.len() >= 2, "--warm-traffic needs a warm model and at least one to load");
+            results["warm_traffic"] = warm_traffic(&registry, &models).await?;
+        }
         anyhow::Ok(())
     })?;
 
@@ -289,6 +297,92 @@ async fn together(registry: &Arc<ModelRegistry>, models: &[(String, PathBuf)]) -
     let (p50, p99) = (crate::bench_serve::percentile(&walls, 0.5), crate::bench_serve::percentile(&walls, 0.99));
     eprintln!("[together] {} models, time to first token p50 {p50:.4} s, p99 {p99:.4} s", walls.len());
     Ok(json!({ "models": rows, "first_token_p50_s": p50, "first_token_p99_s": p99 }))
+}
+
+/// The first model streams a long generation; once it is in steady state the others are scaled
+/// from zero (from the pool) at once. Its gaps between tokens before the loads (the baseline, same
+/// run) and while they run show whether a cold load stalls warm traffic.
+async fn warm_traffic(registry: &Arc<ModelRegistry>, models: &[(String, PathBuf)]) -> anyhow::Result<Value> {
+    let (warm, cold) = (&models[0].0, &models[1..]);
+    for (name, _) in cold {
+        registry.unload(name);
+    }
+    let acquired = registry.acquire(warm).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await; // the unloaded engines free their memory
+    let params = SamplingParams { max_tokens: 4096, temperature: 0.0, ..SamplingParams::default() };
+    let mut stream = acquired.engine.submit(PROMPT.into(), params)?;
+    let mut stamps = Vec::new();
+    while stamps.len() < 48 {
+        match stream.next().await {
+            Some(Ok(kindling_engine::StreamItem::Text(_))) => stamps.push(Instant::now()),
+            other => anyhow::bail!("the warm stream ended during warm-up: {other:?}"),
+        }
+    }
+    let loads_started = Instant::now();
+    let loads: Vec<_> = cold
+        .iter()
+        .map(|(name, _)| {
+            let (registry, name) = (registry.clone(), name.clone());
+            tokio::spawn(async move {
+                let acquired = registry.acquire(&name).await?;
+                acquired.engine.generate(PROMPT.into(), first_token_params()).await?;
+                anyhow::Ok((name, secs(loads_started.elapsed())))
+            })
+        })
+        .collect();
+    let loads_done = Arc::new(std::sync::Mutex::new(None::<Instant>));
+    let waiter = {
+        let loads_done = loads_done.clone();
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            for load in loads {
+                out.push(load.await??);
+            }
+            *loads_done.lock().unwrap() = Some(Instant::now());
+            anyhow::Ok(out)
+        })
+    };
+    // Keep reading until a second after the loads finished (or the stream ends).
+    loop {
+        let done = *loads_done.lock().unwrap();
+        if done.is_some_and(|d| d.elapsed() > Duration::from_secs(1)) {
+            break;
+        }
+        match stream.next().await {
+            Some(Ok(kindling_engine::StreamItem::Text(_))) => stamps.push(Instant::now()),
+            _ => break,
+        }
+    }
+    drop(stream);
+    let cold_first_tokens = waiter.await??;
+    let loads_ended = loads_done.lock().unwrap().context("the loads did not finish")?;
+    let gaps = |from: Instant, to: Instant| -> Vec<f64> {
+        let mut g: Vec<f64> =
+            stamps.windows(2).filter(|w| w[1] > from && w[0] < to).map(|w| secs(w[1] - w[0])).collect();
+        g.sort_by(f64::total_cmp);
+        g
+    };
+    let before = gaps(stamps[8], loads_started);
+    let during = gaps(loads_started, loads_ended);
+    let stats = |g: &[f64]| {
+        let mean = g.iter().sum::<f64>() / g.len().max(1) as f64;
+        json!({ "tokens": g.len(), "mean_s": mean, "p50_s": crate::bench_serve::percentile(g, 0.5),
+                "max_s": g.last().copied().unwrap_or(f64::NAN) })
+    };
+    let (b, d) = (stats(&before), stats(&during));
+    let ratio = d["mean_s"].as_f64().unwrap_or(f64::NAN) / b["mean_s"].as_f64().unwrap_or(f64::NAN);
+    eprintln!(
+        "[warm traffic] {warm}: time per output token {:.4} s before, {:.4} s while {} model(s) loaded (x{ratio:.2}, longest gap {:.4} s); their first tokens: {cold_first_tokens:?}",
+        b["mean_s"].as_f64().unwrap_or(f64::NAN),
+        d["mean_s"].as_f64().unwrap_or(f64::NAN),
+        cold.len(),
+        d["max_s"].as_f64().unwrap_or(f64::NAN)
+    );
+    Ok(json!({
+        "warm_model": warm,
+        "loaded": cold_first_tokens.iter().map(|(n, t)| json!({ "model": n, "first_token_s": t })).collect::<Vec<_>>(),
+        "tpot_before": b, "tpot_during_loads": d, "tpot_during_over_before": ratio,
+    }))
 }
 
 fn print_summary(results: &Value) {

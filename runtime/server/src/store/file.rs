@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use super::{DeleteCheck, DeployCheck, DeploymentRecord, StateStore, verified};
+use super::{DeleteCheck, DeployCheck, DeploymentRecord, StateStore, readable, storage, verified};
 use crate::app::DeployError;
 use crate::tenant::TenantRecord;
 
@@ -195,10 +195,8 @@ impl StateStore for FileStore {
         wasm: Arc<Vec<u8>>,
         check: DeployCheck,
     ) -> Result<DeploymentRecord, DeployError> {
-        let storage = |e: io::Error| DeployError::Storage(e.to_string());
         let _guard = self.lock.lock().expect("poisoned");
-        let current: Vec<_> =
-            self.records().map_err(storage)?.into_iter().filter_map(|(n, r)| Some((n, r.ok()?))).collect();
+        let current = readable(self.records().map_err(storage)?);
         let record = check(&current)?;
         let component = self.component_path(&record.component_sha256);
         if !component.is_file() {

@@ -95,6 +95,16 @@ pub trait StateStore: Send + Sync {
     }
 }
 
+/// A storage failure as a deploy reports it.
+pub(crate) fn storage(e: io::Error) -> DeployError {
+    DeployError::Storage(e.to_string())
+}
+
+/// The records a deploy's checks see: the readable ones.
+pub(crate) fn readable(records: Vec<(String, io::Result<DeploymentRecord>)>) -> Vec<(String, DeploymentRecord)> {
+    records.into_iter().filter_map(|(n, r)| Some((n, r.ok()?))).collect()
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }

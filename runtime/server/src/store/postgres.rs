@@ -19,7 +19,7 @@ use tokio::sync::{Mutex, watch};
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 
 use super::s3::ComponentBlobs;
-use super::{DeleteCheck, DeployCheck, DeploymentRecord, StateStore};
+use super::{DeleteCheck, DeployCheck, DeploymentRecord, StateStore, readable, storage};
 use crate::app::DeployError;
 use crate::tenant::TenantRecord;
 
@@ -208,17 +208,11 @@ impl StateStore for PostgresStore {
         wasm: Arc<Vec<u8>>,
         check: DeployCheck,
     ) -> Result<DeploymentRecord, DeployError> {
-        let storage = |e: io::Error| DeployError::Storage(e.to_string());
         let record = {
             let mut guard = self.client().await.map_err(storage)?;
             let txn = guard.as_mut().expect("connected").transaction().await.map_err(db).map_err(storage)?;
             txn.execute("SELECT pg_advisory_xact_lock($1)", &[&DEPLOY_LOCK]).await.map_err(db).map_err(storage)?;
-            let current: Vec<_> = Self::records(&txn)
-                .await
-                .map_err(storage)?
-                .into_iter()
-                .filter_map(|(n, r)| Some((n, r.ok()?)))
-                .collect();
+            let current = readable(Self::records(&txn).await.map_err(storage)?);
             // A refusal drops the transaction: nothing is written.
             let record = check(&current)?;
             self.blobs.put(&record.component_sha256, wasm).await.map_err(storage)?;
