@@ -96,7 +96,7 @@ pub struct ServeArgs {
     /// Without it, state lives under `--data-dir` (single node).
     #[arg(long, env = "KINDLING_STATE", requires = "blobs", hide_env_values = true)]
     state: Option<String>,
-    /// Where a cluster keeps component bytes: S3-compatible storage as `http://host:port/bucket`
+    /// Where a cluster keeps component bytes: S3-compatible storage as `https://host[:port]/bucket` (or http)
     /// (credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, region from AWS_REGION).
     #[arg(long, env = "KINDLING_BLOBS", requires = "state")]
     blobs: Option<String>,

@@ -14,6 +14,7 @@ pub mod engine;
 pub mod error;
 pub mod gguf;
 pub mod kv_cache;
+pub mod link;
 pub mod network;
 pub mod params;
 pub mod registry;

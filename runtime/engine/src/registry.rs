@@ -411,7 +411,10 @@ impl ModelRegistry {
                     return wake_engine(dormant, &worker.device, &config);
                 }
                 let (pooled, hit) = pool.checkout_path(&path, &log_progress)?;
-                start_engine(&loader_name, &pooled, hit, &worker.device, &config)
+                // Loads at once take the link in turns, smallest first (see `link`).
+                worker.link.transfer(pooled.ckpt.weight_bytes, || {
+                    start_engine(&loader_name, &pooled, hit, &worker.device, &config)
+                })
             })
             .await
             .unwrap_or_else(|e| Err(EngineError::Load(format!("loader task failed: {e}"))));

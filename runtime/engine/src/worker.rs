@@ -23,6 +23,8 @@ pub struct Worker {
     /// How long making this worker ready took (paid once, at boot).
     pub boot_time: Duration,
     pinner: Option<Arc<dyn HostPinner>>,
+    /// The host-to-device link loads copy weights over, one at a time, smallest first.
+    pub link: crate::link::Link,
 }
 
 impl Worker {
@@ -34,7 +36,14 @@ impl Worker {
     /// process that starts from nothing has (the benchmark's baseline).
     pub fn unwarmed(device: Device) -> Self {
         let label = if device.is_cpu() { "cpu".to_string() } else { format!("{:?}", device.location()) };
-        Self { device, label, memory_budget: u64::MAX, boot_time: Duration::ZERO, pinner: None }
+        Self {
+            device,
+            label,
+            memory_budget: u64::MAX,
+            boot_time: Duration::ZERO,
+            pinner: None,
+            link: Default::default(),
+        }
     }
 
     /// Pins host pages for DMA from this worker's device, when it has one.
@@ -167,6 +176,7 @@ mod cuda {
                 memory_budget: (total as u64).saturating_sub(4 << 30),
                 boot_time: Default::default(),
                 pinner: Some(Arc::new(CudaPinner { ctx })),
+                link: Default::default(),
             };
             crate::network::fused::honour_env();
             if crate::network::fused::applies(&worker.device) {

@@ -11,7 +11,7 @@ use super::file::{remove_interrupted_writes, retain_files, write_atomically};
 use super::sigv4::{self, Credentials};
 use super::{sha256_hex, verified};
 
-/// Where component bytes live: `endpoint` (`http://host:port`, path-style requests) and bucket.
+/// Where component bytes live: `endpoint` (`http(s)://host[:port]`, path-style requests) and bucket.
 #[derive(Debug, Clone)]
 pub struct S3Config {
     pub endpoint: String,
@@ -22,20 +22,19 @@ pub struct S3Config {
 }
 
 impl S3Config {
-    /// `http://host:port/bucket`, credentials from `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`
-    /// and `AWS_REGION` (default `us-east-1`).
+    /// `http(s)://host[:port]/bucket`, credentials from `AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY` and `AWS_REGION` (default `us-east-1`).
     pub fn from_url(url: &str) -> anyhow::Result<Self> {
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| anyhow::anyhow!("--blobs must look like http://host:port/bucket, got {url:?}"))?;
-        let (host, bucket) =
-            rest.split_once('/')
-                .filter(|(h, b)| !h.is_empty() && !b.is_empty() && !b.contains('/'))
-                .ok_or_else(|| anyhow::anyhow!("--blobs must look like http://host:port/bucket, got {url:?}"))?;
+        let shape = || anyhow::anyhow!("--blobs must look like https://host[:port]/bucket, got {url:?}");
+        let (scheme, rest) = url.split_once("://").filter(|(s, _)| matches!(*s, "http" | "https")).ok_or_else(shape)?;
+        let (host, bucket) = rest
+            .split_once('/')
+            .filter(|(h, b)| !h.is_empty() && !b.is_empty() && !b.contains('/'))
+            .ok_or_else(shape)?;
         let env =
             |name: &str| std::env::var(name).map_err(|_| anyhow::anyhow!("--blobs needs {name} in the environment"));
         Ok(Self {
-            endpoint: format!("http://{host}"),
+            endpoint: format!("{scheme}://{host}"),
             bucket: bucket.to_string(),
             region: std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".into()),
             access_key: env("AWS_ACCESS_KEY_ID")?,
@@ -88,7 +87,7 @@ impl Client {
         query: &[(String, String)],
         body: &[u8],
     ) -> Result<Vec<u8>, S3Error> {
-        let host = self.config.endpoint.trim_start_matches("http://");
+        let host = self.config.endpoint.split_once("://").map_or(self.config.endpoint.as_str(), |(_, h)| h);
         let path = match key {
             Some(k) => format!("/{}/{k}", self.config.bucket),
             None => format!("/{}", self.config.bucket),
@@ -270,6 +269,7 @@ mod tests {
     #[test]
     fn blob_urls_are_checked() {
         assert!(S3Config::from_url("s3://bucket").is_err());
+        assert!(S3Config::from_url("ftp://host/bucket").is_err());
         assert!(S3Config::from_url("http://127.0.0.1:9000/").is_err());
         assert!(S3Config::from_url("http://127.0.0.1:9000/a/b").is_err());
     }
