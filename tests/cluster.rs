@@ -28,6 +28,39 @@ fn through(gateway: &str, path: &str, key: &str, body: &serde_json::Value) -> Re
     Ok((status, node))
 }
 
+/// Runs `event` while three clients send requests through `gateway`; every request must succeed.
+fn under_load(gateway: &str, path: &str, key: &str, ask: &serde_json::Value, event: impl FnOnce()) {
+    let (stop, sent) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+    let load: Vec<_> = (0..3)
+        .map(|_| {
+            let (gateway, path, key, ask) = (gateway.to_string(), path.to_string(), key.to_string(), ask.clone());
+            let (stop, sent) = (stop.clone(), sent.clone());
+            std::thread::spawn(move || {
+                let mut failures = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    match through(&gateway, &path, &key, &ask) {
+                        Ok((200, _)) => {}
+                        other => failures.push(format!("{other:?}")),
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    event();
+    std::thread::sleep(Duration::from_millis(2500));
+    stop.store(true, Ordering::Relaxed);
+    let failures: Vec<String> = load.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {failures:?}",
+        failures.len(),
+        sent.load(Ordering::Relaxed)
+    );
+}
+
 fn at(nodes: &[Option<Server>], i: usize) -> &Server {
     nodes[i].as_ref().expect("node is up")
 }
@@ -105,36 +138,10 @@ fn a_cluster_shares_deployments_routes_by_locality_and_survives_a_node() {
 
     // The holder dies under load (SIGKILL): healthy tenants see no error.
     let victim = addresses.iter().position(|a| *a == holder).expect("holder is a node");
-    let (stop, sent) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
-    let load: Vec<_> = (0..3)
-        .map(|_| {
-            let (gateway, key, ask, stop, sent) =
-                (envoy.gateway.clone(), acme.clone(), ask.clone(), stop.clone(), sent.clone());
-            std::thread::spawn(move || {
-                let mut failures = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    sent.fetch_add(1, Ordering::Relaxed);
-                    match through(&gateway, "/hello", &key, &ask) {
-                        Ok((200, _)) => {}
-                        other => failures.push(format!("{other:?}")),
-                    }
-                }
-                failures
-            })
-        })
-        .collect();
-    std::thread::sleep(Duration::from_millis(1500));
-    nodes[victim].as_mut().unwrap().kill();
-    nodes[victim] = None;
-    std::thread::sleep(Duration::from_millis(2500));
-    stop.store(true, Ordering::Relaxed);
-    let failures: Vec<String> = load.into_iter().flat_map(|t| t.join().unwrap()).collect();
-    assert!(
-        failures.is_empty(),
-        "{} of {} requests failed: {failures:?}",
-        failures.len(),
-        sent.load(Ordering::Relaxed)
-    );
+    under_load(&envoy.gateway, "/hello", &acme, &ask, || {
+        nodes[victim].as_mut().unwrap().kill();
+        nodes[victim] = None;
+    });
     let (status, now) = through(&envoy.gateway, "/hello", &acme, &ask).unwrap();
     assert_eq!(status, 200);
     assert_ne!(now, holder, "the dead node is routed around");
@@ -160,4 +167,18 @@ fn a_cluster_shares_deployments_routes_by_locality_and_survives_a_node() {
             at(&nodes, i).call_as(Some(&acme), "POST", "/hello", Some(&json!({}))).status == 404
         });
     }
+
+    // A node drained for a rolling update (SIGTERM) under load: its refusals (503 shutting_down)
+    // are retried on the next node, so again no client sees an error.
+    assert_eq!(at(&nodes, 0).deploy_bytes(&later, &wasm).status, 201);
+    for i in 0..3 {
+        wait_until(&format!("node {i} to serve /later"), Duration::from_secs(60), || {
+            serves(at(&nodes, i), None, "/later")
+        });
+    }
+    std::thread::sleep(Duration::from_millis(600)); // the picker sees /later everywhere
+    let (_, holder) = through(&envoy.gateway, "/later", &acme, &ask).unwrap();
+    let drained = addresses.iter().position(|a| *a == holder).expect("holder is a node");
+    under_load(&envoy.gateway, "/later", &acme, &ask, || at(&nodes, drained).terminate());
+    assert!(nodes[drained].as_mut().unwrap().wait_exit(Duration::from_secs(40)).is_some_and(|s| s.success()));
 }
