@@ -8,8 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use kindling_e2e::cluster::{ADMIN_TOKEN, BUCKET, Envoy, ObjectStore, Picker, Postgres, free_port, node, wait_until};
-use kindling_e2e::{HELLO_MANIFEST, Server, hello, tiny_model};
+use kindling_e2e::cluster::{
+    ADMIN_TOKEN, BUCKET, Envoy, ObjectStore, Picker, Postgres, free_port, node, node_options, wait_until,
+};
+use kindling_e2e::{HELLO_MANIFEST, Server, hello, kindling_bin, tiny_model};
 use serde_json::json;
 
 /// A POST through the gateway: status and the node that answered (Envoy's `x-kindling-node`).
@@ -181,4 +183,36 @@ fn a_cluster_shares_deployments_routes_by_locality_and_survives_a_node() {
     let drained = addresses.iter().position(|a| *a == holder).expect("holder is a node");
     under_load(&envoy.gateway, "/later", &acme, &ask, || at(&nodes, drained).terminate());
     assert!(nodes[drained].as_mut().unwrap().wait_exit(Duration::from_secs(40)).is_some_and(|s| s.success()));
+}
+
+#[test]
+fn nodes_reach_postgres_over_verified_tls() {
+    let postgres = Postgres::start_tls();
+    let blobs = ObjectStore::start();
+    let data = tempfile::tempdir().unwrap();
+    let url = format!("{}?sslmode=require", postgres.url);
+
+    // Without trusting the server's CA the node does not start: its certificate is checked.
+    let opts = node_options(&url, &blobs, "127.0.0.1:0", &data.path().join("untrusting"));
+    let out = std::process::Command::new(kindling_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data.path().join("untrusting"))
+        .args(&opts.extra_args)
+        .envs(opts.env.iter().map(|(k, v)| (k, v)))
+        .env_remove("PGSSLROOTCERT")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a node trusted an unknown CA");
+    assert!(stderr.contains("certificate"), "the error names the certificate: {stderr}");
+
+    // Trusting it (PGSSLROOTCERT), the node connects over TLS and deploys.
+    let mut opts = node_options(&url, &blobs, "127.0.0.1:0", &data.path().join("trusting"));
+    opts.env.push(("PGSSLROOTCERT".into(), postgres.ca_cert().display().to_string()));
+    let node = Server::start_with(&[], opts);
+    let wasm = std::fs::read(hello()).unwrap();
+    let deployed = node.deploy_bytes("name = \"tls\"\nroutes = [\"/tls\"]\n", &wasm);
+    assert_eq!(deployed.status, 201, "{}", deployed.body);
+    let encrypted: u32 = postgres.query("SELECT count(*) FROM pg_stat_ssl WHERE ssl").parse().unwrap();
+    assert!(encrypted >= 2, "the node's connections (queries and LISTEN) use TLS: {encrypted}");
 }

@@ -63,13 +63,101 @@ fn postgres_command(name: &str) -> Command {
 
 pub struct Postgres {
     _process: Process,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     pub url: String,
+}
+
+/// A private CA and a certificate for 127.0.0.1 it signed, made with openssl in `dir`.
+fn make_certificates(dir: &Path) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("run openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let subject = |cn: &str| format!("/CN={cn}");
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        &subject("kindling test CA"),
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        &subject("127.0.0.1"),
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+        .expect("write extensions");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+    // PostgreSQL refuses a key others can read.
+    let ok = Command::new("chmod").arg("600").arg(dir.join("server.key")).status().is_ok_and(|s| s.success());
+    assert!(ok, "chmod server.key");
 }
 
 impl Postgres {
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// A server that also speaks TLS, its certificate signed by a fresh private CA (`ca_cert`).
+    pub fn start_tls() -> Self {
+        Self::start_with(true)
+    }
+
+    /// The private CA's certificate (PEM) of a `start_tls` server.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+
+    /// Runs one query through psql (over the Unix socket) and returns its unaligned output.
+    pub fn query(&self, sql: &str) -> String {
+        let out = Command::new("psql")
+            .args(["-h"])
+            .arg(self.dir.path())
+            .args(["-p", self.url.rsplit(':').next().and_then(|p| p.split('/').next()).expect("port")])
+            .args(["-U", "kindling", "-d", "postgres", "-Atc", sql])
+            .output()
+            .expect("run psql");
+        assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    fn start_with(tls: bool) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
+        if tls {
+            make_certificates(dir.path());
+        }
         if is_root() {
             let ok = Command::new("chown").args(["-R", "postgres"]).arg(dir.path()).status().is_ok_and(|s| s.success());
             assert!(ok, "could not hand the database dir to the postgres user");
@@ -82,18 +170,20 @@ impl Postgres {
             .expect("run initdb");
         assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         let port = free_port();
-        let child = postgres_command("postgres")
-            .arg("-D")
+        let mut cmd = postgres_command("postgres");
+        cmd.arg("-D")
             .arg(&data)
             .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-k"])
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start postgres");
+            .arg(dir.path());
+        if tls {
+            let file = |name: &str| dir.path().join(name).display().to_string();
+            cmd.args(["-c", "ssl=on", "-c", &format!("ssl_cert_file={}", file("server.crt"))]);
+            cmd.args(["-c", &format!("ssl_key_file={}", file("server.key"))]);
+        }
+        let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start postgres");
         let process = Process(child);
         wait_until("postgres to listen", Duration::from_secs(30), || listening(port));
-        Postgres { _process: process, _dir: dir, url: format!("postgres://kindling@127.0.0.1:{port}/postgres") }
+        Postgres { _process: process, dir, url: format!("postgres://kindling@127.0.0.1:{port}/postgres") }
     }
 }
 
@@ -236,13 +326,18 @@ pub fn node(
     data_dir: &Path,
     models: &[(&str, &Path)],
 ) -> Server {
-    let opts = ServerOptions {
+    Server::start_with(models, node_options(&postgres.url, blobs, listen, data_dir))
+}
+
+/// How `node` starts a node: `--state state_url`, `--blobs` in `blobs`, the admin token.
+pub fn node_options(state_url: &str, blobs: &ObjectStore, listen: &str, data_dir: &Path) -> ServerOptions {
+    ServerOptions {
         data_dir: Some(data_dir.to_path_buf()),
         admin_token: Some(ADMIN_TOKEN.into()),
         listen: Some(listen.into()),
         extra_args: vec![
             "--state".into(),
-            postgres.url.clone(),
+            state_url.to_string(),
             "--blobs".into(),
             format!("{}/{BUCKET}", blobs.endpoint),
             "--resync-secs".into(),
@@ -252,6 +347,5 @@ pub fn node(
             ("AWS_ACCESS_KEY_ID".into(), "kindling".into()),
             ("AWS_SECRET_ACCESS_KEY".into(), "kindling-secret".into()),
         ],
-    };
-    Server::start_with(models, opts)
+    }
 }

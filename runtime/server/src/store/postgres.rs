@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::sync::{Mutex, watch};
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 
 use super::s3::ComponentBlobs;
 use super::{DeleteCheck, DeployCheck, DeploymentRecord, StateStore, readable, storage};
@@ -34,13 +34,34 @@ CREATE TABLE IF NOT EXISTS kindling_models (name text PRIMARY KEY, path text NOT
 ";
 
 fn db(e: tokio_postgres::Error) -> io::Error {
-    io::Error::other(format!("postgres: {e}"))
+    // The cause (a refused certificate, a reset connection) is in the source chain.
+    let mut message = format!("postgres: {e}");
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    io::Error::other(message)
 }
 
-async fn connect(
-    url: &str,
-) -> io::Result<(Client, tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>)> {
-    tokio_postgres::connect(url, NoTls).await.map_err(db)
+/// TLS for the database connections: used as the URL's `sslmode` says (`prefer` by default, so a
+/// server without TLS still connects; `require` insists). Server certificates are checked against
+/// the public web roots plus, for a private CA, the PEM file `PGSSLROOTCERT` names.
+fn tls() -> io::Result<tokio_postgres_rustls::MakeRustlsConnect> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    if let Ok(path) = std::env::var("PGSSLROOTCERT") {
+        let bad = |e: &dyn std::fmt::Display| io::Error::other(format!("PGSSLROOTCERT {path}: {e}"));
+        for cert in CertificateDer::pem_file_iter(&path).map_err(|e| bad(&e))? {
+            roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(io::Error::other)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
 pub struct PostgresStore {
@@ -72,7 +93,7 @@ impl PostgresStore {
     async fn client(&self) -> io::Result<tokio::sync::MutexGuard<'_, Option<Client>>> {
         let mut guard = self.client.lock().await;
         if guard.as_ref().is_none_or(Client::is_closed) {
-            let (client, connection) = connect(&self.url).await?;
+            let (client, connection) = tokio_postgres::connect(&self.url, tls()?).await.map_err(db)?;
             tokio::spawn(async move {
                 if let Err(e) = connection.await {
                     tracing::warn!(error = %e, "postgres connection closed");
@@ -137,7 +158,7 @@ impl PostgresStore {
 }
 
 async fn listen(url: &str) -> io::Result<(Client, tokio::sync::mpsc::UnboundedReceiver<()>)> {
-    let (client, mut connection) = connect(url).await?;
+    let (client, mut connection) = tokio_postgres::connect(url, tls()?).await.map_err(db)?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
