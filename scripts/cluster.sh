@@ -33,8 +33,8 @@ up() {
   mkdir -p "$DIR/pids" "$DIR/logs"
   [ -x "$KINDLING" ] || { echo "$KINDLING is missing: cargo build --release -p kindling" >&2; exit 1; }
   local pgbin; pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort | tail -1)
-  local pg_port s3_port picker_port gateway_port rr_port admin_port
-  pg_port=$(free_port); s3_port=$(free_port); picker_port=$(free_port)
+  local pg_port s3_port picker_port picker_metrics gateway_port rr_port admin_port
+  pg_port=$(free_port); s3_port=$(free_port); picker_port=$(free_port); picker_metrics=$(free_port)
   gateway_port=$(free_port); rr_port=$(free_port); admin_port=$(free_port)
 
   mkdir -p "$DIR/pg"; [ "$(id -u)" = 0 ] && chown postgres "$DIR/pg"
@@ -61,7 +61,7 @@ up() {
     node_args+=(--node "$a")
     endpoints+=("{ endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: ${a##*:} } } } }")
   done
-  "$KINDLING" picker --listen "127.0.0.1:$picker_port" "${node_args[@]}" >"$DIR/logs/picker.log" 2>&1 & echo $! >"$DIR/pids/picker"
+  "$KINDLING" picker --listen "127.0.0.1:$picker_port" --metrics-listen "127.0.0.1:$picker_metrics" "${node_args[@]}" >"$DIR/logs/picker.log" 2>&1 & echo $! >"$DIR/pids/picker"
   local joined; joined=$(IFS=,; echo "${endpoints[*]}")
   sed -e "s/{{GATEWAY_PORT}}/$gateway_port/; s/{{ROUND_ROBIN_PORT}}/$rr_port/; s/{{ADMIN_PORT}}/$admin_port/" \
       -e "s/{{PICKER_ADDRESS}}/127.0.0.1/; s/{{PICKER_PORT}}/$picker_port/; s/{{NODES}}/$joined/g" \
@@ -75,6 +75,7 @@ GATEWAY=http://127.0.0.1:$gateway_port
 ROUND_ROBIN=http://127.0.0.1:$rr_port
 NODES=$(IFS=,; echo "${addresses[*]}")
 ADMIN_TOKEN=$KINDLING_ADMIN_TOKEN
+PICKER_METRICS=http://127.0.0.1:$picker_metrics/metrics
 ENV
   echo "cluster up: gateway http://127.0.0.1:$gateway_port (round robin :$rr_port), nodes ${addresses[*]}, admin token $KINDLING_ADMIN_TOKEN"
   echo "logs in $DIR/logs; stop with scripts/cluster.sh down"

@@ -134,6 +134,9 @@ fn a_cluster_shares_deployments_routes_by_locality_and_survives_a_node() {
     for _ in 0..8 {
         assert_eq!(through(&envoy.gateway, "/hello", &acme, &ask).unwrap(), (200, holder.clone()), "locality routing");
     }
+    let picked = ureq::get(&picker.metrics).call().unwrap().into_string().unwrap();
+    assert!(picked.contains("kindling_picker_routed_total{tier=\"device\"} 8"), "{picked}");
+    assert!(picked.contains("kindling_picker_nodes{state=\"healthy\"} 3"), "{picked}");
     let spread: std::collections::BTreeSet<String> =
         (0..6).map(|_| through(&envoy.round_robin, "/hello", &acme, &ask).unwrap().1).collect();
     assert!(spread.len() > 1, "round robin spreads over the nodes: {spread:?}");

@@ -221,28 +221,24 @@ impl ObjectStore {
 pub struct Picker {
     _process: Process,
     pub port: u16,
+    /// Its own metrics (Prometheus text).
+    pub metrics: String,
 }
 
 impl Picker {
     pub fn start(nodes: &[String], admin_token: &str) -> Self {
-        let port = free_port();
+        let (port, metrics) = (free_port(), free_port());
         let mut cmd = Command::new(crate::kindling_bin());
-        cmd.args([
-            "picker",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--scrape-ms",
-            "100",
-            "--admin-token",
-            admin_token,
-        ]);
+        cmd.args(["picker", "--listen", &format!("127.0.0.1:{port}"), "--scrape-ms", "100"]);
+        cmd.args(["--admin-token", admin_token, "--metrics-listen", &format!("127.0.0.1:{metrics}")]);
         for node in nodes {
             cmd.args(["--node", node]);
         }
         let child = cmd.stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().expect("start kindling picker");
         let process = Process(child);
         wait_until("the picker to listen", Duration::from_secs(30), || listening(port));
-        Picker { _process: process, port }
+        wait_until("the picker's metrics to listen", Duration::from_secs(30), || listening(metrics));
+        Picker { _process: process, port, metrics: format!("http://127.0.0.1:{metrics}/metrics") }
     }
 }
 

@@ -24,6 +24,12 @@ pub struct PickerArgs {
     /// winning it requests.
     #[arg(long, default_value_t = 8.0)]
     imbalance: f64,
+    /// KV-cache usage (0 to 1) past which a node stops winning requests for locality.
+    #[arg(long, default_value_t = 0.9)]
+    kv_ceiling: f64,
+    /// Serve the picker's own metrics (Prometheus text) here.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// The nodes' `--domain`, so `Host: NAME.<domain>` resolves as they resolve it.
     #[arg(long)]
     domain: Option<String>,
@@ -45,6 +51,7 @@ pub fn run(args: PickerArgs) -> anyhow::Result<()> {
             scrape_every: Duration::from_millis(args.scrape_ms.max(10)),
             policy: Policy {
                 imbalance: args.imbalance,
+                kv_ceiling: args.kv_ceiling,
                 domain: args.domain.map(|d| d.trim_matches('.').to_ascii_lowercase()),
             },
         };
@@ -56,6 +63,10 @@ pub fn run(args: PickerArgs) -> anyhow::Result<()> {
                 _ = term.recv() => {},
             }
         };
-        kindling_picker::serve(listener, config, shutdown).await
+        let metrics = match args.metrics_listen {
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind {addr}"))?),
+            None => None,
+        };
+        kindling_picker::serve(listener, metrics, config, shutdown).await
     })
 }

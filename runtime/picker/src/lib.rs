@@ -47,12 +47,6 @@ pub struct PickerConfig {
     pub policy: Policy,
 }
 
-struct Picker {
-    nodes: Nodes,
-    policy: Policy,
-    rotation: AtomicUsize,
-}
-
 /// One request's ext_proc stream: what has been seen of it so far.
 #[derive(Default)]
 struct Exchange {
@@ -62,14 +56,68 @@ struct Exchange {
     body: Vec<u8>,
 }
 
+struct Picker {
+    nodes: Nodes,
+    policy: Policy,
+    rotation: AtomicUsize,
+    stats: Stats,
+}
+
+/// What the picker has decided, for its `/metrics`.
+#[derive(Default)]
+struct Stats {
+    /// Requests routed, by where the primary endpoint holds the model: device, pool, disk, or
+    /// not registered there.
+    routed: [std::sync::atomic::AtomicU64; 4],
+    /// Requests the picker had no opinion on (Envoy balanced them itself).
+    unrouted: std::sync::atomic::AtomicU64,
+}
+
+const TIERS: [&str; 4] = ["device", "pool", "disk", "none"];
+
 impl Picker {
+    fn new(nodes: Nodes, policy: Policy) -> Self {
+        Self { nodes, policy, rotation: AtomicUsize::new(0), stats: Stats::default() }
+    }
+
+    /// Prometheus text: routing decisions and the nodes' health as last scraped.
+    fn render_metrics(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP kindling_picker_routed_total Requests routed, by the primary endpoint's tier for the model."
+        );
+        let _ = writeln!(out, "# TYPE kindling_picker_routed_total counter");
+        for (tier, n) in TIERS.iter().zip(&self.stats.routed) {
+            let _ = writeln!(out, "kindling_picker_routed_total{{tier=\"{tier}\"}} {}", n.load(Ordering::Relaxed));
+        }
+        let _ = writeln!(
+            out,
+            "# HELP kindling_picker_unrouted_total Requests left to Envoy's own balancing (unknown deployment, no healthy node)."
+        );
+        let _ = writeln!(out, "# TYPE kindling_picker_unrouted_total counter");
+        let _ = writeln!(out, "kindling_picker_unrouted_total {}", self.stats.unrouted.load(Ordering::Relaxed));
+        let nodes = self.nodes.snapshot();
+        let healthy = nodes.iter().filter(|n| n.state.healthy).count();
+        let _ = writeln!(out, "# HELP kindling_picker_nodes Nodes as last scraped.");
+        let _ = writeln!(out, "# TYPE kindling_picker_nodes gauge");
+        let _ = writeln!(out, "kindling_picker_nodes{{state=\"healthy\"}} {healthy}");
+        let _ = writeln!(out, "kindling_picker_nodes{{state=\"unhealthy\"}} {}", nodes.len() - healthy);
+        out
+    }
+
     fn decide(&self, ex: &Exchange) -> Vec<String> {
         let model = ex.json.then(|| model_of(&ex.body)).flatten();
         let req = pick::RequestInfo { path: &ex.path, host: ex.host.as_deref(), model: model.as_deref() };
         let rotation = self.rotation.fetch_add(1, Ordering::Relaxed);
-        let picked = pick::pick(&self.nodes.snapshot(), &req, &self.policy, rotation);
-        tracing::debug!(path = %ex.path, model = ?model, endpoints = ?picked, "picked");
-        picked
+        let ranked = pick::ranked(&self.nodes.snapshot(), &req, &self.policy, rotation);
+        tracing::debug!(path = %ex.path, model = ?model, endpoints = ?ranked, "picked");
+        match ranked.first() {
+            Some((_, tier)) => self.stats.routed[tier.map_or(3, |t| t as usize)].fetch_add(1, Ordering::Relaxed),
+            None => self.stats.unrouted.fetch_add(1, Ordering::Relaxed),
+        };
+        ranked.into_iter().map(|(address, _)| address).collect()
     }
 
     /// The reply to one message of the stream.
@@ -234,16 +282,41 @@ fn process(picker: Arc<Picker>, req: Request<Incoming>) -> Response<GrpcBody> {
         .expect("valid response")
 }
 
-/// Serves ext_proc on `listener` until `shutdown` resolves, scraping the nodes meanwhile.
+/// Answers every HTTP/1 request on `listener` with the picker's metrics.
+async fn serve_metrics(listener: tokio::net::TcpListener, picker: Arc<Picker>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let picker = picker.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                let text = picker.render_metrics();
+                async move {
+                    Response::builder()
+                        .header("content-type", "text/plain; version=0.0.4")
+                        .body(http_body_util::Full::new(Bytes::from(text)))
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+        });
+    }
+}
+
+/// Serves ext_proc on `listener` (and, with `metrics`, Prometheus text on that listener) until
+/// `shutdown` resolves, scraping the nodes meanwhile.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    metrics: Option<tokio::net::TcpListener>,
     config: PickerConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(!config.nodes.is_empty(), "the picker needs at least one --node");
     let nodes = Nodes::new();
     nodes.spawn_scraper(config.nodes.clone(), config.scrape_every, config.admin_token.clone());
-    let picker = Arc::new(Picker { nodes, policy: config.policy, rotation: AtomicUsize::new(0) });
+    let picker = Arc::new(Picker::new(nodes, config.policy));
+    if let Some(metrics) = metrics {
+        tokio::spawn(serve_metrics(metrics, picker.clone()));
+    }
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -297,7 +370,7 @@ mod tests {
             },
         };
         *nodes.inner_for_tests() = vec![node("n1:1", Tier::Disk), node("n2:2", Tier::Device)];
-        Picker { nodes, policy: Policy { imbalance: 8.0, domain: None }, rotation: AtomicUsize::new(0) }
+        Picker::new(nodes, Policy { imbalance: 8.0, kv_ceiling: 0.9, domain: None })
     }
 
     fn headers(path: &str, end_of_stream: bool) -> ProcessingRequest {
@@ -331,6 +404,12 @@ mod tests {
         let p = picker();
         let reply = p.reply(&mut Exchange::default(), headers("/chat", true));
         assert_eq!(destination(&reply), Some(("n2:2".into(), "n2:2,n1:1".into())));
+        let unknown = p.reply(&mut Exchange::default(), headers("/elsewhere", true));
+        assert_eq!(destination(&unknown), None, "no opinion on an unknown deployment");
+        let metrics = p.render_metrics();
+        assert!(metrics.contains("kindling_picker_routed_total{tier=\"device\"} 1\n"), "{metrics}");
+        assert!(metrics.contains("kindling_picker_unrouted_total 1\n"), "{metrics}");
+        assert!(metrics.contains("kindling_picker_nodes{state=\"healthy\"} 2\n"), "{metrics}");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Which nodes a request should go to, best first: those serving its deployment, ranked by
 //! where its model is (device, then pool, then disk), with a guard against piling onto one node:
-//! a node whose queue is more than `imbalance` sequences over the shortest queue goes after the
-//! rest. Ties rotate, so equal nodes share the load.
+//! a node whose queue is more than `imbalance` sequences over the shortest queue, or whose KV
+//! cache is fuller than `kv_ceiling`, goes after the rest. Ties rotate, so equal nodes share the load.
 
 use crate::nodes::{DeploymentInfo, Node, Tier};
 
@@ -19,6 +19,9 @@ pub struct Policy {
     /// Sequences a node may have queued over the least loaded serving node before it is
     /// passed over for locality.
     pub imbalance: f64,
+    /// KV-cache usage (0 to 1) past which a node is passed over for locality: its new sequences
+    /// would wait for blocks or preempt others.
+    pub kv_ceiling: f64,
     /// With a domain, `Host: NAME.<domain>` names deployment NAME (as the nodes' `--domain`).
     pub domain: Option<String>,
 }
@@ -54,6 +57,11 @@ pub fn resolve<'a>(nodes: &'a [Node], req: &RequestInfo, domain: Option<&str>) -
 /// Endpoints (`host:port`) for the request, best first; empty when the picker has no opinion
 /// (unknown deployment, no healthy node serving it), so Envoy falls back to its own balancing.
 pub fn pick(nodes: &[Node], req: &RequestInfo, policy: &Policy, rotation: usize) -> Vec<String> {
+    ranked(nodes, req, policy, rotation).into_iter().map(|(address, _)| address).collect()
+}
+
+/// `pick`, with where the request's model is on each endpoint (`None`: not registered there).
+pub fn ranked(nodes: &[Node], req: &RequestInfo, policy: &Policy, rotation: usize) -> Vec<(String, Option<Tier>)> {
     let Some(deployment) = resolve(nodes, req, policy.domain.as_deref()) else { return Vec::new() };
     let models: Vec<&str> = match req.model.filter(|m| deployment.models.iter().any(|d| d == m)) {
         Some(m) => vec![m],
@@ -66,21 +74,21 @@ pub fn pick(nodes: &[Node], req: &RequestInfo, policy: &Policy, rotation: usize)
         .collect();
     let Some(shortest) = serving.iter().map(|(_, n)| n.state.queue).reduce(f64::min) else { return Vec::new() };
     let count = nodes.len().max(1);
-    let mut ranked: Vec<_> = serving
+    let mut order: Vec<_> = serving
         .into_iter()
         .map(|(i, n)| {
             let tier: Option<Tier> = models.iter().filter_map(|m| n.state.tiers.get(*m).copied()).min();
-            let overloaded = n.state.queue > shortest + policy.imbalance;
+            let overloaded = n.state.queue > shortest + policy.imbalance || n.state.kv_usage > policy.kv_ceiling;
             // `None` (model not registered there) sorts after every tier.
             let tier_rank = tier.map_or(3, |t| t as u8);
             (
                 (overloaded, tier_rank, n.state.queue.to_bits(), (i + count - rotation % count) % count),
-                n.address.clone(),
+                (n.address.clone(), tier),
             )
         })
         .collect();
-    ranked.sort_by_key(|(key, _)| *key);
-    ranked.into_iter().map(|(_, address)| address).collect()
+    order.sort_by_key(|(key, _)| *key);
+    order.into_iter().map(|(_, picked)| picked).collect()
 }
 
 #[cfg(test)]
@@ -109,7 +117,7 @@ mod tests {
     }
 
     fn policy() -> Policy {
-        Policy { imbalance: 4.0, domain: Some("fn.example".into()) }
+        Policy { imbalance: 4.0, kv_ceiling: 0.9, domain: Some("fn.example".into()) }
     }
 
     fn req<'a>(path: &'a str, model: Option<&'a str>) -> RequestInfo<'a> {
