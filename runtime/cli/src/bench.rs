@@ -263,6 +263,26 @@ async fn wake_from_sleep(registry: &ModelRegistry, name: &str, runs: usize) -> a
     Ok(json!({ "runs": rows, "median_s": median(&mut walls) }))
 }
 
+/// Starts every model of `models` from zero at once: for each, its name, the seconds from
+/// `started` to its first token, and how it loaded.
+fn scale_from_zero(
+    registry: &Arc<ModelRegistry>,
+    models: &[(String, PathBuf)],
+    started: Instant,
+) -> Vec<tokio::task::JoinHandle<anyhow::Result<(String, f64, kindling_engine::LoadBreakdown)>>> {
+    models
+        .iter()
+        .map(|(name, _)| {
+            let (registry, name) = (registry.clone(), name.clone());
+            tokio::spawn(async move {
+                let acquired = registry.acquire(&name).await?;
+                acquired.engine.generate(PROMPT.into(), first_token_params()).await?;
+                anyhow::Ok((name, secs(started.elapsed()), acquired.engine.info.load))
+            })
+        })
+        .collect()
+}
+
 /// Every model scaled from zero at the same moment (all pooled already): each one's time to
 /// first token and the worker it was placed on.
 async fn together(registry: &Arc<ModelRegistry>, models: &[(String, PathBuf)]) -> anyhow::Result<Value> {
@@ -271,24 +291,14 @@ async fn together(registry: &Arc<ModelRegistry>, models: &[(String, PathBuf)]) -
     }
     tokio::time::sleep(Duration::from_millis(500)).await; // let the old engines free their memory
     let started = Instant::now();
-    let tasks: Vec<_> = models
-        .iter()
-        .map(|(name, _)| {
-            let (registry, name) = (registry.clone(), name.clone());
-            tokio::spawn(async move {
-                let acquired = registry.acquire(&name).await?;
-                acquired.engine.generate(PROMPT.into(), first_token_params()).await?;
-                let load = acquired.engine.info.load;
-                anyhow::Ok(json!({
-                    "model": name, "wall_s": secs(started.elapsed()), "worker": registry.worker_of(&name),
-                    "pool_hit": load.pool_hit, "h2d_s": secs(load.h2d),
-                }))
-            })
-        })
-        .collect();
+    let tasks = scale_from_zero(registry, models, started);
     let mut rows = Vec::new();
     for task in tasks {
-        let row = task.await??;
+        let (name, wall, load) = task.await??;
+        let row = json!({
+            "model": name, "wall_s": wall, "worker": registry.worker_of(&name),
+            "pool_hit": load.pool_hit, "h2d_s": secs(load.h2d),
+        });
         eprintln!("[together] {row}");
         rows.push(row);
     }
@@ -319,24 +329,15 @@ async fn warm_traffic(registry: &Arc<ModelRegistry>, models: &[(String, PathBuf)
         }
     }
     let loads_started = Instant::now();
-    let loads: Vec<_> = cold
-        .iter()
-        .map(|(name, _)| {
-            let (registry, name) = (registry.clone(), name.clone());
-            tokio::spawn(async move {
-                let acquired = registry.acquire(&name).await?;
-                acquired.engine.generate(PROMPT.into(), first_token_params()).await?;
-                anyhow::Ok((name, secs(loads_started.elapsed())))
-            })
-        })
-        .collect();
+    let loads = scale_from_zero(registry, cold, loads_started);
     let loads_done = Arc::new(std::sync::Mutex::new(None::<Instant>));
     let waiter = {
         let loads_done = loads_done.clone();
         tokio::spawn(async move {
             let mut out = Vec::new();
             for load in loads {
-                out.push(load.await??);
+                let (name, wall, _) = load.await??;
+                out.push((name, wall));
             }
             *loads_done.lock().unwrap() = Some(Instant::now());
             anyhow::Ok(out)
