@@ -3,7 +3,7 @@
 //! process with HF transformers. Baselines run first, while the GPU is still free; the warm
 //! worker (which reserves most of the GPU as its arena) is made last.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,6 +28,10 @@ pub struct ColdstartArgs {
     /// worker, and report the stream's time per output token before and during their loads.
     #[arg(long)]
     warm_traffic: bool,
+    /// Then, per model, a pool miss with its files dropped from the page cache, against reading
+    /// the same files from disk with 1 and with several parallel readers (the same run).
+    #[arg(long)]
+    pool_miss: bool,
     /// Timed runs of each variant.
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -182,7 +186,8 @@ pub fn coldstart(args: ColdstartArgs) -> anyhow::Result<()> {
         results["worker_boot_s"] = json!(secs(workers[0].boot_time));
         let pool = Arc::new(CheckpointPool::new(crate::serve::gib(args.pool_gib), workers[0].pinner()));
         let workers = workers.into_iter().map(Arc::new).collect();
-        let registry = Arc::new(ModelRegistry::with_workers(workers, pool, kindling_engine::EngineConfig::default()));
+        let registry =
+            Arc::new(ModelRegistry::with_workers(workers, pool.clone(), kindling_engine::EngineConfig::default()));
         for (name, path) in &models {
             registry.register(name, path)?;
             let entry = &mut results["models"][name.as_str()];
@@ -219,6 +224,11 @@ pub fn coldstart(args: ColdstartArgs) -> anyhow::Result<()> {
         }
         if args.together {
             results["together"] = together(&registry, &models).await?;
+        }
+        if args.pool_miss {
+            for (name, path) in &models {
+                results["models"][name.as_str()]["pool_miss"] = pool_miss(&registry, &pool, name, path).await?;
+            }
         }
         if args.warm_traffic {
             anyhow::ensure!(models.len() >= 2, "--warm-traffic needs a warm model and at least one to load");
@@ -261,6 +271,91 @@ async fn wake_from_sleep(registry: &ModelRegistry, name: &str, runs: usize) -> a
         );
     }
     Ok(json!({ "runs": rows, "median_s": median(&mut walls) }))
+}
+
+/// Drops `files` from the page cache (clean pages of unmapped files: the pool must not hold them).
+fn drop_from_page_cache(files: &[PathBuf]) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd;
+    for path in files {
+        let file = std::fs::File::open(path)?;
+        // Dirty pages (a file just written) are not dropped: write them out first.
+        file.sync_all()?;
+        // SAFETY: a valid open descriptor; the call only advises the kernel.
+        let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        anyhow::ensure!(rc == 0, "posix_fadvise({}) failed: {rc}", path.display());
+    }
+    Ok(())
+}
+
+/// Reads every byte of `files` with `readers` threads (disjoint 16 MiB pieces, in order), as the
+/// disk baseline: seconds taken.
+fn read_with(files: &[PathBuf], readers: usize) -> anyhow::Result<f64> {
+    use std::os::unix::fs::FileExt;
+    const PIECE: u64 = 16 << 20;
+    let pieces: Vec<(usize, u64, u64)> = files
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Ok((i, std::fs::metadata(p)?.len())))
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .into_iter()
+        .flat_map(|(i, len)| (0..len.div_ceil(PIECE)).map(move |k| (i, k * PIECE, PIECE.min(len - k * PIECE))))
+        .collect();
+    let opened: Vec<std::fs::File> = files.iter().map(std::fs::File::open).collect::<std::io::Result<_>>()?;
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..readers)
+            .map(|_| {
+                s.spawn(|| -> std::io::Result<()> {
+                    let mut buf = vec![0u8; PIECE as usize];
+                    loop {
+                        let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&(file, offset, len)) = pieces.get(k) else { return Ok(()) };
+                        opened[file].read_exact_at(&mut buf[..len as usize], offset)?;
+                    }
+                })
+            })
+            .collect();
+        workers.into_iter().try_for_each(|w| w.join().expect("reader thread"))
+    })?;
+    Ok(secs(started.elapsed()))
+}
+
+/// A pool miss from disk: the model's engine unloaded, its checkpoint dropped from the pool and
+/// its files from the page cache, then the first request. Against the same files read with 1 and
+/// 8 readers after dropping them the same way.
+async fn pool_miss(registry: &ModelRegistry, pool: &CheckpointPool, name: &str, path: &Path) -> anyhow::Result<Value> {
+    let files = Checkpoint::open(path)?.weight_files;
+    let bytes: u64 = files.iter().map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0)).sum();
+    let mut disk = serde_json::Map::new();
+    for readers in [1, 8] {
+        drop_from_page_cache(&files)?;
+        let s = read_with(&files, readers)?;
+        eprintln!("[{name}] disk, {readers} reader(s): {s:.3} s ({:.2} GB/s)", bytes as f64 / s / 1e9);
+        disk.insert(format!("readers_{readers}_s"), json!(s));
+    }
+    let best = disk.values().filter_map(Value::as_f64).fold(f64::INFINITY, f64::min);
+    registry.unload(name);
+    tokio::time::sleep(Duration::from_millis(300)).await; // the engine frees its memory
+    anyhow::ensure!(pool.evict(path), "{name}'s checkpoint is still in use; cannot measure a miss");
+    drop_from_page_cache(&files)?;
+    let started = Instant::now();
+    let acquired = registry.acquire(name).await?;
+    acquired.engine.generate(PROMPT.into(), first_token_params()).await?;
+    let wall = secs(started.elapsed());
+    let load = acquired.engine.info.load;
+    anyhow::ensure!(!load.pool_hit, "{name} was a pool hit");
+    eprintln!(
+        "[{name}] pool miss from disk: {wall:.3} s (admit {:.3} s, h2d {:.3} s); best disk read {best:.3} s; over it by {:.3} s",
+        load.admit.as_secs_f64(),
+        load.h2d.as_secs_f64(),
+        wall - best
+    );
+    drop(acquired);
+    Ok(json!({
+        "bytes": bytes, "disk": disk, "best_disk_s": best, "miss_s": wall,
+        "admit_s": secs(load.admit), "h2d_s": secs(load.h2d), "over_disk_s": wall - best,
+    }))
 }
 
 /// Starts every model of `models` from zero at once: for each, its name, the seconds from

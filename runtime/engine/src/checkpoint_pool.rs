@@ -203,6 +203,16 @@ impl CheckpointPool {
         self.holds(&ckpt.dir)
     }
 
+    /// Drops the checkpoint at `dir` from the pool unless a load is using it. Returns whether it
+    /// was dropped.
+    pub fn evict(&self, dir: &Path) -> bool {
+        let mut entries = self.entries.lock().expect("poisoned");
+        match entries.get(dir) {
+            Some(e) if Arc::strong_count(&e.pooled) == 1 => entries.remove(dir).is_some(),
+            _ => false,
+        }
+    }
+
     /// Whether the checkpoint at `dir` (a registered model's path) is resident in the pool.
     pub fn holds(&self, dir: &Path) -> bool {
         self.entries.lock().expect("poisoned").contains_key(dir)
