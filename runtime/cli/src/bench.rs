@@ -345,6 +345,8 @@ async fn pool_miss(registry: &ModelRegistry, pool: &CheckpointPool, name: &str, 
     let wall = secs(started.elapsed());
     let load = acquired.engine.info.load;
     anyhow::ensure!(!load.pool_hit, "{name} was a pool hit");
+    let (page_in, pin) = pool.admission_phases(path).unwrap_or_default();
+    eprintln!("[{name}] admission: page-in {:.3} s, pin {:.3} s", page_in.as_secs_f64(), pin.as_secs_f64());
     eprintln!(
         "[{name}] pool miss from disk: {wall:.3} s (admit {:.3} s, h2d {:.3} s); best disk read {best:.3} s; over it by {:.3} s",
         load.admit.as_secs_f64(),
@@ -354,7 +356,8 @@ async fn pool_miss(registry: &ModelRegistry, pool: &CheckpointPool, name: &str, 
     drop(acquired);
     Ok(json!({
         "bytes": bytes, "disk": disk, "best_disk_s": best, "miss_s": wall,
-        "admit_s": secs(load.admit), "h2d_s": secs(load.h2d), "over_disk_s": wall - best,
+        "admit_s": secs(load.admit), "page_in_s": secs(page_in), "pin_s": secs(pin),
+        "h2d_s": secs(load.h2d), "over_disk_s": wall - best,
     }))
 }
 
