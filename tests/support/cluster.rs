@@ -64,6 +64,7 @@ fn postgres_command(name: &str) -> Command {
 pub struct Postgres {
     _process: Process,
     dir: tempfile::TempDir,
+    port: u16,
     pub url: String,
 }
 
@@ -145,7 +146,7 @@ impl Postgres {
         let out = Command::new("psql")
             .args(["-h"])
             .arg(self.dir.path())
-            .args(["-p", self.url.rsplit(':').next().and_then(|p| p.split('/').next()).expect("port")])
+            .args(["-p", &self.port.to_string()])
             .args(["-U", "kindling", "-d", "postgres", "-Atc", sql])
             .output()
             .expect("run psql");
@@ -183,7 +184,7 @@ impl Postgres {
         let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start postgres");
         let process = Process(child);
         wait_until("postgres to listen", Duration::from_secs(30), || listening(port));
-        Postgres { _process: process, dir, url: format!("postgres://kindling@127.0.0.1:{port}/postgres") }
+        Postgres { _process: process, dir, port, url: format!("postgres://kindling@127.0.0.1:{port}/postgres") }
     }
 }
 

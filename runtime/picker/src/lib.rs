@@ -207,6 +207,14 @@ fn take_message(buf: &mut BytesMut) -> Result<Option<Bytes>, String> {
     Ok(Some(buf.split_to(len).freeze()))
 }
 
+/// The next whole `ProcessingRequest` at the front of `buf`, if one has arrived.
+fn next_request(buf: &mut BytesMut) -> Result<Option<ProcessingRequest>, String> {
+    match take_message(buf)? {
+        Some(bytes) => ProcessingRequest::decode(bytes).map(Some).map_err(|e| format!("bad ProcessingRequest: {e}")),
+        None => Ok(None),
+    }
+}
+
 fn frame(message: &impl Message) -> Bytes {
     let mut out = BytesMut::with_capacity(5 + message.encoded_len());
     out.put_u8(0);
@@ -238,7 +246,7 @@ fn process(picker: Arc<Picker>, req: Request<Incoming>) -> Response<GrpcBody> {
         let mut body = req.into_body();
         let mut buf = BytesMut::new();
         let mut exchange = Exchange::default();
-        let status = loop {
+        let status = 'stream: loop {
             match body.frame().await {
                 None => break (0, String::new()),
                 Some(Err(e)) => break (1, format!("stream: {e}")),
@@ -247,30 +255,17 @@ fn process(picker: Arc<Picker>, req: Request<Incoming>) -> Response<GrpcBody> {
                     buf.extend_from_slice(&data);
                 }
             }
-            let mut failed = None;
             loop {
-                match take_message(&mut buf) {
+                match next_request(&mut buf) {
                     Ok(None) => break,
-                    Ok(Some(bytes)) => match ProcessingRequest::decode(bytes) {
-                        Ok(m) => {
-                            let reply = picker.reply(&mut exchange, m);
-                            if tx.send(Ok(Frame::data(frame(&reply)))).await.is_err() {
-                                return;
-                            }
+                    Ok(Some(m)) => {
+                        let reply = picker.reply(&mut exchange, m);
+                        if tx.send(Ok(Frame::data(frame(&reply)))).await.is_err() {
+                            return;
                         }
-                        Err(e) => {
-                            failed = Some(format!("bad ProcessingRequest: {e}"));
-                            break;
-                        }
-                    },
-                    Err(e) => {
-                        failed = Some(e);
-                        break;
                     }
+                    Err(e) => break 'stream (3, e),
                 }
-            }
-            if let Some(e) = failed {
-                break (3, e);
             }
         };
         let _ = tx.send(Ok(trailers(status.0, &status.1))).await;
@@ -285,7 +280,14 @@ fn process(picker: Arc<Picker>, req: Request<Incoming>) -> Response<GrpcBody> {
 /// Answers every HTTP/1 request on `listener` with the picker's metrics.
 async fn serve_metrics(listener: tokio::net::TcpListener, picker: Arc<Picker>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let picker = picker.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |_req: Request<Incoming>| {

@@ -235,7 +235,7 @@ impl ComponentBlobs {
 
     /// Deletes every stored component not in `live`, and this node's cached copies of them.
     pub async fn retain(&self, live: BTreeSet<String>) -> io::Result<()> {
-        retain_files(&self.cache, &live)?;
+        self.retain_cached(&live)?;
         self.blocking(move |c| {
             for key in c.list("components/")? {
                 let sha = key.trim_start_matches("components/").trim_end_matches(".wasm");
