@@ -739,6 +739,13 @@ fn the_smallest_hand_written_component_serves_and_splits_its_time() {
     assert_eq!((answer.status, answer.body.as_str()), (200, ""));
     let timing = answer.header("server-timing").expect("Server-Timing on an invocation");
     assert!(timing.starts_with("instantiate;dur=") && timing.contains(", handler;dur="), "{timing}");
+    assert!(!timing.ends_with(", warm"), "nothing was made ahead of the first request: {timing}");
+    // Its successor is made in the background; a later request gets it (`, warm`).
+    let warm = (0..200).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        server.get("/ping-wat/again").header("server-timing").is_some_and(|t| t.ends_with(", warm"))
+    });
+    assert!(warm, "no request got an instance made ahead of it");
 }
 
 #[test]

@@ -43,6 +43,8 @@ struct Sample {
     latency: f64,
     instantiate: Option<f64>,
     handler: Option<f64>,
+    /// Its instance was made ahead of the request.
+    warm: bool,
 }
 
 fn server_timing(header: Option<&str>, name: &str) -> Option<f64> {
@@ -64,6 +66,7 @@ fn client(url: &str, n: usize) -> anyhow::Result<Vec<Sample>> {
             latency: t.elapsed().as_secs_f64() * 1e3,
             instantiate: server_timing(timing.as_deref(), "instantiate"),
             handler: server_timing(timing.as_deref(), "handler"),
+            warm: timing.is_some_and(|t| t.split(',').any(|m| m.trim() == "warm")),
         });
     }
     Ok(samples)
@@ -88,9 +91,14 @@ fn level(url: &str, clients: usize, requests: usize) -> anyhow::Result<Value> {
     let handler = sorted(&|s| s.handler);
     Ok(json!({
         "clients": clients, "requests": samples.len(), "req_s": round4(samples.len() as f64 / wall),
-        "p50_ms": round4(percentile(&latency, 0.5)), "p99_ms": round4(percentile(&latency, 0.99)),
+        "p50_ms": round4(percentile(&latency, 0.5)), "p90_ms": round4(percentile(&latency, 0.9)),
+        "p99_ms": round4(percentile(&latency, 0.99)), "p999_ms": round4(percentile(&latency, 0.999)),
+        "max_ms": round4(latency.last().copied().unwrap_or(f64::NAN)),
         "instantiate_p50_ms": round4(percentile(&instantiate, 0.5)),
+        "instantiate_p99_ms": round4(percentile(&instantiate, 0.99)),
         "handler_p50_ms": round4(percentile(&handler, 0.5)),
+        "handler_p99_ms": round4(percentile(&handler, 0.99)),
+        "made_ahead": round4(samples.iter().filter(|s| s.warm).count() as f64 / samples.len().max(1) as f64),
     }))
 }
 
@@ -127,7 +135,7 @@ pub fn invoke(args: InvokeBenchArgs) -> anyhow::Result<()> {
             // teardown on the way, HTTP.
             let rest = over("p50_ms") - ms("instantiate_p50_ms") - ms("handler_p50_ms");
             println!(
-                "{name:>20} x{clients:<3} {:>9.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  over /healthz: p50 +{:.3} ms, p99 +{:.3} ms (p50 split: instantiate {:.3}, handler {:.3}, body and rest {:.3})",
+                "{name:>20} x{clients:<3} {:>9.0} req/s  p50 {:>7.3} ms  p99 {:>7.3} ms  over /healthz: p50 +{:.3} ms, p99 +{:.3} ms (p50 split: instantiate {:.3}, handler {:.3}, body and rest {:.3}; instances made ahead {:.0}%)",
                 ms("req_s"),
                 ms("p50_ms"),
                 ms("p99_ms"),
@@ -136,6 +144,7 @@ pub fn invoke(args: InvokeBenchArgs) -> anyhow::Result<()> {
                 ms("instantiate_p50_ms"),
                 ms("handler_p50_ms"),
                 rest,
+                ms("made_ahead") * 100.0,
             );
             report.push(json!({ "target": name, "result": r, "p50_over_baseline_ms": over("p50_ms"), "p99_over_baseline_ms": over("p99_ms") }));
         }

@@ -70,9 +70,16 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 128)]
     max_instances: u32,
     /// KiB of each handler memory and table slot (and up to 512 of its async stack) kept resident
-    /// between instances: reset in place instead of returned to the kernel.
-    #[arg(long, default_value_t = 0)]
+    /// between instances: the pages an instance wrote are reset in place instead of returned to
+    /// the kernel, so the next instance in the slot takes no page faults. Use 0 on kernels
+    /// without PAGEMAP_SCAN (before Linux 6.7), where the whole prefix is reset every time.
+    #[arg(long, default_value_t = 16 << 10)]
     keep_resident_kib: usize,
+    /// Handler instances made ahead of requests, one per recently invoked deployment, in slots of
+    /// their own on top of --max-instances (each request still gets an instance no request has
+    /// used); 0 instantiates every instance on its request's path.
+    #[arg(long, default_value_t = 16)]
+    warm_instances: usize,
     /// Serve deployment NAME at `http://NAME.<DOMAIN>/` (by the Host header) besides its routes.
     #[arg(long)]
     domain: Option<String>,
@@ -153,6 +160,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         config.admin_token = args.admin_token.clone();
         config.runtime.max_instances = args.max_instances.max(1);
         config.runtime.keep_resident_bytes = args.keep_resident_kib << 10;
+        config.runtime.warm_instances = args.warm_instances;
         config.domain = args.domain.clone().map(|d| d.trim_matches('.').to_ascii_lowercase());
         config.max_connections = args.max_connections.max(1);
         config.drain_timeout = Duration::from_secs(args.drain_secs);

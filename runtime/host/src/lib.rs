@@ -10,6 +10,7 @@ pub mod limits;
 pub mod llm;
 pub mod runtime;
 pub mod state;
+mod warm;
 
 pub use limits::HandlerLimits;
 pub use llm::{LlmCtx, LlmReport};

@@ -102,6 +102,11 @@ impl LlmCtx {
         Self { backend, allowed, max_tokens, share, invocation_slots, report: Default::default() }
     }
 
+    /// A new context with the same deployment settings, its own slots and report.
+    pub fn fresh(&self) -> Self {
+        Self::new(self.backend.clone(), self.allowed.clone(), self.max_tokens, self.share.clone())
+    }
+
     /// Takes a generation slot, or says which limit is full (an `overloaded` error for the guest).
     fn slots(&self) -> Result<GenerationSlots, llm::Error> {
         let invocation = self.invocation_slots.clone().try_acquire_owned().map_err(|_| {

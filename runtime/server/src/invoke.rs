@@ -123,7 +123,10 @@ async fn handle_routed(
             parts.headers.insert("x-kindling-deployment", HeaderValue::from_str(&name).expect("validated name"));
             let t = invocation.timing;
             let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-            let timing = format!("instantiate;dur={:.3}, handler;dur={:.3}", ms(t.instantiate), ms(t.handler));
+            let mut timing = format!("instantiate;dur={:.3}, handler;dur={:.3}", ms(t.instantiate), ms(t.handler));
+            if t.warm {
+                timing.push_str(", warm"); // its instance was made ahead of the request
+            }
             parts.headers.insert("server-timing", HeaderValue::from_str(&timing).expect("ascii"));
             let report = invocation.report.clone();
             let app = app.clone();

@@ -90,7 +90,7 @@ impl Metrics {
     }
 
     /// `instances`: handler instances alive now, including ones whose client has gone.
-    pub fn render(&self, registry: &ModelRegistry, deployments: usize, instances: usize) -> String {
+    pub fn render(&self, registry: &ModelRegistry, deployments: usize, instances: HandlerInstances) -> String {
         let s = self.state.lock().expect("poisoned");
         let mut out = String::new();
         let n = section_into(
@@ -145,7 +145,12 @@ impl Metrics {
             ("kindling_pool_capacity_bytes", "Pool capacity.", pool.capacity_bytes),
             ("kindling_pool_checkpoints", "Checkpoints in the pool.", pool.entries as u64),
             ("kindling_deployments", "Live deployments.", deployments as u64),
-            ("kindling_handler_instances", "Handler instances alive now.", instances as u64),
+            ("kindling_handler_instances", "Handler instances alive now.", instances.live as u64),
+            (
+                "kindling_handler_warm_instances",
+                "Handler instances made ahead of requests, waiting for one.",
+                instances.warm as u64,
+            ),
         ] {
             let n = section_into(&mut out, name, "gauge", help);
             let _ = writeln!(out, "{n} {v}");
@@ -185,6 +190,13 @@ impl Metrics {
 type EngineSeries = (&'static str, &'static str, &'static str, fn(&EngineHandle) -> f64);
 
 /// Per-engine gauges and counters: memory, batch occupancy, KV blocks, preemptions, decode speed.
+/// Handler instances now: running (or finishing their response), and made ahead of requests.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HandlerInstances {
+    pub live: usize,
+    pub warm: usize,
+}
+
 fn render_engines(out: &mut String, engines: &[(String, EngineHandle)]) {
     let rows: [EngineSeries; 9] = [
         ("kindling_engine_loaded_bytes", "gauge", "Weight bytes of each running engine.", |e| {

@@ -16,6 +16,7 @@ use tokio::sync::Semaphore;
 use crate::app::App;
 use crate::error_code::ErrorCode;
 use crate::http_util::{Body, error, full, with_retry_after};
+use crate::metrics::HandlerInstances;
 use crate::tenant::{Caller, identify, is_local_request};
 use crate::{admin, invoke};
 
@@ -40,7 +41,8 @@ async fn dispatch(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> Re
         if identify(req.headers(), app.config.admin_token.as_deref(), &app.tenants, local()) != Caller::Admin {
             return error(ErrorCode::Unauthorized, "/metrics requires the admin token");
         }
-        let text = app.metrics.render(&app.registry, app.list().len(), app.runtime.live_instances());
+        let instances = HandlerInstances { live: app.runtime.live_instances(), warm: app.runtime.warm_instances() };
+        let text = app.metrics.render(&app.registry, app.list().len(), instances);
         let mut resp = Response::new(full(text));
         resp.headers_mut().insert(
             http::header::CONTENT_TYPE,
