@@ -348,7 +348,7 @@ pub fn start_engine(
     )?;
     let load = LoadBreakdown {
         pool_hit,
-        admit: if pool_hit { Duration::ZERO } else { pooled.admit_time },
+        admit: if pool_hit { Duration::ZERO } else { pooled.admit_time() },
         h2d,
         init: started.elapsed(),
         woke: false,

@@ -410,11 +410,13 @@ impl ModelRegistry {
                 if let Some(dormant) = asleep.and_then(|rx| rx.recv_timeout(Duration::from_secs(10)).ok()) {
                     return wake_engine(dormant, &worker.device, &config);
                 }
-                let (pooled, hit) = pool.checkout_path(&path, &log_progress)?;
-                // Loads at once take the link in turns, smallest first (see `link`).
-                worker.link.transfer(pooled.ckpt.weight_bytes, || {
-                    start_engine(&loader_name, &pooled, hit, &worker.device, &config)
-                })
+                pool.checkout_path_using(&path, &log_progress, |pooled, hit| {
+                    let start = || start_engine(&loader_name, pooled, hit, &worker.device, &config);
+                    // Loads from the pool take the link in turns, smallest first (see `link`). A
+                    // miss copies each tensor as the disk delivers it, far below the link's speed,
+                    // and takes no turn: it would hold the link for the whole read.
+                    if hit { worker.link.transfer(pooled.ckpt.weight_bytes, start) } else { start() }
+                })?
             })
             .await
             .unwrap_or_else(|e| Err(EngineError::Load(format!("loader task failed: {e}"))));
@@ -501,7 +503,7 @@ impl ModelRegistry {
 
     /// Admits `name`'s checkpoint to the pool ahead of the first request (page-in and pinning can
     /// take seconds for a large model), reporting progress. Returns whether it was already pooled.
-    pub async fn preload(&self, name: &str, progress: impl Fn(AdmitProgress) + Send + 'static) -> Result<bool> {
+    pub async fn preload(&self, name: &str, progress: impl Fn(AdmitProgress) + Send + Sync + 'static) -> Result<bool> {
         let (path, _) = self.source(name)?;
         let pool = self.pool.clone();
         tokio::task::spawn_blocking(move || pool.checkout_path(&path, &progress).map(|(_, hit)| hit))

@@ -2,16 +2,21 @@
 //! pages), and (on a GPU host) registered as pinned memory so loading a model is DMA from those
 //! pages straight into the engine's device tensors, with no extra host copy. Engines come and go (scale to zero); their
 //! checkpoints stay here until the pool's byte capacity forces the least recently used out.
+//!
+//! A miss overlaps reading with loading: the load starts as the first bytes are read and copies
+//! each tensor once the bytes under it have landed (`Landed`), so it ends a moment after the read
+//! does; pinning for later hits happens after, in the background.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
-use memmap2::{Advice, Mmap};
+use memmap2::Advice;
 use safetensors::Dtype;
 
 use tokenizers::Tokenizer;
@@ -20,6 +25,9 @@ use crate::chat_template::ChatTemplate;
 use crate::checkpoint::{Checkpoint, TensorEntry, WeightDType};
 use crate::error::{EngineError, Result};
 use crate::network::Weight;
+
+mod admission;
+use admission::{AdmissionRead, Landed, Pages, admission_read, fill, map_resident, pin_in_background};
 
 /// Makes host memory DMA-able by an accelerator (cuMemHostRegister on CUDA).
 pub trait HostPinner: Send + Sync {
@@ -34,9 +42,6 @@ pub struct AdmitProgress {
     pub resident_bytes: u64,
     pub total_bytes: u64,
 }
-
-/// How much is read per step of making pages resident (and per progress report).
-const RESIDENCY_CHUNK: usize = 256 << 20;
 
 struct FileStamp {
     len: u64,
@@ -55,20 +60,25 @@ pub struct PooledCheckpoint {
     pub ckpt: Checkpoint,
     pub tokenizer: Arc<Tokenizer>,
     pub chat_template: Arc<Option<ChatTemplate>>,
-    maps: Vec<Mmap>,
+    pages: Vec<Pages>,
+    landed: Landed,
     stamps: Vec<FileStamp>,
     pinner: Option<Arc<dyn HostPinner>>,
-    pub pinned: bool,
-    pub admit_time: Duration,
-    /// Of `admit_time`: making the pages resident, and pinning them.
-    pub page_in_time: Duration,
-    pub pin_time: Duration,
+    pinned: AtomicBool,
+    times: Mutex<AdmitTimes>,
+}
+
+/// How an admission went: reading the files in, and pinning them (after, in the background).
+#[derive(Debug, Clone, Copy, Default)]
+struct AdmitTimes {
+    page_in: Option<Duration>,
+    pin: Option<Duration>,
 }
 
 impl Drop for PooledCheckpoint {
     fn drop(&mut self) {
-        if let (true, Some(p)) = (self.pinned, &self.pinner) {
-            self.maps.iter().for_each(|m| p.unpin(m));
+        if let (true, Some(p)) = (*self.pinned.get_mut(), &self.pinner) {
+            self.pages.iter().for_each(|m| p.unpin(m.all()));
         }
     }
 }
@@ -100,18 +110,39 @@ impl PooledCheckpoint {
             .all(|(p, s)| stamp(p).is_ok_and(|now| now.len == s.len && now.modified == s.modified))
     }
 
-    fn bytes(&self, entry: &TensorEntry) -> &[u8] {
-        &self.maps[entry.file][entry.offsets.0..entry.offsets.1]
+    /// A tensor's bytes, once they have landed.
+    fn bytes(&self, entry: &TensorEntry) -> Result<&[u8]> {
+        let (a, b) = entry.offsets;
+        let pages = &self.pages[entry.file];
+        if a > b || b > pages.len {
+            return Err(EngineError::Load(format!("tensor bytes {a}..{b} past the file's {} bytes", pages.len)));
+        }
+        self.landed.wait(entry.file, b)?;
+        // SAFETY: in bounds (checked above) and landed (waited for).
+        Ok(unsafe { pages.range(a, b) })
+    }
+
+    /// Whether the pages are registered for DMA (pinning follows an admission, in the background).
+    pub fn is_pinned(&self) -> bool {
+        self.pinned.load(Ordering::Acquire)
+    }
+
+    /// How long reading the files in took (so far, while it is still going on).
+    pub fn admit_time(&self) -> Duration {
+        self.times.lock().expect("poisoned").page_in.unwrap_or_default()
     }
 
     /// Copies every tensor onto `device`: float tensors as `dtype`, quantized ones as they are
     /// (they stay quantized on the device). From pinned pages each copy is a DMA straight into the
     /// tensor's device allocation; the copies are queued on the device's stream and this returns
-    /// once all of them have landed.
+    /// once all of them have landed. Tensors go in file order, each as soon as its bytes have
+    /// been read in (on a miss the admission is still reading).
     pub fn load_tensors(&self, device: &Device, dtype: DType) -> Result<HashMap<String, Weight>> {
         let mut out = HashMap::with_capacity(self.ckpt.tensors.len());
-        for (name, entry) in &self.ckpt.tensors {
-            let bytes = self.bytes(entry);
+        let mut in_file_order: Vec<_> = self.ckpt.tensors.iter().collect();
+        in_file_order.sort_by_key(|(_, e)| (e.file, e.offsets.0));
+        for (name, entry) in in_file_order {
+            let bytes = self.bytes(entry)?;
             let shape = entry.shape.as_slice();
             let err = |e: candle_core::Error| EngineError::Load(format!("tensor {name}: {e}"));
             let weight = match entry.dtype {
@@ -193,13 +224,18 @@ impl CheckpointPool {
     pub fn stats(&self) -> PoolStats {
         let entries = self.entries.lock().expect("poisoned");
         let resident: u64 = entries.values().map(|e| e.pooled.ckpt.weight_bytes).sum();
-        let pinned: u64 = entries.values().filter(|e| e.pooled.pinned).map(|e| e.pooled.ckpt.weight_bytes).sum();
+        let pinned: u64 = entries.values().filter(|e| e.pooled.is_pinned()).map(|e| e.pooled.ckpt.weight_bytes).sum();
         PoolStats {
             entries: entries.len(),
             resident_bytes: resident,
             pinned_bytes: pinned,
             capacity_bytes: self.capacity_bytes,
         }
+    }
+
+    /// Whether admitted checkpoints are pinned (on a GPU host).
+    pub fn pins(&self) -> bool {
+        self.pinner.is_some()
     }
 
     pub fn contains(&self, ckpt: &Checkpoint) -> bool {
@@ -216,10 +252,14 @@ impl CheckpointPool {
         }
     }
 
-    /// How the pooled checkpoint at `dir` was admitted: making its pages resident, and pinning.
-    pub fn admission_phases(&self, dir: &Path) -> Option<(Duration, Duration)> {
+    /// How the pooled checkpoint at `dir` was admitted: reading its pages in, and pinning them
+    /// (`None` until the background pinning is done).
+    pub fn admission_phases(&self, dir: &Path) -> Option<(Duration, Option<Duration>)> {
         let entries = self.entries.lock().expect("poisoned");
-        entries.get(dir).map(|e| (e.pooled.page_in_time, e.pooled.pin_time))
+        entries.get(dir).map(|e| {
+            let t = *e.pooled.times.lock().expect("poisoned");
+            (t.page_in.unwrap_or_default(), t.pin)
+        })
     }
 
     /// Whether the checkpoint at `dir` (a registered model's path) is resident in the pool.
@@ -229,32 +269,70 @@ impl CheckpointPool {
 
     /// The pooled checkpoint at `dir` (a registered model's path): a hit is handed out as pooled,
     /// without opening and re-checking every shard header again; only a miss opens the checkpoint.
-    pub fn checkout_path(&self, dir: &Path, progress: &dyn Fn(AdmitProgress)) -> Result<(Arc<PooledCheckpoint>, bool)> {
+    /// Returns once it is all read in.
+    pub fn checkout_path(
+        &self,
+        dir: &Path,
+        progress: &(dyn Fn(AdmitProgress) + Sync),
+    ) -> Result<(Arc<PooledCheckpoint>, bool)> {
+        self.checkout_path_using(dir, progress, |pooled, hit| (pooled.clone(), hit))
+    }
+
+    /// Runs `using` on the pooled checkpoint at `dir` and whether it was a hit. On a miss `using`
+    /// runs while the admission reads the files: what it reads through `load_tensors` waits for
+    /// each tensor's bytes to land. Returns `using`'s result once both are done.
+    pub fn checkout_path_using<T>(
+        &self,
+        dir: &Path,
+        progress: &(dyn Fn(AdmitProgress) + Sync),
+        using: impl FnOnce(&Arc<PooledCheckpoint>, bool) -> T,
+    ) -> Result<T> {
         if let Some(hit) = self.lookup(dir) {
-            return Ok((hit, true));
+            return Ok(using(&hit, true));
         }
-        self.checkout(Checkpoint::open(dir)?, progress)
+        self.checkout_using(Checkpoint::open(dir)?, progress, using)
     }
 
     /// The pooled checkpoint for `ckpt`, admitting it on a miss. Returns whether it was a hit.
     pub fn checkout(
         &self,
         ckpt: Checkpoint,
-        progress: &dyn Fn(AdmitProgress),
+        progress: &(dyn Fn(AdmitProgress) + Sync),
     ) -> Result<(Arc<PooledCheckpoint>, bool)> {
+        self.checkout_using(ckpt, progress, |pooled, hit| (pooled.clone(), hit))
+    }
+
+    fn checkout_using<T>(
+        &self,
+        ckpt: Checkpoint,
+        progress: &(dyn Fn(AdmitProgress) + Sync),
+        using: impl FnOnce(&Arc<PooledCheckpoint>, bool) -> T,
+    ) -> Result<T> {
         if let Some(hit) = self.lookup(&ckpt.dir) {
-            return Ok((hit, true));
+            return Ok(using(&hit, true));
         }
         let _admitting = self.admit_lock.lock().expect("poisoned");
         if let Some(hit) = self.lookup(&ckpt.dir) {
-            return Ok((hit, true));
+            return Ok(using(&hit, true));
         }
         let fits = ckpt.weight_bytes <= self.capacity_bytes;
-        let pooled = Arc::new(self.admit(ckpt, fits, progress)?);
+        let started = Instant::now();
+        let pooled = Arc::new(self.start_admission(ckpt)?);
+        // The files are read on a thread of the scope and the load runs here: a thread that has
+        // used the GPU must not be one the scope waits to end (the CUDA driver's clean-up of a
+        // thread's state at its exit hung, waiting on the new engine's use of the device).
+        let (read, used) = std::thread::scope(|s| {
+            let reader = s.spawn(|| fill(&pooled, started, progress));
+            let used = using(&pooled, false);
+            (reader.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)), used)
+        });
+        read?;
         if fits {
             let mut entries = self.entries.lock().expect("poisoned");
             entries.insert(pooled.ckpt.dir.clone(), Entry { pooled: pooled.clone(), last_used: Instant::now() });
             Self::evict_over_capacity(&mut entries, self.capacity_bytes, &pooled.ckpt.dir);
+            drop(entries);
+            pin_in_background(pooled);
         } else {
             tracing::warn!(
                 model = %pooled.ckpt.dir.display(),
@@ -263,7 +341,7 @@ impl CheckpointPool {
                 "checkpoint is larger than the pool; loading it without pooling"
             );
         }
-        Ok((pooled, false))
+        Ok(used)
     }
 
     fn lookup(&self, dir: &Path) -> Option<Arc<PooledCheckpoint>> {
@@ -301,144 +379,42 @@ impl CheckpointPool {
         }
     }
 
-    fn admit(&self, ckpt: Checkpoint, pin: bool, progress: &dyn Fn(AdmitProgress)) -> Result<PooledCheckpoint> {
-        let started = Instant::now();
-        // Before any page is pinned, so a failure here leaves nothing to undo.
+    /// A checkpoint about to be read in: its tokenizer parsed, memory for its files reserved (or,
+    /// with `KINDLING_POOL_READ=mmap`, the files mapped and faulted in already).
+    fn start_admission(&self, ckpt: Checkpoint) -> Result<PooledCheckpoint> {
         let (tokenizer, chat_template) = (ckpt.load_tokenizer()?, ckpt.load_chat_template()?);
-        let mut maps = Vec::new();
+        let mut pages = Vec::new();
         let mut stamps = Vec::new();
-        let total = ckpt.weight_bytes;
-        let mut resident = 0u64;
+        let mapped = matches!(admission_read(), AdmissionRead::Mapped);
         for path in &ckpt.weight_files {
             let err = |e: std::io::Error| EngineError::Load(format!("{}: {e}", path.display()));
             stamps.push(stamp(path)?);
-            let file = File::open(path).map_err(err)?;
-            let report = |bytes: usize| {
-                resident += bytes as u64;
-                progress(AdmitProgress { resident_bytes: resident, total_bytes: total });
-            };
-            let map = match admission_read() {
-                AdmissionRead::Parallel => read_into_memory(&file, report),
-                AdmissionRead::Mapped => map_resident(&file, report),
-            }
-            .map_err(err)?;
-            maps.push(map);
+            pages.push(if mapped {
+                Pages::mapped(map_resident(&File::open(path).map_err(err)?, |_| {}).map_err(err)?)
+            } else {
+                let len = usize::try_from(stamps.last().expect("pushed").len)
+                    .map_err(|e| EngineError::Load(e.to_string()))?;
+                // Anonymous memory (huge pages where the kernel gives them): one byte for an
+                // empty file, which cannot be mapped with length 0.
+                let memory = memmap2::MmapOptions::new().len(len.max(1)).map_anon().map_err(err)?;
+                #[cfg(target_os = "linux")]
+                let _ = memory.advise(Advice::HugePage);
+                Pages::read(memory, len)
+            });
         }
-        let page_in_time = started.elapsed();
-        let mut pinned = false;
-        if let (true, Some(pinner)) = (pin, &self.pinner) {
-            let mut done = Vec::new();
-            for map in &maps {
-                match pinner.pin(map) {
-                    Ok(()) => done.push(map),
-                    Err(e) => {
-                        done.iter().for_each(|m| pinner.unpin(m));
-                        tracing::warn!(error = %e, "could not pin checkpoint pages; loads will use pageable copies");
-                        done.clear();
-                        break;
-                    }
-                }
-            }
-            pinned = !done.is_empty();
-        }
+        let landed = Landed::new(pages.iter().map(|p| p.len), mapped);
         Ok(PooledCheckpoint {
             ckpt,
             tokenizer: Arc::new(tokenizer),
             chat_template: Arc::new(chat_template),
-            maps,
+            pages,
+            landed,
             stamps,
             pinner: self.pinner.clone(),
-            pinned,
-            admit_time: started.elapsed(),
-            page_in_time,
-            pin_time: started.elapsed() - page_in_time,
+            pinned: AtomicBool::new(false),
+            times: Mutex::default(),
         })
     }
-}
-
-/// How admission makes a checkpoint resident: parallel reads into the pool's own memory (the
-/// default), or the file's own pages, mapped and faulted in (`KINDLING_POOL_READ=mmap`, kept to
-/// compare the two on a machine's disk).
-enum AdmissionRead {
-    Parallel,
-    Mapped,
-}
-
-fn admission_read() -> AdmissionRead {
-    match std::env::var("KINDLING_POOL_READ").as_deref() {
-        Ok("mmap") => AdmissionRead::Mapped,
-        _ => AdmissionRead::Parallel,
-    }
-}
-
-/// The file mapped, every page faulted in by several threads (`MADV_POPULATE_READ` where the
-/// kernel has it, else a read of each page).
-fn map_resident(file: &File, mut progress: impl FnMut(usize)) -> std::io::Result<Mmap> {
-    const PAGE: usize = 4096;
-    // SAFETY: read-only map of a model file; see `Checkpoint::read_header`.
-    let map = unsafe { Mmap::map(file) }?;
-    let _ = map.advise(Advice::WillNeed);
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(16);
-    for (k, chunk) in map.chunks(RESIDENCY_CHUNK).enumerate() {
-        let offset = k * RESIDENCY_CHUNK;
-        let per = chunk.len().div_ceil(threads).next_multiple_of(PAGE).max(PAGE);
-        std::thread::scope(|s| {
-            for start in (offset..offset + chunk.len()).step_by(per) {
-                let (map, part) = (&map, per.min(offset + chunk.len() - start));
-                s.spawn(move || {
-                    #[cfg(target_os = "linux")]
-                    if map.advise_range(Advice::PopulateRead, start, part).is_ok() {
-                        return;
-                    }
-                    let mut acc = 0u8;
-                    for i in (start..start + part).step_by(PAGE) {
-                        // SAFETY: i < map.len(); volatile so the read is not optimised away.
-                        acc ^= unsafe { std::ptr::read_volatile(map.as_ptr().add(i)) };
-                    }
-                    std::hint::black_box(acc);
-                });
-            }
-        });
-        progress(chunk.len());
-    }
-    Ok(map)
-}
-
-/// Reads a whole file into memory of the pool's own (anonymous, huge pages where the kernel
-/// gives them), from several threads reading 16 MiB pieces at once. Faulting an mmap of the file
-/// in page by page ran at 1.7 GB/s on the lent H100 host, where parallel reads of the same
-/// (cached) file ran at 36 GB/s. `progress` hears of each RESIDENCY_CHUNK read.
-fn read_into_memory(file: &File, mut progress: impl FnMut(usize)) -> std::io::Result<Mmap> {
-    use std::os::unix::fs::FileExt;
-    const PIECE: usize = 16 << 20;
-    let len = usize::try_from(file.metadata()?.len()).map_err(std::io::Error::other)?;
-    if len == 0 {
-        return memmap2::MmapOptions::new().len(1).map_anon()?.make_read_only();
-    }
-    let mut memory = memmap2::MmapOptions::new().len(len).map_anon()?;
-    #[cfg(target_os = "linux")]
-    let _ = memory.advise(Advice::HugePage);
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(16);
-    for (k, chunk) in memory.chunks_mut(RESIDENCY_CHUNK).enumerate() {
-        let base = (k * RESIDENCY_CHUNK) as u64;
-        let chunk_len = chunk.len();
-        let pieces = Mutex::new(chunk.chunks_mut(PIECE).enumerate());
-        std::thread::scope(|s| {
-            let readers: Vec<_> = (0..threads)
-                .map(|_| {
-                    s.spawn(|| -> std::io::Result<()> {
-                        loop {
-                            let Some((i, piece)) = pieces.lock().expect("poisoned").next() else { return Ok(()) };
-                            file.read_exact_at(piece, base + (i * PIECE) as u64)?;
-                        }
-                    })
-                })
-                .collect();
-            readers.into_iter().try_for_each(|r| r.join().expect("reader thread"))
-        })?;
-        progress(chunk_len);
-    }
-    memory.make_read_only()
 }
 
 #[cfg(test)]
@@ -520,10 +496,62 @@ mod tests {
         let pool = CheckpointPool::new(a.weight_bytes.max(b.weight_bytes) + 1, Some(pinner.clone()));
         drop(pool.checkout(a.clone(), &|_| {}).unwrap());
         assert!(pool.contains(&a));
+        until(|| pinner.0.load(Ordering::SeqCst) == 1); // pinned in the background
         drop(pool.checkout(b.clone(), &|_| {}).unwrap());
+        until(|| pinner.0.load(Ordering::SeqCst) == 2);
         assert!(pool.contains(&b) && !pool.contains(&a), "a was least recently used");
-        assert_eq!(pinner.0.load(Ordering::SeqCst), 2);
         assert_eq!(pinner.1.load(Ordering::SeqCst), 1, "evicting a unpins its pages");
+    }
+
+    fn until(done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_miss_loads_while_the_files_are_read_and_gets_the_files_bytes() {
+        let (_d, ckpt) = tiny(Architecture::Llama);
+        let pool = CheckpointPool::new(1 << 30, None);
+        let (tensors, hit) = pool
+            .checkout_path_using(&ckpt.dir, &|_| {}, |pooled, hit| (pooled.load_tensors(&Device::Cpu, DType::F32), hit))
+            .unwrap();
+        assert!(!hit);
+        let tensors = tensors.unwrap();
+        let reference = candle_core::safetensors::load(&ckpt.weight_files[0], &Device::Cpu).unwrap();
+        assert_eq!(tensors.len(), reference.len());
+        for (name, t) in &reference {
+            let crate::network::Weight::Dense(ours) = &tensors[name] else { panic!("{name} is not dense") };
+            let diff = (ours - t.to_dtype(DType::F32).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name}");
+        }
+        let (page_in, _) = pool.admission_phases(&ckpt.dir).expect("pooled after the miss");
+        assert!(page_in > Duration::ZERO);
+        assert!(pool.checkout_path_using(&ckpt.dir, &|_| {}, |_, hit| hit).unwrap(), "then a hit");
+    }
+
+    #[test]
+    fn a_load_waits_for_the_bytes_it_needs_and_hears_of_a_failed_read() {
+        let landed = Arc::new(Landed::new([100usize, 10].into_iter(), false));
+        let waiter = {
+            let landed = landed.clone();
+            std::thread::spawn(move || landed.wait(0, 100))
+        };
+        landed.advance(0, 50);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!waiter.is_finished(), "half the bytes are not enough");
+        landed.advance(0, 100);
+        assert!(waiter.join().unwrap().is_ok());
+
+        let waiter = {
+            let landed = landed.clone();
+            std::thread::spawn(move || landed.wait(1, 10))
+        };
+        landed.fail("disk gone".into());
+        assert!(matches!(waiter.join().unwrap(), Err(EngineError::Load(m)) if m.contains("disk gone")));
+        assert!(landed.wait(0, 100).is_ok(), "what landed before the failure stays usable");
     }
 
     #[test]
@@ -531,7 +559,7 @@ mod tests {
         let (_d, ckpt) = tiny(Architecture::Qwen2);
         let pool = CheckpointPool::new(1, None);
         let (p, hit) = pool.checkout(ckpt.clone(), &|_| {}).unwrap();
-        assert!(!hit && !p.pinned);
+        assert!(!hit && !p.is_pinned());
         assert_eq!(pool.stats().entries, 0);
         assert!(p.load_tensors(&Device::Cpu, DType::F32).is_ok());
     }
