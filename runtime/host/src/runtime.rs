@@ -216,7 +216,7 @@ fn make_ready(
     let Some(victim) = warm.want(handler.key.id) else {
         return;
     };
-    let (engine, maker, killing) = (engine.clone(), warm.clone(), killing.clone());
+    let (engine, instances, killing) = (engine.clone(), warm.clone(), killing.clone());
     let (pre, key, limits, llm) = (handler.pre.clone(), handler.key.clone(), limits.clone(), llm.fresh());
     let id = key.id;
     let sent = warm.run(async move {
@@ -224,11 +224,11 @@ fn make_ready(
         let mut store = new_store(&engine, llm, &limits);
         arm_deadline(&mut store, limits.timeout, killing);
         match pre.instantiate_async(&mut store).await {
-            Ok(proxy) => maker.put(&key, Ready::new(store, proxy, limits)),
+            Ok(proxy) => instances.put(&key, Ready::new(store, proxy, limits)),
             Err(e) => {
                 // The request path instantiates the same way and reports what goes wrong.
                 tracing::debug!(error = %format!("{e:#}"), "making a ready instance failed");
-                maker.abandon(key.id);
+                instances.abandon(key.id);
             }
         }
     });
