@@ -202,41 +202,6 @@ fn is_capacity_error(e: &wasmtime::Error) -> bool {
     e.chain().any(|cause| cause.is::<PoolConcurrencyLimitError>())
 }
 
-/// Starts making the next ready instance of `handler` in the background, unless it has one
-/// (or one on the way). Its store gets `llm`'s deployment settings; the request that takes it
-/// puts its own capability in.
-fn make_ready(
-    engine: &Engine,
-    warm: &Arc<WarmInstances>,
-    killing: &Arc<AtomicBool>,
-    handler: &PreparedHandler,
-    limits: &HandlerLimits,
-    llm: &LlmCtx,
-) {
-    let Some(victim) = warm.want(handler.key.id) else {
-        return;
-    };
-    let (engine, instances, killing) = (engine.clone(), warm.clone(), killing.clone());
-    let (pre, key, limits, llm) = (handler.pre.clone(), handler.key.clone(), limits.clone(), llm.fresh());
-    let id = key.id;
-    let sent = warm.run(async move {
-        drop(victim); // an older ready instance that gave its slot up (its reset runs here)
-        let mut store = new_store(&engine, llm, &limits);
-        arm_deadline(&mut store, limits.timeout, killing);
-        match pre.instantiate_async(&mut store).await {
-            Ok(proxy) => instances.put(&key, Ready::new(store, proxy, limits)),
-            Err(e) => {
-                // The request path instantiates the same way and reports what goes wrong.
-                tracing::debug!(error = %format!("{e:#}"), "making a ready instance failed");
-                instances.abandon(key.id);
-            }
-        }
-    });
-    if !sent {
-        warm.abandon(id);
-    }
-}
-
 fn instantiation_error(e: wasmtime::Error) -> InvokeError {
     if is_capacity_error(&e) {
         InvokeError::Capacity(format!("{e:#}"))
@@ -338,6 +303,34 @@ impl HandlerRuntime {
         Ok(PreparedHandler { pre, hash, key: self.warm.key() })
     }
 
+    /// Starts making the next ready instance of `handler` in the background, unless it has one
+    /// (or one on the way). Its store gets `llm`'s deployment settings; the request that takes it
+    /// puts its own capability in.
+    fn make_ready(&self, handler: &PreparedHandler, limits: &HandlerLimits, llm: &LlmCtx) {
+        let Some(victim) = self.warm.want(handler.key.id) else {
+            return;
+        };
+        let (engine, instances, killing) = (self.engine.clone(), self.warm.clone(), self.killing.clone());
+        let (pre, key, limits, llm) = (handler.pre.clone(), handler.key.clone(), limits.clone(), llm.fresh());
+        let id = key.id;
+        let sent = self.warm.run(async move {
+            drop(victim); // an older ready instance that gave its slot up (its reset runs here)
+            let mut store = new_store(&engine, llm, &limits);
+            arm_deadline(&mut store, limits.timeout, killing);
+            match pre.instantiate_async(&mut store).await {
+                Ok(proxy) => instances.put(&key, Ready::new(store, proxy, limits)),
+                Err(e) => {
+                    // The request path instantiates the same way and reports what goes wrong.
+                    tracing::debug!(error = %format!("{e:#}"), "making a ready instance failed");
+                    instances.abandon(key.id);
+                }
+            }
+        });
+        if !sent {
+            self.warm.abandon(id);
+        }
+    }
+
     /// Runs one request through a handler, in an instance no other request has used: one made
     /// ahead of it when there is one (see `warm`), else made now. `lease` (e.g. the deployment's
     /// concurrency permit) is dropped only after the instance is gone, however the invocation
@@ -355,7 +348,7 @@ impl HandlerRuntime {
             .ok_or_else(|| InvokeError::Capacity(format!("all {} handler instance slots are in use", self.max_live)))?;
         let report = llm.report.clone();
         let made_ahead = self.warm.take(handler.key.id, limits);
-        make_ready(&self.engine, &self.warm, &self.killing, handler, limits, &llm);
+        self.make_ready(handler, limits, &llm);
         let warm = made_ahead.is_some();
         let (mut store, proxy) = match made_ahead {
             Some(ready) => {

@@ -50,7 +50,12 @@ struct State {
     ready: HashMap<u64, Vec<Ready>>,
     /// Handlers with an instance being made now.
     making: HashMap<u64, usize>,
-    count: usize,
+}
+
+impl State {
+    fn ready_count(&self) -> usize {
+        self.ready.values().map(Vec::len).sum()
+    }
 }
 
 type Job = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -75,11 +80,8 @@ impl Drop for HandlerKey {
     fn drop(&mut self) {
         if let Some(warm) = self.warm.upgrade() {
             let gone = {
-                let mut s = warm.state.lock().expect("poisoned");
-                s.making.remove(&self.id);
-                let gone = s.ready.remove(&self.id).unwrap_or_default();
-                s.count -= gone.len();
-                gone
+                // Nothing is being made for it: a making holds the key until it is done.
+                warm.state.lock().expect("poisoned").ready.remove(&self.id).unwrap_or_default()
             };
             drop(gone); // stores are dropped outside the lock: freeing a slot resets its memory
         }
@@ -107,7 +109,6 @@ impl WarmInstances {
             let mut s = self.state.lock().expect("poisoned");
             let list = s.ready.get_mut(&id)?;
             let ready = list.pop()?;
-            s.count -= 1;
             if ready.limits == *limits { (Some(ready), None) } else { (None, Some(ready)) }
         };
         drop(stale); // made before the deployment's limits changed
@@ -125,7 +126,7 @@ impl WarmInstances {
         if have >= READY_PER_HANDLER || making >= self.cap {
             return None;
         }
-        let victim = if s.count + making >= self.cap { Self::remove_oldest(&mut s) } else { None };
+        let victim = if s.ready_count() + making >= self.cap { Self::remove_oldest(&mut s) } else { None };
         *s.making.entry(id).or_default() += 1;
         Some(victim)
     }
@@ -135,7 +136,6 @@ impl WarmInstances {
         let mut s = self.state.lock().expect("poisoned");
         Self::done_making(&mut s, key.id);
         s.ready.entry(key.id).or_default().push(ready);
-        s.count += 1;
     }
 
     /// A making that failed (the request path reports instantiation errors; this one is dropped).
@@ -145,7 +145,7 @@ impl WarmInstances {
 
     /// Ready instances held now.
     pub fn count(&self) -> usize {
-        self.state.lock().expect("poisoned").count
+        self.state.lock().expect("poisoned").ready_count()
     }
 
     /// Ready instances of handler `id`.
@@ -170,7 +170,6 @@ impl WarmInstances {
         if list.is_empty() {
             s.ready.remove(&id);
         }
-        s.count -= 1;
         Some(oldest)
     }
 }
