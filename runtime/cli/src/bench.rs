@@ -134,8 +134,9 @@ fn spawn_timed(cmd: &mut Command) -> anyhow::Result<(f64, Value)> {
 }
 
 pub fn coldstart(args: ColdstartArgs) -> anyhow::Result<()> {
-    if let Ok(filter) = std::env::var("KINDLING_LOG") {
-        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    // Quiet unless asked: the engine's logs would bury the results.
+    if std::env::var_os("KINDLING_LOG").is_some() {
+        crate::serve::init_logging(false);
     }
     let pairs = |list: &[String], flag: &str| -> anyhow::Result<Vec<(String, PathBuf)>> {
         list.iter()

@@ -116,7 +116,8 @@ pub fn gib(v: f64) -> u64 {
     (v.max(0.0) * (1u64 << 30) as f64) as u64
 }
 
-fn init_logging(json: bool) {
+/// Logs to stderr, filtered by `KINDLING_LOG` (default `info`).
+pub(crate) fn init_logging(json: bool) {
     let filter = EnvFilter::try_from_env("KINDLING_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {
