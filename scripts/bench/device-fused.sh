@@ -27,24 +27,4 @@ if [ -z "${SKIP_TINY:-}" ]; then
   if cmp -s "$OUT/tiny-fused.txt" "$OUT/tiny-unfused.txt"; then echo "tiny models: same text fused and unfused ($(wc -l < "$OUT/tiny-fused.txt") completions)";
   else echo "tiny models: TEXT DIFFERS"; diff "$OUT/tiny-fused.txt" "$OUT/tiny-unfused.txt" | head -20; fi
 fi
-serve() { # LABEL NAME PATH EXTRA...
-  local label=$1 name=$2 path=$3; shift 3
-  "$BIN" bench serve --device cuda --model "$name=$path" --plugin /tmp/openai-python.wasm --concurrency ${LEVELS:-1,64} \
-    --prompt-tokens 128-512 --output-tokens 256 --serve-args "--kv-cache-gib 24 --max-step-tokens 4096" \
-    --out "$OUT/serve-$name-$label.json" "$@" 2>"$OUT/serve-$name-$label.log" | tail -1 \
-    || { echo "bench serve $name $label failed"; grep -v " INFO " "$OUT/serve-$name-$label.log" | tail -10; }
-  python3 - "$OUT/serve-$name-$label.json" "$label" <<'PY'
-import json, sys
-d = json.load(open(sys.argv[1]))
-for l in d["levels"]:
-    k, h = l["kindling"], l["hf"] or {}
-    print(f'{d["model"]} {sys.argv[2]} streams={l["streams"]} tok/s={k["output_tok_s"]:.1f} ttft_p50={k["ttft_p50_s"]} ttft_p99={k["ttft_p99_s"]} errors={k["errors"]} hf={h.get("output_tok_s")}')
-PY
-}
-for spec in ${MODELS:-llama3.1-8b}; do  # NAME (a make_models.py shape) or NAME=PATH
-  name=${spec%%=*}; path=$M/$name; [ "$spec" = "$name" ] || path=${spec#*=}
-  [ -e "$path" ] || python3 scripts/bench/make_models.py $M "$name" 2>&1 | tail -1
-  [ -e "$path" ] || { echo "no model at $path"; continue; }
-  serve fused "$name" "$path" --hf-python python3 ${HF_MODEL:+--hf-model $HF_MODEL}
-  KINDLING_FUSED_KERNELS=0 serve unfused "$name" "$path"
-done
+bench_serve_pair fused unfused KINDLING_FUSED_KERNELS=0 ${MODELS:-llama3.1-8b}

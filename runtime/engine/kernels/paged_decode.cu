@@ -1,10 +1,14 @@
 // Paged decode attention: one new query token per sequence attends to that sequence's keys and
 // values where they lie in the paged cache, through its block table. No gather, no copy.
 //
-// Grid: (sequences, kv_heads). Block: WARPS warps. Each block serves the G query heads that share
-// one K/V head; each warp walks every WARPS-th key, keeping an online softmax (running max, sum
-// and weighted V) per query head; the warps' partial results are merged in shared memory.
-// Each lane owns DPL = head_dim / 32 dimensions.
+// Grid: (sequences, kv_heads, parts). Block: WARPS warps. Each block serves the G query heads that
+// share one K/V head, over one part of the sequence's keys (split so that a step of few sequences
+// still fills the GPU: a warp's walk over its keys is a chain of dependent loads, so one block per
+// head would take ~100 us per layer for a few hundred keys); each warp walks every WARPS-th key of
+// the part, keeping an online softmax (running max, sum and weighted V) per query head, and the
+// warps' results are merged in shared memory. With one part the block writes the output; with
+// several it writes its unnormalised (max, sum, weighted V) and `paged_decode_combine` merges the
+// parts. Each lane owns DPL = head_dim / 32 dimensions.
 //
 // Inputs: q [seqs, heads, head_dim]; k_cache, v_cache [kv_heads, slots, head_dim];
 // meta [seqs, meta_stride] u32 = (first visible key, keys, block table...).
@@ -22,14 +26,16 @@ __device__ __forceinline__ void store(float *p, float x) { *p = x; }
 __device__ __forceinline__ void store(__nv_bfloat16 *p, float x) { *p = __float2bfloat16(x); }
 
 template <typename T, int G, int DPL>
-__device__ void paged_decode(const T *q, const T *kc, const T *vc, const uint32_t *meta, T *out, int heads,
-                             int kv_heads, int slots, int meta_stride, float scale) {
+__device__ void paged_decode(const T *q, const T *kc, const T *vc, const uint32_t *meta, T *out, float *part_ms,
+                             float *part_acc, int heads, int kv_heads, int slots, int meta_stride, float scale) {
   const int hd = DPL * 32;
-  const int b = blockIdx.x, h = blockIdx.y;
+  const int b = blockIdx.x, h = blockIdx.y, part = blockIdx.z, parts = gridDim.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const uint32_t *m = meta + (size_t)b * meta_stride;
-  const uint32_t first = m[0], keys = m[1];
   const uint32_t *table = m + 2;
+  // This part's keys: an even share of the sequence's visible keys (some parts may get none).
+  const uint32_t span = (m[1] + parts - 1) / parts;
+  const uint32_t first = m[0] + min(m[1], span * part), end = m[0] + min(m[1], span * (part + 1));
 
   float qv[G][DPL], acc[G][DPL], mx[G], sum[G];
 #pragma unroll
@@ -42,7 +48,7 @@ __device__ void paged_decode(const T *q, const T *kc, const T *vc, const uint32_
       acc[g][i] = 0.f;
     }
   }
-  for (uint32_t p = first + warp; p < first + keys; p += WARPS) {
+  for (uint32_t p = first + warp; p < end; p += WARPS) {
     const size_t slot = (size_t)table[p / BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE;
     const T *kp = kc + ((size_t)h * slots + slot) * hd;
     const T *vp = vc + ((size_t)h * slots + slot) * hd;
@@ -90,15 +96,52 @@ __device__ void paged_decode(const T *q, const T *kc, const T *vc, const uint32_
       S += s_sum[w][g] * c;
       V += s_acc[w][g][d] * c;
     }
-    store(&out[((size_t)b * heads + h * G + g) * hd + d], S > 0.f ? V / S : 0.f);
+    const size_t row = (size_t)b * heads + h * G + g;
+    if (parts == 1) {
+      store(&out[row * hd + d], S > 0.f ? V / S : 0.f);
+    } else {
+      if (d == 0) {
+        part_ms[(row * parts + part) * 2] = M;
+        part_ms[(row * parts + part) * 2 + 1] = S;
+      }
+      part_acc[(row * parts + part) * hd + d] = V;
+    }
   }
+}
+
+// Merges the parts of each (sequence, query head): grid (sequences * heads), block head_dim.
+template <typename T>
+__device__ void paged_decode_combine(const float *part_ms, const float *part_acc, T *out, int parts, int hd) {
+  const size_t row = blockIdx.x;
+  const int d = threadIdx.x;
+  float M = -INFINITY;
+  for (int p = 0; p < parts; p++) M = fmaxf(M, part_ms[(row * parts + p) * 2]);
+  float S = 0.f, V = 0.f;
+  for (int p = 0; p < parts; p++) {
+    const float mp = part_ms[(row * parts + p) * 2];
+    if (mp == -INFINITY) continue;  // a part that saw no key
+    const float c = __expf(mp - M);
+    S += part_ms[(row * parts + p) * 2 + 1] * c;
+    V += part_acc[(row * parts + p) * hd + d] * c;
+  }
+  store(&out[row * hd + d], S > 0.f ? V / S : 0.f);
+}
+
+extern "C" __global__ void paged_decode_combine_bf16(const float *part_ms, const float *part_acc, __nv_bfloat16 *out,
+                                                     int parts, int hd) {
+  paged_decode_combine(part_ms, part_acc, out, parts, hd);
+}
+
+extern "C" __global__ void paged_decode_combine_f32(const float *part_ms, const float *part_acc, float *out, int parts,
+                                                    int hd) {
+  paged_decode_combine(part_ms, part_acc, out, parts, hd);
 }
 
 #define KERNEL(TYPE, NAME, G, DPL)                                                                         \
   extern "C" __global__ void paged_decode_##NAME##_g##G##_d##DPL(                                          \
-      const TYPE *q, const TYPE *kc, const TYPE *vc, const uint32_t *meta, TYPE *out, int heads, int kv_heads, \
-      int slots, int meta_stride, float scale) {                                                          \
-    paged_decode<TYPE, G, DPL>(q, kc, vc, meta, out, heads, kv_heads, slots, meta_stride, scale);          \
+      const TYPE *q, const TYPE *kc, const TYPE *vc, const uint32_t *meta, TYPE *out, float *part_ms,           \
+      float *part_acc, int heads, int kv_heads, int slots, int meta_stride, float scale) {                    \
+    paged_decode<TYPE, G, DPL>(q, kc, vc, meta, out, part_ms, part_acc, heads, kv_heads, slots, meta_stride, scale); \
   }
 
 #define KERNELS_FOR(G)                \

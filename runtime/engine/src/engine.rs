@@ -18,6 +18,7 @@ use crate::chat_template::{ChatMessage, ChatTemplate};
 use crate::checkpoint_pool::PooledCheckpoint;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::{BLOCK_SIZE, KvStorage, blocks_for};
+use crate::network::graphs::{self, DecodeGraphs};
 use crate::network::{Architecture, Batch, NetConfig, Network, SeqChunk, WeightHandling};
 use crate::params::SamplingParams;
 use crate::sampling::Sampler;
@@ -130,6 +131,8 @@ pub struct EngineStats {
     pub kv_blocks_used: AtomicUsize,
     pub preemptions: AtomicU64,
     pub steps: AtomicU64,
+    /// Steps whose forward pass was one CUDA graph launch.
+    pub graph_steps: AtomicU64,
     pub generated_tokens: AtomicU64,
     /// Sum (microseconds) and count of per-sequence time per output token after the first.
     pub tpot_us_sum: AtomicU64,
@@ -337,15 +340,15 @@ pub fn start_engine(
     let tensors = pooled.load_tensors(device, dtype)?;
     let h2d = started.elapsed();
     let started = Instant::now();
-    let network = Network::new(ckpt.config.clone(), tensors, kv.context, config.weights_for(device), device)?;
-    let storage = KvStorage::new(
-        ckpt.config.num_layers,
-        ckpt.config.num_kv_heads,
-        ckpt.config.head_dim,
-        kv.blocks,
-        dtype,
-        device,
-    )?;
+    let (network, storage) = {
+        // Whatever fails here is freed inside the gate too.
+        let _gate = graphs::shared();
+        let c = &ckpt.config;
+        Network::new(c.clone(), tensors, kv.context, config.weights_for(device), device).and_then(|network| {
+            let storage = KvStorage::new(c.num_layers, c.num_kv_heads, c.head_dim, kv.blocks, dtype, device)?;
+            Ok((network, storage))
+        })?
+    };
     let load = LoadBreakdown {
         pool_hit,
         admit: if pool_hit { Duration::ZERO } else { pooled.admit_time() },
@@ -401,7 +404,15 @@ pub fn wake_engine(dormant: Dormant, device: &Device, config: &EngineConfig) -> 
     let c = &dormant.network.config;
     let dtype = config.dtype_for(device);
     let kv = config.kv_plan(c, dtype);
-    let storage = KvStorage::new(c.num_layers, c.num_kv_heads, c.head_dim, kv.blocks, dtype, device)?;
+    let gate = graphs::shared();
+    let storage = match KvStorage::new(c.num_layers, c.num_kv_heads, c.head_dim, kv.blocks, dtype, device) {
+        Ok(storage) => storage,
+        Err(e) => {
+            drop(dormant); // its weights are freed inside the gate too
+            return Err(e);
+        }
+    };
+    drop(gate);
     let load = LoadBreakdown { pool_hit: true, woke: true, init: started.elapsed(), ..Default::default() };
     let info = ModelInfo { kv_cache_bytes: storage.bytes(), load, ..dormant.info };
     let parts = EngineParts {
@@ -427,7 +438,9 @@ pub fn spawn_engine(info: ModelInfo, parts: EngineParts, config: &EngineConfig) 
     let blocks = parts.storage.blocks;
     let alive = Arc::new(());
     let alive_token = Arc::downgrade(&alive);
+    let graphs = DecodeGraphs::new(&parts.network, config.max_running);
     let actor = Actor {
+        graphs,
         parts,
         info: info.clone(),
         dormant: dormant_tx,
@@ -465,6 +478,8 @@ struct Running {
 }
 
 struct Actor {
+    /// Dropped before `parts`: the graphs write into its KV cache.
+    graphs: Option<DecodeGraphs>,
     parts: EngineParts,
     info: ModelInfo,
     dormant: DormantSender,
@@ -496,8 +511,11 @@ impl Actor {
     /// Every handle is gone and nothing runs: the KV cache is freed here, and the weights go to
     /// a sleeping slot if one waits for them (else they are freed too).
     fn retire(self) {
-        let Actor { parts, info, dormant, .. } = self;
+        let Actor { graphs, parts, info, dormant, .. } = self;
         let EngineParts { network, storage, tokenizer, eos, chat_template } = parts;
+        let _gate = graphs::shared();
+        #[allow(clippy::drop_non_drop, reason = "without CUDA there are no graphs to drop")]
+        drop(graphs);
         drop(storage);
         let _ = dormant.try_send(Dormant { info, network, tokenizer, eos, chat_template });
     }
@@ -536,9 +554,12 @@ impl Actor {
         };
         let stats = self.stats.clone();
         let forwarding = add(&stats.step_schedule_us, started);
-        let logits = self.parts.network.forward(&batch, &self.parts.storage);
+        let logits = self.forward(&batch);
         let sampling = add(&stats.step_forward_us, forwarding);
-        let tokens = logits.and_then(|l| self.sample_all(&plan, &l));
+        let tokens = {
+            let _gate = graphs::shared();
+            logits.and_then(|l| self.sample_all(&plan, &l))
+        };
         let delivering = add(&stats.step_sample_us, sampling);
         let tokens = match tokens {
             Ok(tokens) => tokens,
@@ -560,6 +581,18 @@ impl Actor {
             }
         }
         add(&stats.step_deliver_us, delivering);
+    }
+
+    /// The step's logits: replayed from a CUDA graph when one serves the batch, else launched
+    /// op by op.
+    fn forward(&mut self, batch: &Batch) -> Result<Tensor> {
+        let EngineParts { network, storage, .. } = &self.parts;
+        if let Some(graphed) = self.graphs.as_mut().and_then(|g| g.forward(network, batch, storage)) {
+            self.stats.graph_steps.fetch_add(1, Ordering::Relaxed);
+            return graphed.map_err(EngineError::runtime);
+        }
+        let _gate = graphs::shared();
+        network.forward(batch, storage)
     }
 
     /// The next token of every sampled sequence of the step, in plan order, with one host sync.

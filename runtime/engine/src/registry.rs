@@ -199,7 +199,12 @@ impl Residency {
                 self.retiring.push(Retiring { worker, bytes, alive: engine.alive_token() });
                 true
             }
-            Some(Slot::Asleep { .. }) => true,
+            Some(asleep @ Slot::Asleep { .. }) => {
+                // Its weights are freed here, which queues work on the GPU's stream.
+                let _gate = crate::network::graphs::shared();
+                drop(asleep);
+                true
+            }
             Some(Slot::Loading { .. }) | None => false,
         }
     }
@@ -415,7 +420,12 @@ impl ModelRegistry {
                     // Loads from the pool take the link in turns, smallest first (see `link`). A
                     // miss copies each tensor as the disk delivers it, far below the link's speed,
                     // and takes no turn: it would hold the link for the whole read.
-                    if hit { worker.link.transfer(pooled.ckpt.weight_bytes, start) } else { start() }
+                    if hit {
+                        return worker.link.transfer(pooled.ckpt.weight_bytes, start);
+                    }
+                    // A miss whose load failed (out of memory, a bad tensor) answers now, not
+                    // after the rest of the files are read.
+                    start().inspect_err(|_| pooled.abandon())
                 })?
             })
             .await

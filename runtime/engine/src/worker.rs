@@ -148,6 +148,12 @@ mod cuda {
             let cuda = device.as_cuda_device().map_err(EngineError::load)?;
             let stream = cuda.cuda_stream();
             let ctx = stream.context().clone();
+            // Every engine on this GPU queues its work on this one stream, in order, so cudarc's
+            // per-buffer events (two made per allocation, waited on and recorded around each
+            // launch) guard nothing here; they cost host time per op and cannot be captured
+            // into a CUDA graph.
+            // SAFETY: nothing in this process queues GPU work on any other stream.
+            unsafe { ctx.disable_event_tracking() };
             ctx.bind_to_thread().map_err(EngineError::load)?;
             let (free, total) = ctx.mem_get_info().map_err(EngineError::load)?;
 
@@ -179,6 +185,7 @@ mod cuda {
                 link: Default::default(),
             };
             crate::network::fused::honour_env();
+            crate::network::graphs::honour_env();
             if crate::network::fused::applies(&worker.device) {
                 match crate::network::fused::self_check(&worker.device) {
                     Ok(diff) if diff < 0.02 => tracing::info!(max_rel_diff = diff, "fused layer kernels checked"),

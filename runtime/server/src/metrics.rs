@@ -198,7 +198,7 @@ pub struct HandlerInstances {
 }
 
 fn render_engines(out: &mut String, engines: &[(String, EngineHandle)]) {
-    let rows: [EngineSeries; 9] = [
+    let rows: [EngineSeries; 10] = [
         ("kindling_engine_loaded_bytes", "gauge", "Weight bytes of each running engine.", |e| {
             e.info.weight_bytes as f64
         }),
@@ -227,6 +227,12 @@ fn render_engines(out: &mut String, engines: &[(String, EngineHandle)]) {
         ("kindling_engine_steps_total", "counter", "Batched forward steps run.", |e| {
             e.stats.steps.load(Relaxed) as f64
         }),
+        (
+            "kindling_engine_graph_steps_total",
+            "counter",
+            "Steps whose forward pass was one CUDA graph launch (decode-only steps on a GPU).",
+            |e| e.stats.graph_steps.load(Relaxed) as f64,
+        ),
         (
             "kindling_engine_time_per_output_token_seconds",
             "gauge",

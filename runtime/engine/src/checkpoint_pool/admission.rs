@@ -134,6 +134,9 @@ pub(super) fn fill(
                         .map(|_| {
                             s.spawn(|| -> std::io::Result<()> {
                                 loop {
+                                    if pooled.is_abandoned() {
+                                        return Err(std::io::Error::other("the load gave up on this read"));
+                                    }
                                     let at = next.fetch_add(PIECE, Ordering::Relaxed);
                                     if at >= chunk_end {
                                         return Ok(());

@@ -65,6 +65,8 @@ pub struct PooledCheckpoint {
     stamps: Vec<FileStamp>,
     pinner: Option<Arc<dyn HostPinner>>,
     pinned: AtomicBool,
+    /// Set by a miss's load that failed: its read stops and nothing is pooled.
+    abandoned: AtomicBool,
     times: Mutex<AdmitTimes>,
 }
 
@@ -122,6 +124,17 @@ impl PooledCheckpoint {
         Ok(unsafe { pages.range(a, b) })
     }
 
+    /// Gives up on a miss from inside its `using` (the load failed): the admission's readers stop
+    /// after the piece they are reading, the checkout returns `using`'s result at once instead of
+    /// after the whole read, and the checkpoint is not pooled. No effect on a hit.
+    pub fn abandon(&self) {
+        self.abandoned.store(true, Ordering::Release);
+    }
+
+    fn is_abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::Acquire)
+    }
+
     /// Whether the pages are registered for DMA (pinning follows an admission, in the background).
     pub fn is_pinned(&self) -> bool {
         self.pinned.load(Ordering::Acquire)
@@ -143,6 +156,9 @@ impl PooledCheckpoint {
         in_file_order.sort_by_key(|(_, e)| (e.file, e.offsets.0));
         for (name, entry) in in_file_order {
             let bytes = self.bytes(entry)?;
+            // Per tensor, not across the load: a miss waits here for the disk, and a decode
+            // graph capture on this GPU must not wait for that.
+            let _gate = crate::network::graphs::shared();
             let shape = entry.shape.as_slice();
             let err = |e: candle_core::Error| EngineError::Load(format!("tensor {name}: {e}"));
             let weight = match entry.dtype {
@@ -168,6 +184,7 @@ impl PooledCheckpoint {
             .map_err(err)?;
             out.insert(name.clone(), Weight::Dense(weight));
         }
+        let _gate = crate::network::graphs::shared();
         device.synchronize().map_err(EngineError::load)?;
         Ok(out)
     }
@@ -326,6 +343,9 @@ impl CheckpointPool {
             let used = using(&pooled, false);
             (reader.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)), used)
         });
+        if pooled.is_abandoned() {
+            return Ok(used); // the load failed; its error is in `used`, the read stopped early
+        }
         read?;
         if fits {
             let mut entries = self.entries.lock().expect("poisoned");
@@ -412,6 +432,7 @@ impl CheckpointPool {
             stamps,
             pinner: self.pinner.clone(),
             pinned: AtomicBool::new(false),
+            abandoned: AtomicBool::new(false),
             times: Mutex::default(),
         })
     }
@@ -530,6 +551,21 @@ mod tests {
         let (page_in, _) = pool.admission_phases(&ckpt.dir).expect("pooled after the miss");
         assert!(page_in > Duration::ZERO);
         assert!(pool.checkout_path_using(&ckpt.dir, &|_| {}, |_, hit| hit).unwrap(), "then a hit");
+    }
+
+    #[test]
+    fn a_failed_load_abandons_the_read_and_nothing_is_pooled() {
+        let (_d, ckpt) = tiny(Architecture::Llama);
+        let pool = CheckpointPool::new(1 << 30, None);
+        let failed = pool.checkout_path_using(&ckpt.dir, &|_| {}, |pooled, hit| {
+            assert!(!hit);
+            pooled.abandon();
+            Err::<(), _>(EngineError::Load("out of device memory".into()))
+        });
+        assert!(matches!(&failed, Ok(Err(EngineError::Load(m))) if m == "out of device memory"), "{failed:?}");
+        assert!(!pool.holds(&ckpt.dir), "an abandoned admission is not pooled");
+        assert!(!pool.checkout_path_using(&ckpt.dir, &|_| {}, |_, hit| hit).unwrap(), "the next checkout reads again");
+        assert!(pool.holds(&ckpt.dir));
     }
 
     #[test]

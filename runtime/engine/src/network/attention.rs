@@ -60,23 +60,31 @@ fn first_visible(pos: usize, window: Option<usize>) -> usize {
     window.map_or(0, |w| (pos + 1).saturating_sub(w))
 }
 
-fn kernel_meta(chunks: &[SeqChunk], ranges: &[(usize, usize)], device: &Device) -> candle_core::Result<Tensor> {
-    let width = 2 + chunks.iter().map(|c| c.block_table.len()).max().unwrap_or(0);
-    let mut meta = Vec::with_capacity(chunks.len() * width);
-    for (c, (lo, hi)) in chunks.iter().zip(ranges) {
-        meta.extend([*lo as u32, (hi - lo) as u32]);
-        meta.extend(c.block_table.iter().copied().chain(std::iter::repeat(0)).take(width - 2));
-    }
-    Tensor::from_vec(meta, (chunks.len(), width), device)
+/// The keys a decode token at `chunk.start` attends to, as a range of positions.
+fn decode_keys(chunk: &SeqChunk, window: Option<usize>) -> (usize, usize) {
+    (first_visible(chunk.start, window), chunk.start + 1)
+}
+
+/// Appends one decode token's row of the paged kernel's metadata, `width` u32 long: (first
+/// visible key, keys, block table padded with zeros, which the kernel never reads).
+pub fn push_kernel_meta(chunk: &SeqChunk, window: Option<usize>, width: usize, meta: &mut Vec<u32>) {
+    let (lo, hi) = decode_keys(chunk, window);
+    meta.extend([lo as u32, (hi - lo) as u32]);
+    meta.extend(chunk.block_table.iter().copied().chain(std::iter::repeat(0)).take(width - 2));
 }
 
 fn decode_group(chunks: &[SeqChunk], config: &NetConfig, device: &Device) -> candle_core::Result<DecodeGroup> {
     let window = config.sliding_window;
-    let ranges: Vec<(usize, usize)> = chunks.iter().map(|c| (first_visible(c.start, window), c.start + 1)).collect();
     if super::paged_kernel::applies(config, device) {
-        let meta = kernel_meta(chunks, &ranges, device)?;
+        let width = 2 + chunks.iter().map(|c| c.block_table.len()).max().unwrap_or(0);
+        let mut meta = Vec::with_capacity(chunks.len() * width);
+        for c in chunks {
+            push_kernel_meta(c, window, width, &mut meta);
+        }
+        let meta = Tensor::from_vec(meta, (chunks.len(), width), device)?;
         return Ok(DecodeGroup { seqs: chunks.len(), keys: DecodeKeys::InPlace { meta } });
     }
+    let ranges: Vec<(usize, usize)> = chunks.iter().map(|c| decode_keys(c, window)).collect();
     let keys = ranges.iter().map(|(lo, hi)| hi - lo).max().unwrap_or(0);
     let mut slots_flat = Vec::with_capacity(chunks.len() * keys);
     let mut mask = Vec::with_capacity(chunks.len() * keys);
@@ -121,6 +129,21 @@ fn seq_attention(
 }
 
 impl StepPlan {
+    /// A step of decode tokens only, every one sampled, whose inputs already lie on the device
+    /// (a CUDA graph's fixed buffers): `positions` and `slots` `[seqs]`, `rows` `0..seqs`, and
+    /// the paged kernel's `meta` `[seqs, width]` (`push_kernel_meta`).
+    pub fn decode_in_place(positions: Tensor, slots: Tensor, rows: Tensor, meta: Tensor) -> candle_core::Result<Self> {
+        let seqs = positions.dim(0)?;
+        Ok(Self {
+            positions,
+            slots,
+            sample_rows: rows,
+            samples: seqs,
+            decode: Some(DecodeGroup { seqs, keys: DecodeKeys::InPlace { meta } }),
+            seqs: Vec::new(),
+        })
+    }
+
     pub fn new(batch: &Batch, config: &NetConfig, device: &Device) -> candle_core::Result<Self> {
         let n = batch.tokens.len();
         let mut positions = Vec::with_capacity(n);
@@ -220,7 +243,7 @@ pub fn paged(
 /// Decode attention by the paged kernel: `q` `[seqs, heads, hd]` -> `[seqs, heads, hd]`.
 #[cfg(feature = "cuda")]
 fn in_place(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, meta: &Tensor, scale: f32) -> candle_core::Result<Tensor> {
-    q.apply_op3_no_bwd(k_cache, v_cache, &super::paged_kernel::PagedDecode { meta: meta.clone(), scale })
+    q.apply_op3_no_bwd(k_cache, v_cache, &super::paged_kernel::PagedDecode { meta: meta.clone(), scale, parts: None })
 }
 
 /// Without CUDA the kernel never applies (`paged_kernel::applies`), so this is unreachable.

@@ -9,6 +9,7 @@
 pub mod attention;
 pub mod config;
 pub mod fused;
+pub mod graphs;
 pub mod paged_kernel;
 pub mod rope;
 
@@ -174,6 +175,8 @@ struct Layer {
 
 pub struct Network {
     pub config: NetConfig,
+    /// Positions the network serves (its RoPE tables' length).
+    pub context: usize,
     pub device: Device,
     pub dtype: DType,
     embed: Tensor,
@@ -323,27 +326,38 @@ impl Network {
                 Positions::Learned(table.narrow(0, offset, rows - offset).map_err(load)?)
             }
         };
-        Ok(Self { config, device: device.clone(), dtype, embed, layers, norm, lm_head, positions })
+        Ok(Self { config, context, device: device.clone(), dtype, embed, layers, norm, lm_head, positions })
     }
 
     /// Runs one step over a packed batch, writing each token's K and V into `kv` at its slot.
     /// Returns f32 logits `[sampled chunks, vocab]`, one row per chunk with `sample`, in order.
     pub fn forward(&self, batch: &Batch, kv: &KvStorage) -> Result<Tensor> {
-        self.forward_inner(batch, kv).map_err(EngineError::runtime)
+        let planned = || {
+            let plan = attention::StepPlan::new(batch, &self.config, &self.device)?;
+            let tokens = Tensor::new(batch.tokens.as_slice(), &self.device)?;
+            self.forward_planned(&tokens, &plan, kv)
+        };
+        planned().map_err(EngineError::runtime)
     }
 
-    fn forward_inner(&self, batch: &Batch, kv: &KvStorage) -> candle_core::Result<Tensor> {
+    /// The forward pass over inputs already on the device: `tokens` `[tokens]` and the step's
+    /// plan. Launches work only (no host sync, no host-to-device copy), so a CUDA graph can
+    /// capture it.
+    pub(crate) fn forward_planned(
+        &self,
+        tokens: &Tensor,
+        plan: &attention::StepPlan,
+        kv: &KvStorage,
+    ) -> candle_core::Result<Tensor> {
         let c = &self.config;
         let fused = fused::applies(&self.device);
-        let plan = attention::StepPlan::new(batch, c, &self.device)?;
-        let tokens = Tensor::new(batch.tokens.as_slice(), &self.device)?;
-        let mut x = self.embed.index_select(&tokens, 0)?;
+        let mut x = self.embed.index_select(tokens, 0)?;
         if let Positions::Learned(table) = &self.positions {
             x = (x + table.index_select(&plan.positions, 0)?)?;
         }
         // What the unfused q/k/v path needs for every layer (the fused kernel reads the RoPE
         // tables and the slots itself).
-        let unfused = if fused { None } else { Some(UnfusedStep::new(&plan, &self.positions, c)?) };
+        let unfused = if fused { None } else { Some(UnfusedStep::new(plan, &self.positions, c)?) };
         // Each block's output waits here to be added to the residual stream by the next norm,
         // so the add and the norm can run as one kernel.
         let mut delta: Option<Tensor> = None;
@@ -351,10 +365,10 @@ impl Network {
             let h = add_norm(&mut x, delta.take(), &layer.attn_norm, fused)?;
             let qkv = layer.qkv.forward(&h)?;
             let q = match &unfused {
-                None => fused::qkv_rope_cache(&qkv, &kv.k[l], &kv.v[l], &self.qkv_args(layer, &plan))?,
+                None => fused::qkv_rope_cache(&qkv, &kv.k[l], &kv.v[l], &self.qkv_args(layer, plan))?,
                 Some(step) => self.qkv_unfused(layer, qkv, step, kv, l)?,
             };
-            let attn = attention::paged(&q, &kv.k[l], &kv.v[l], &plan, c)?;
+            let attn = attention::paged(&q, &kv.k[l], &kv.v[l], plan, c)?;
             let o = add_bias(layer.o_proj.forward(&attn)?, &layer.o_bias)?;
             let h = add_norm(&mut x, Some(o), &layer.mlp_norm, fused)?;
             delta = Some(layer.mlp.forward(&h, c.intermediate_size, fused)?);

@@ -30,7 +30,9 @@ pub use cuda::{PagedDecode, self_check};
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, sys,
+    };
     use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
     use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, bail};
 
@@ -41,6 +43,28 @@ mod cuda {
         /// `[seqs, 2 + max blocks]` u32 on the device: first visible key, keys, block table.
         pub meta: Tensor,
         pub scale: f32,
+        /// How many parts each sequence's keys are split into; `None` chooses (`parts`).
+        pub parts: Option<usize>,
+    }
+
+    /// Fewest keys worth a part of their own.
+    const KEYS_PER_PART: usize = 64;
+
+    /// Splits each sequence's keys so that about two waves of blocks fill the GPU when a step has
+    /// few sequences (one sequence of an 8-KV-head model is 8 blocks otherwise), with no part
+    /// shorter than `KEYS_PER_PART` keys of the widest block table; a step with enough (sequence,
+    /// KV head) pairs is not split. Sequences and table width are counted as a graph counts them
+    /// (its bucket, a power-of-two width), so a batch splits alike whether its step is replayed
+    /// from a graph or launched op by op, and a captured graph's split fits every later replay.
+    fn parts(dev: &CudaDevice, seqs: usize, kv_heads: usize, meta_stride: usize) -> usize {
+        static SMS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        let sms = *SMS.get_or_init(|| {
+            let sm_count = sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
+            dev.cuda_stream().context().attribute(sm_count).map_or(132, |n| n.max(1) as usize)
+        });
+        let most_keys = meta_stride.saturating_sub(2).max(16).next_power_of_two() * crate::kv_cache::BLOCK_SIZE;
+        let seqs = crate::network::graphs::bucket(seqs);
+        (2 * sms).div_ceil(seqs * kv_heads).min(most_keys.div_ceil(KEYS_PER_PART)).clamp(1, 32)
     }
 
     impl CustomOp3 for PagedDecode {
@@ -84,23 +108,31 @@ mod cuda {
                 None => bail!("paged decode: inputs must be contiguous"),
             };
             let (oq, ok, ov) = (contiguous(lq)?, contiguous(lk)?, contiguous(lv)?);
-            let cfg = LaunchConfig {
-                grid_dim: (seqs as u32, kv_heads as u32, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let args = (heads as i32, kv_heads as i32, slots as i32, meta_stride as i32, self.scale);
-            let (n, dpl) = (seqs * heads * hd, hd / 32);
+            let parts = self.parts.unwrap_or_else(|| parts(&dev, seqs, kv_heads, meta_stride)).max(1);
+            let shape = Launch { seqs, heads, kv_heads, hd, slots, meta_stride, parts, scale: self.scale };
+            let dpl = hd / 32;
             let slice = match (&q.slice, &k.slice, &v.slice) {
                 (CudaStorageSlice::BF16(q), CudaStorageSlice::BF16(k), CudaStorageSlice::BF16(v)) => {
                     let kernel = format!("paged_decode_bf16_g{group}_d{dpl}");
                     let (q, k, v) = (q.slice(oq.0..oq.1), k.slice(ok.0..ok.1), v.slice(ov.0..ov.1));
-                    CudaStorageSlice::BF16(launch(&dev, &kernel, [q, k, v], &meta, n, cfg, args)?)
+                    CudaStorageSlice::BF16(launch(
+                        &dev,
+                        (&kernel, "paged_decode_combine_bf16"),
+                        [q, k, v],
+                        &meta,
+                        &shape,
+                    )?)
                 }
                 (CudaStorageSlice::F32(q), CudaStorageSlice::F32(k), CudaStorageSlice::F32(v)) => {
                     let kernel = format!("paged_decode_f32_g{group}_d{dpl}");
                     let (q, k, v) = (q.slice(oq.0..oq.1), k.slice(ok.0..ok.1), v.slice(ov.0..ov.1));
-                    CudaStorageSlice::F32(launch(&dev, &kernel, [q, k, v], &meta, n, cfg, args)?)
+                    CudaStorageSlice::F32(launch(
+                        &dev,
+                        (&kernel, "paged_decode_combine_f32"),
+                        [q, k, v],
+                        &meta,
+                        &shape,
+                    )?)
                 }
                 _ => bail!("paged decode: q, k and v must all be bf16 or all f32"),
             };
@@ -108,24 +140,58 @@ mod cuda {
         }
     }
 
-    /// Launches one instantiation of the kernel on q, k and v; returns the output `[seqs, heads, hd]`.
+    /// The launch's dimensions.
+    struct Launch {
+        seqs: usize,
+        heads: usize,
+        kv_heads: usize,
+        hd: usize,
+        slots: usize,
+        meta_stride: usize,
+        parts: usize,
+        scale: f32,
+    }
+
+    /// Launches one instantiation of the kernel on q, k and v (and, when the keys are split, the
+    /// kernel that merges the parts); returns the output `[seqs, heads, hd]`.
     fn launch<T: DeviceRepr>(
         dev: &CudaDevice,
-        kernel: &str,
+        (kernel, combine): (&str, &str),
         [q, k, v]: [CudaView<'_, T>; 3],
         meta: &CudaView<'_, u32>,
-        elems: usize,
-        cfg: LaunchConfig,
-        (heads, kv_heads, slots, meta_stride, scale): (i32, i32, i32, i32, f32),
+        s: &Launch,
     ) -> Result<CudaSlice<T>> {
         let func = dev.get_or_load_custom_func(kernel, "kindling_paged_decode", PTX)?;
-        // SAFETY: every element is written by the kernel.
-        let out = unsafe { dev.alloc::<T>(elems)? };
+        let rows = s.seqs * s.heads;
+        // SAFETY: every element is written, by the kernel or by the merge.
+        let out = unsafe { dev.alloc::<T>(rows * s.hd)? };
+        // Per (row, part): (max, sum) and the weighted values; unused with one part.
+        let scratch = s.parts > 1;
+        // SAFETY: with several parts, every part writes its whole share before the merge reads it.
+        let part_ms = unsafe { dev.alloc::<f32>(if scratch { rows * s.parts * 2 } else { 1 })? };
+        let part_acc = unsafe { dev.alloc::<f32>(if scratch { rows * s.parts * s.hd } else { 1 })? };
+        let (heads, kv_heads, slots, meta_stride) =
+            (s.heads as i32, s.kv_heads as i32, s.slots as i32, s.meta_stride as i32);
         let mut b = func.builder();
-        b.arg(&q).arg(&k).arg(&v).arg(meta).arg(&out);
-        b.arg(&heads).arg(&kv_heads).arg(&slots).arg(&meta_stride).arg(&scale);
+        b.arg(&q).arg(&k).arg(&v).arg(meta).arg(&out).arg(&part_ms).arg(&part_acc);
+        b.arg(&heads).arg(&kv_heads).arg(&slots).arg(&meta_stride).arg(&s.scale);
+        let cfg = LaunchConfig {
+            grid_dim: (s.seqs as u32, s.kv_heads as u32, s.parts as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
         // SAFETY: the arguments match the kernel's signature; the caller checked the shapes.
         unsafe { b.launch(cfg) }.w()?;
+        if scratch {
+            let func = dev.get_or_load_custom_func(combine, "kindling_paged_decode", PTX)?;
+            let (parts, hd) = (s.parts as i32, s.hd as i32);
+            let mut b = func.builder();
+            b.arg(&part_ms).arg(&part_acc).arg(&out).arg(&parts).arg(&hd);
+            let cfg =
+                LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (s.hd as u32, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: as above; one thread per dimension of each row.
+            unsafe { b.launch(cfg) }.w()?;
+        }
         Ok(out)
     }
 
@@ -148,8 +214,12 @@ mod cuda {
         let meta = Tensor::from_vec(meta, (seqs.len(), stride), device)?;
         let q = Tensor::randn(0f32, 1.0, (seqs.len(), heads, hd), device)?.to_dtype(DType::BF16)?;
         let scale = 1.0 / (hd as f32).sqrt();
-        let ours = q.apply_op3_no_bwd(&k, &v, &PagedDecode { meta, scale })?.to_dtype(DType::F32)?;
-        let mut worst = 0f32;
+        // Unsplit, and split into more parts than some sequences have keys.
+        let ours_whole = q.apply_op3_no_bwd(&k, &v, &PagedDecode { meta: meta.clone(), scale, parts: Some(1) })?;
+        let ours = q.apply_op3_no_bwd(&k, &v, &PagedDecode { meta, scale, parts: Some(5) })?;
+        let mut worst =
+            (ours.to_dtype(DType::F32)? - ours_whole.to_dtype(DType::F32)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let ours = ours.to_dtype(DType::F32)?;
         for (i, (first, keys, table)) in seqs.iter().enumerate() {
             let slots: Vec<u32> =
                 (*first..first + keys).map(|p| table[p as usize / bs] * bs as u32 + p % bs as u32).collect();

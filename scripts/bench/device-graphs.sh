@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Runs on the lent GPU machine: CUDA graphs for decode steps (network/graphs.rs) against eager
+# launches (KINDLING_CUDA_GRAPHS=0) in the same run. (1) Tiny models of every architecture and a
+# Qwen3-0.6B-shaped one (head_dim 128: the tiny ones' heads are too small for the paged kernel,
+# so only it takes graphs) give the same greedy text both ways, one request at a time and 6 at
+# once per model (batches padded up to a graph's bucket, captures while other engines step);
+# (2) `kindling bench serve` both ways, and HF transformers once, for the models in MODELS
+# (made by make_models.py if missing).
+set -uo pipefail
+source "$(dirname "$0")/device-env.sh"
+archs=${ARCHS-llama qwen2 qwen3 mistral opt}
+[ -e $M/qwen3-0.6b ] || python3 scripts/bench/make_models.py $M qwen3-0.6b 2>&1 | tail -1
+models="$(printf 'tiny-%s ' $archs)q06"
+prompts=("Once upon a time" "The lighthouse keeper climbed the stairs and" "In the beginning" "Seven ships"
+  "A recipe for bread:" "The theory of everything")
+args=()
+T=/tmp/tiny-out; rm -rf $T /tmp/par-*; mkdir -p $T  # the comparisons' inputs; what they found is printed
+for a in $archs; do "$BIN" models make-tiny $M/tiny-$a --arch $a >/dev/null; args+=(--model tiny-$a=$M/tiny-$a); done
+args+=(--model q06=$M/qwen3-0.6b)
+complete() { # MODEL PROMPT -> the completion's text as JSON
+  curl -s localhost:8432/v1/completions -d "{\"model\":\"$1\",\"prompt\":\"$2\",\"max_tokens\":40,\"temperature\":0}" \
+    | python3 -c 'import json,sys; d=json.load(sys.stdin); print(json.dumps(d["choices"][0]["text"]) if "choices" in d else "ERROR " + json.dumps(d)[:300])'
+}
+generate() { # LABEL (the environment decides graphs or not)
+  "$BIN" serve --device cuda "${args[@]}" --kv-cache-gib 4 --max-instances 64 --listen 127.0.0.1:8432 --data-dir /tmp/kd-$1 >"$T/tiny-$1.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 90); do curl -sf localhost:8432/healthz >/dev/null && break; sleep 1; done
+  sed "s/models = \[\"tiny\"\]/models = [$(printf '"%s",' $models | sed 's/,$//')]/" plugins/openai-python/kindling.toml > /tmp/tiny.toml
+  "$BIN" deploy --url http://127.0.0.1:8432 -m /tmp/tiny.toml -c /tmp/openai-python.wasm >/dev/null
+  for m in $models; do for p in "${prompts[@]}"; do complete $m "$p"; done; done > "$T/tiny-$1-alone.txt"
+  local i=0
+  mkdir -p /tmp/par-$1
+  for m in $models; do for p in "${prompts[@]}"; do complete $m "$p" > /tmp/par-$1/$(printf %03d $i) & i=$((i + 1)); done; done
+  wait $(jobs -p | grep -v "^$pid$") 2>/dev/null
+  cat /tmp/par-$1/* > "$T/tiny-$1-together.txt"
+  curl -s localhost:8432/metrics | grep -E "^kindling_engine_(graph_)?steps_total" > "$T/tiny-$1-steps.txt"
+  kill $pid; wait $pid 2>/dev/null
+  echo "$1: $(grep -c "captured a decode graph" "$T/tiny-$1.log") graphs captured; warnings and errors:"
+  grep -E " (WARN|ERROR) |paged decode kernel checked" "$T/tiny-$1.log" | sed 's/\x1b\[[0-9;]*m//g' | cut -c 1-300 | head -5
+}
+same() { # A B WHAT
+  if cmp -s "$1" "$2"; then echo "tiny models: same text $3 ($(wc -l < "$1") completions)";
+  else echo "tiny models: TEXT DIFFERS $3"; diff "$1" "$2" | head -10; fi
+}
+if [ -z "${SKIP_TINY:-}" ]; then
+  KINDLING_LOG=kindling_engine=debug generate graphs
+  KINDLING_CUDA_GRAPHS=0 generate eager
+  same "$T/tiny-graphs-alone.txt" "$T/tiny-eager-alone.txt" "with and without graphs, alone"
+  same "$T/tiny-graphs-together.txt" "$T/tiny-eager-together.txt" "with and without graphs, 6 at once per model"
+  same "$T/tiny-graphs-together.txt" "$T/tiny-graphs-alone.txt" "with graphs, at once and alone"
+  echo "graph steps / steps:"; paste "$T/tiny-graphs-steps.txt" | awk '{print "  " $0}'
+fi
+bench_serve_pair graphs eager KINDLING_CUDA_GRAPHS=0 ${MODELS-qwen3-0.6b llama3.1-8b}  # MODELS="" skips
