@@ -9,8 +9,10 @@
 //! very bytes its original writes; only the real rows' logits are read.
 //!
 //! Capturing needs the device's stream to itself. Every engine on a GPU queues work on candle's
-//! one stream for that GPU, so whatever queues work outside a capture (engine steps, loads, a KV
-//! cache's allocation and release) holds [`shared`], and a capture holds [`exclusive`].
+//! one stream for that GPU, so whatever queues work or frees device memory outside a capture
+//! (engine steps, loads, KV caches, a sleeping engine's weights) holds [`shared`], and a capture
+//! holds [`exclusive`]. A free that slips past the gate (a thread's exit freeing candle's cached
+//! kernel parameters) fails the capture it lands in, which then runs eagerly and retries later.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
