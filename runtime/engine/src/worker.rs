@@ -199,6 +199,14 @@ mod cuda {
                 Ok(diff) => crate::network::paged_kernel::disable(&format!("self-check differs by {diff}")),
                 Err(e) => crate::network::paged_kernel::disable(&format!("self-check failed: {e}")),
             }
+            // Graphs ride on both kernels above; with either off they do not apply anyway.
+            if crate::network::fused::applies(&worker.device) && crate::network::paged_kernel::enabled() {
+                match crate::network::graphs::self_check(&worker.device) {
+                    Ok(diff) if diff < 0.01 => tracing::info!(max_rel_diff = diff, "decode graphs checked"),
+                    Ok(diff) => crate::network::graphs::disable(&format!("self-check differs by {diff}")),
+                    Err(e) => crate::network::graphs::disable(&format!("self-check failed: {e}")),
+                }
+            }
             worker.boot_time = started.elapsed();
             tracing::info!(
                 worker = %worker.label,

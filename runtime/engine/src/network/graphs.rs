@@ -106,7 +106,13 @@ fn slot_of(chunk: &super::SeqChunk) -> u32 {
 }
 
 #[cfg(feature = "cuda")]
-pub use cuda::DecodeGraphs;
+pub use cuda::{DecodeGraphs, self_check};
+
+pub fn disable(reason: &str) {
+    if ENABLED.swap(false, Ordering::Relaxed) {
+        tracing::warn!(reason, "CUDA graphs for decode steps disabled; every step launches op by op");
+    }
+}
 
 /// Without CUDA there are no graphs: `new` is always `None`.
 #[cfg(not(feature = "cuda"))]
@@ -169,6 +175,59 @@ mod cuda {
     // an `OwnedGraph` has one owner (an engine's `DecodeGraphs`, used by one thread at a time),
     // and moving it to the engine's thread serializes everything.
     unsafe impl Send for OwnedGraph {}
+
+    /// Runs a tiny Qwen3-shaped network (64-wide heads, so the paged kernel and graphs apply)
+    /// through one decode step of three ragged sequences twice: launched over the fixed buffers
+    /// (and captured), then replayed from the graph. Returns the largest difference of the two
+    /// steps' logits, relative to the largest logit; an error if no graph was captured.
+    pub fn self_check(device: &candle_core::Device) -> crate::error::Result<f32> {
+        use crate::error::EngineError;
+        use crate::network::SeqChunk;
+        let dir = std::env::temp_dir().join(format!("kindling-graph-check-{}", std::process::id()));
+        let result = (|| {
+            let mut spec = crate::tiny_model::TinySpec::new(crate::Architecture::Qwen3);
+            spec.head_dim = 64;
+            crate::tiny_model::make_tiny_model(&dir, &spec)?;
+            let pool = crate::CheckpointPool::new(u64::MAX, None);
+            let (pooled, _) = pool.checkout(crate::Checkpoint::open(&dir)?, &|_| {})?;
+            let c = pooled.ckpt.config.clone();
+            let dtype = crate::engine::compute_dtype(device);
+            let how = crate::EngineConfig::default().weights_for(device);
+            let network = Network::new(c.clone(), pooled.load_tensors(device, dtype)?, 128, how, device)?;
+            let kv = KvStorage::new(c.num_layers, c.num_kv_heads, c.head_dim, 8, dtype, device)?;
+            let seqs = [(5usize, vec![0u32]), (17, vec![2, 1]), (2, vec![3])];
+            let chunk =
+                |start, len, table: &Vec<u32>| SeqChunk { start, len, block_table: table.clone(), sample: true };
+            let prefill = Batch {
+                tokens: seqs.iter().flat_map(|(len, _)| (1..=*len as u32).map(|t| t % 50 + 1)).collect(),
+                chunks: seqs.iter().map(|(len, table)| chunk(0, *len, table)).collect(),
+            };
+            network.forward(&prefill, &kv)?;
+            let decode = Batch {
+                tokens: vec![7, 8, 9],
+                chunks: seqs.iter().map(|(len, table)| chunk(*len, 1, table)).collect(),
+            };
+            let mut graphs = DecodeGraphs::new(&network, 4)
+                .ok_or_else(|| EngineError::Load("graphs do not apply to the check's network".into()))?;
+            // The same step twice writes the same K and V again, so both see the same cache.
+            let mut step = || -> crate::error::Result<Vec<Vec<f32>>> {
+                let logits = graphs
+                    .forward(&network, &decode, &kv)
+                    .ok_or_else(|| EngineError::Load("no graph for a decode step".into()))?;
+                logits.and_then(|l| l.to_dtype(DType::F32)?.to_vec2::<f32>()).map_err(EngineError::runtime)
+            };
+            let (launched, replayed) = (step()?, step()?);
+            if graphs.captured() != 1 {
+                return Err(EngineError::Load("the check's step was not captured".into()));
+            }
+            let rows = launched.iter().zip(&replayed);
+            let largest = launched.iter().flatten().fold(0f32, |m, x| m.max(x.abs())).max(f32::MIN_POSITIVE);
+            let worst = rows.flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).abs())).fold(0f32, f32::max);
+            Ok(if worst.is_nan() { f32::INFINITY } else { worst / largest })
+        })();
+        let _ = std::fs::remove_dir_all(&dir);
+        result
+    }
 
     /// Captures that fail this many times turn graphs off for the engine.
     const MAX_FAILURES: usize = 3;
@@ -236,6 +295,11 @@ mod cuda {
             }
             let _gate = exclusive();
             Some(self.run_and_capture(network, &inputs, kv))
+        }
+
+        /// How many graphs this engine has captured.
+        pub fn captured(&self) -> usize {
+            self.graphs.len()
         }
 
         fn replay(&self, inputs: &GraphInputs) -> candle_core::Result<Tensor> {

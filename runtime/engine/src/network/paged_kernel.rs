@@ -18,6 +18,11 @@ pub fn applies(config: &NetConfig, device: &candle_core::Device) -> bool {
         && (1..=8).contains(&group)
 }
 
+/// Whether the kernel is on (it may still not apply to a model's head shape).
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
 pub fn disable(reason: &str) {
     if ENABLED.swap(false, Ordering::Relaxed) {
         tracing::warn!(reason, "paged decode kernel disabled; decode attention gathers K/V instead");
