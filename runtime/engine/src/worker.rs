@@ -54,7 +54,7 @@ impl Worker {
     /// Runs a tiny model of each architecture through a prefill and a decode step, so every
     /// kernel is loaded (and, on CUDA, JIT-compiled from PTX) before the first real request.
     pub fn warm_up(&self) -> Result<()> {
-        let dir = std::env::temp_dir().join(format!("kindling-warmup-{}", std::process::id()));
+        let dir = crate::tiny_model::scratch_dir("warmup");
         let result = (|| {
             let pool = crate::CheckpointPool::new(u64::MAX, None);
             for arch in crate::Architecture::ALL {

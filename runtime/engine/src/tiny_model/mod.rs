@@ -66,6 +66,14 @@ impl TinySpec {
     }
 }
 
+/// A fresh directory name under the system's temp dir for a tiny model made at run time (the
+/// warm-up, the graph self-check): unique per call, since GPU workers boot in parallel.
+pub fn scratch_dir(purpose: &str) -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!("kindling-{purpose}-{}-{n}", std::process::id()))
+}
+
 /// SplitMix64: a fixed, dependency-free generator, so the weights never change with a crate update.
 pub(crate) struct SplitMix64(pub(crate) u64);
 
