@@ -51,10 +51,16 @@ pub fn bucket(seqs: usize) -> usize {
     }
 }
 
+/// The block-table entries a graph makes room for, for tables of up to `blocks` entries: a power
+/// of two of at least 16 (before the context's cap, which `meta_width` applies).
+pub fn table_bucket(blocks: usize) -> usize {
+    blocks.max(16).next_power_of_two()
+}
+
 /// Width of the kernel metadata rows (2 + block-table entries) for block tables of up to
-/// `blocks` entries: a power of two of at least 16 entries, at most `max_blocks`.
+/// `blocks` entries: `table_bucket(blocks)`, at most `max_blocks`.
 pub fn meta_width(blocks: usize, max_blocks: usize) -> usize {
-    2 + blocks.max(16).next_power_of_two().min(max_blocks.max(blocks))
+    2 + table_bucket(blocks).min(max_blocks.max(blocks))
 }
 
 /// A decode step's inputs, padded to a graph's shape, as they go into its fixed buffers.
@@ -79,10 +85,10 @@ impl GraphInputs {
         let seqs = chunks.len();
         let decode_only = chunks.iter().all(|c| c.len == 1 && c.sample) && batch.tokens.len() == seqs;
         let longest = chunks.iter().map(|c| c.block_table.len()).max()?;
-        if !decode_only || bucket(seqs) > max_seqs || longest > max_blocks {
+        let (bucket, width) = (bucket(seqs), meta_width(longest, max_blocks));
+        if !decode_only || bucket > max_seqs || longest > max_blocks {
             return None;
         }
-        let (bucket, width) = (bucket(seqs), meta_width(longest, max_blocks));
         let padded = || (0..bucket).map(|i| if i < seqs { i } else { 0 });
         let mut inputs = GraphInputs {
             seqs,
@@ -294,9 +300,9 @@ mod cuda {
             }
             let inputs = GraphInputs::pack(batch, network.config.sliding_window, self.max_seqs, self.max_blocks)?;
             let key = (inputs.bucket, inputs.width);
-            if self.graphs.contains_key(&key) {
+            if let Some(graph) = self.graphs.get(&key) {
                 let _gate = shared();
-                return Some(self.replay(&inputs));
+                return Some(self.replay(graph, &inputs));
             }
             if self.graphs.len() >= MAX_GRAPHS {
                 return None;
@@ -310,9 +316,9 @@ mod cuda {
             self.graphs.len()
         }
 
-        fn replay(&self, inputs: &GraphInputs) -> candle_core::Result<Tensor> {
+        fn replay(&self, graph: &OwnedGraph, inputs: &GraphInputs) -> candle_core::Result<Tensor> {
             self.write_inputs(inputs)?;
-            self.graphs[&(inputs.bucket, inputs.width)].0.launch().w()?;
+            graph.0.launch().w()?;
             self.logits.narrow(0, 0, inputs.seqs)
         }
 

@@ -341,8 +341,9 @@ impl Network {
     }
 
     /// The forward pass over inputs already on the device: `tokens` `[tokens]` and the step's
-    /// plan. Launches work only (no host sync, no host-to-device copy), so a CUDA graph can
-    /// capture it.
+    /// plan. Launches work only: no host sync, and no host-to-device copy but the shapes and
+    /// strides candle uploads for strided ops, which a graph capture takes from candle's cache
+    /// (`graphs`), so a CUDA graph can capture it.
     pub(crate) fn forward_planned(
         &self,
         tokens: &Tensor,

@@ -12,10 +12,7 @@ static ENABLED: AtomicBool = AtomicBool::new(cfg!(feature = "cuda"));
 /// Whether decode attention for this model and device goes through the kernel.
 pub fn applies(config: &NetConfig, device: &candle_core::Device) -> bool {
     let group = config.num_heads / config.num_kv_heads;
-    ENABLED.load(Ordering::Relaxed)
-        && device.is_cuda()
-        && matches!(config.head_dim, 64 | 128)
-        && (1..=8).contains(&group)
+    enabled() && device.is_cuda() && matches!(config.head_dim, 64 | 128) && (1..=8).contains(&group)
 }
 
 /// Whether the kernel is on (it may still not apply to a model's head shape).
@@ -67,7 +64,8 @@ mod cuda {
             let sm_count = sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
             dev.cuda_stream().context().attribute(sm_count).map_or(132, |n| n.max(1) as usize)
         });
-        let most_keys = meta_stride.saturating_sub(2).max(16).next_power_of_two() * crate::kv_cache::BLOCK_SIZE;
+        let most_keys =
+            crate::network::graphs::table_bucket(meta_stride.saturating_sub(2)) * crate::kv_cache::BLOCK_SIZE;
         let seqs = crate::network::graphs::bucket(seqs);
         (2 * sms).div_ceil(seqs * kv_heads).min(most_keys.div_ceil(KEYS_PER_PART)).clamp(1, 32)
     }
