@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs on the lent GPU machine: CUDA graphs for decode steps (network/graphs.rs) against eager
+# Runs on the lent GPU machine: CUDA graphs for decode steps (runtime/network/src/graphs.rs) against eager
 # launches (KINDLING_CUDA_GRAPHS=0) in the same run. (1) Tiny models of every architecture and a
 # Qwen3-0.6B-shaped one (head_dim 128: the tiny ones' heads are too small for the paged kernel,
 # so only it takes graphs) give the same greedy text both ways, one request at a time and 6 at
@@ -17,6 +17,13 @@ args=()
 T=/tmp/tiny-out; rm -rf $T /tmp/par-*; mkdir -p $T  # the comparisons' inputs; what they found is printed
 for a in $archs; do "$BIN" models make-tiny $M/tiny-$a --arch $a >/dev/null; args+=(--model tiny-$a=$M/tiny-$a); done
 args+=(--model q06=$M/qwen3-0.6b)
+# The real SmolLM2 GGUF (head_dim 64, trained weights: a rounding difference rarely flips its
+# greedy tokens) when both parts were carried (pack-device.sh with SMOLLM2=1).
+S=$M/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ ! -f $S ] && [ -f .device/smollm2.part-a ] && [ -f ${PART_B:=.device-b/smollm2.part-b} ]; then
+  mkdir -p $M/smollm2 && cat .device/smollm2.part-a $PART_B > $S
+fi
+if [ -f $S ]; then args+=(--model smol=$S); models+=" smol"; fi
 complete() { # MODEL PROMPT -> the completion's text as JSON
   curl -s localhost:8432/v1/completions -d "{\"model\":\"$1\",\"prompt\":\"$2\",\"max_tokens\":40,\"temperature\":0}" \
     | python3 -c 'import json,sys; d=json.load(sys.stdin); print(json.dumps(d["choices"][0]["text"]) if "choices" in d else "ERROR " + json.dumps(d)[:300])'
@@ -36,7 +43,7 @@ generate() { # LABEL (the environment decides graphs or not)
   curl -s localhost:8432/metrics | grep -E "^kindling_engine_(graph_)?steps_total" > "$T/tiny-$1-steps.txt"
   kill $pid; wait $pid 2>/dev/null
   echo "$1: $(grep -c "captured a decode graph" "$T/tiny-$1.log") graphs captured; warnings and errors:"
-  grep -E " (WARN|ERROR) |paged decode kernel checked" "$T/tiny-$1.log" | sed 's/\x1b\[[0-9;]*m//g' | cut -c 1-300 | head -5
+  grep -E " (WARN|ERROR) |paged decode kernel checked|decode graphs checked" "$T/tiny-$1.log" | sed 's/\x1b\[[0-9;]*m//g' | cut -c 1-300 | head -5
 }
 same() { # A B WHAT
   if cmp -s "$1" "$2"; then echo "tiny models: same text $3 ($(wc -l < "$1") completions)";

@@ -16,7 +16,7 @@ import numpy as np
 import sentencepiece as spm
 from gguf import GGUFWriter, TokenType
 
-CORPUS = Path(__file__).resolve().parents[2] / "runtime/engine/src/tiny_model/corpus.txt"
+CORPUS = Path(__file__).resolve().parents[2] / "runtime/checkpoint/src/tiny_model/corpus.txt"
 HIDDEN, FFN, LAYERS, HEADS, KV_HEADS, CONTEXT = 64, 160, 2, 4, 2, 256
 
 

@@ -282,7 +282,7 @@ impl EngineHandle {
 
     pub fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String> {
         match self.chat_template.as_ref() {
-            Some(t) => t.render(messages),
+            Some(t) => Ok(t.render(messages)?),
             None => Err(EngineError::InvalidParams(format!("model {} has no chat template", self.info.name))),
         }
     }
@@ -409,7 +409,7 @@ pub fn wake_engine(dormant: Dormant, device: &Device, config: &EngineConfig) -> 
         Ok(storage) => storage,
         Err(e) => {
             drop(dormant); // its weights are freed inside the gate too
-            return Err(e);
+            return Err(e.into());
         }
     };
     drop(gate);
@@ -592,7 +592,7 @@ impl Actor {
             return graphed.map_err(EngineError::runtime);
         }
         let _gate = graphs::shared();
-        network.forward(batch, storage)
+        Ok(network.forward(batch, storage)?)
     }
 
     /// The next token of every sampled sequence of the step, in plan order, with one host sync.

@@ -30,4 +30,22 @@ impl EngineError {
     }
 }
 
+impl From<kindling_network::NetworkError> for EngineError {
+    fn from(err: kindling_network::NetworkError) -> Self {
+        match err {
+            kindling_network::NetworkError::Load(e) => Self::Load(e),
+            kindling_network::NetworkError::Runtime(e) => Self::Runtime(e),
+        }
+    }
+}
+
+impl From<kindling_checkpoint::CheckpointError> for EngineError {
+    fn from(err: kindling_checkpoint::CheckpointError) -> Self {
+        match err {
+            kindling_checkpoint::CheckpointError::Load(e) => Self::Load(e),
+            kindling_checkpoint::CheckpointError::InvalidParams(e) => Self::InvalidParams(e),
+        }
+    }
+}
+
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;

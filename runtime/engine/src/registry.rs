@@ -519,6 +519,7 @@ impl ModelRegistry {
         tokio::task::spawn_blocking(move || pool.checkout_path(&path, &progress).map(|(_, hit)| hit))
             .await
             .map_err(|e| EngineError::Load(format!("preload task failed: {e}")))?
+            .map_err(EngineError::from)
     }
 
     pub fn pool_stats(&self) -> PoolStats {

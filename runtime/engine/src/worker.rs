@@ -3,6 +3,7 @@
 //! trimmed) and every kernel the networks use already loaded, by running a tiny model of each
 //! supported architecture through one forward pass.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,7 @@ use crate::engine::EngineConfig;
 use crate::error::{EngineError, Result};
 use crate::kv_cache::KvStorage;
 use crate::network::{Batch, Network, SeqChunk};
+use crate::tiny_model::TinySpec;
 
 pub struct Worker {
     pub device: Device,
@@ -56,22 +58,8 @@ impl Worker {
     pub fn warm_up(&self) -> Result<()> {
         let dir = crate::tiny_model::scratch_dir("warmup");
         let result = (|| {
-            let pool = crate::CheckpointPool::new(u64::MAX, None);
             for arch in crate::Architecture::ALL {
-                let model_dir = dir.join(arch.name());
-                crate::tiny_model::make_tiny_model(&model_dir, &crate::tiny_model::TinySpec::new(arch))?;
-                let (pooled, _) = pool.checkout(crate::Checkpoint::open(&model_dir)?, &|_| {})?;
-                let config = pooled.ckpt.config.clone();
-                let dtype = crate::engine::compute_dtype(&self.device);
-                let network = Network::new(
-                    config.clone(),
-                    pooled.load_tensors(&self.device, dtype)?,
-                    64,
-                    EngineConfig::default().weights_for(&self.device),
-                    &self.device,
-                )?;
-                let kv =
-                    KvStorage::new(config.num_layers, config.num_kv_heads, config.head_dim, 1, dtype, &self.device)?;
+                let (network, kv) = tiny_network(&self.device, &TinySpec::new(arch), &dir.join(arch.name()), 64, 1)?;
                 let chunk = |start, len| SeqChunk { start, len, block_table: vec![0], sample: true };
                 let prefill = Batch { tokens: vec![1, 2, 3, 4], chunks: vec![chunk(0, 4)] };
                 network.forward(&prefill, &kv)?;
@@ -84,6 +72,49 @@ impl Worker {
         let _ = std::fs::remove_dir_all(&dir);
         result
     }
+}
+
+/// A tiny model of `spec` written to `dir`, loaded through a checkpoint pool onto `device` as
+/// an engine would load it, with a KV cache of `kv_blocks` blocks.
+fn tiny_network(
+    device: &Device,
+    spec: &TinySpec,
+    dir: &Path,
+    context: usize,
+    kv_blocks: usize,
+) -> Result<(Network, KvStorage)> {
+    crate::tiny_model::make_tiny_model(dir, spec)?;
+    let pool = crate::CheckpointPool::new(u64::MAX, None);
+    let (pooled, _) = pool.checkout(crate::Checkpoint::open(dir)?, &|_| {})?;
+    let config = pooled.ckpt.config.clone();
+    let dtype = crate::engine::compute_dtype(device);
+    let how = EngineConfig::default().weights_for(device);
+    let network = Network::new(config.clone(), pooled.load_tensors(device, dtype)?, context, how, device)?;
+    let kv = KvStorage::new(config.num_layers, config.num_kv_heads, config.head_dim, kv_blocks, dtype, device)?;
+    Ok((network, kv))
+}
+
+/// What the boot graph check runs (`graphs::self_check`): a tiny Qwen3-shaped network with
+/// 64-wide heads (so the paged kernel and graphs apply on a GPU), its KV cache after a prefill
+/// of three ragged sequences, and their next decode step.
+#[cfg(any(feature = "cuda", test))]
+fn graph_check_step(device: &Device) -> Result<(Network, KvStorage, Batch)> {
+    let dir = crate::tiny_model::scratch_dir("graph-check");
+    let mut spec = TinySpec::new(crate::Architecture::Qwen3);
+    spec.head_dim = 64;
+    let made = tiny_network(device, &spec, &dir, 128, 8);
+    let _ = std::fs::remove_dir_all(&dir);
+    let (network, kv) = made?;
+    let seqs = [(5usize, vec![0u32]), (17, vec![2, 1]), (2, vec![3])];
+    let chunk = |start, len, table: &Vec<u32>| SeqChunk { start, len, block_table: table.clone(), sample: true };
+    let prefill = Batch {
+        tokens: seqs.iter().flat_map(|(len, _)| (1..=*len as u32).map(|t| t % 50 + 1)).collect(),
+        chunks: seqs.iter().map(|(len, table)| chunk(0, *len, table)).collect(),
+    };
+    network.forward(&prefill, &kv)?;
+    let decode =
+        Batch { tokens: vec![7, 8, 9], chunks: seqs.iter().map(|(len, table)| chunk(*len, 1, table)).collect() };
+    Ok((network, kv, decode))
 }
 
 #[cfg(feature = "cuda")]
@@ -100,6 +131,7 @@ mod cuda {
     use super::Worker;
     use crate::checkpoint_pool::HostPinner;
     use crate::error::{EngineError, Result};
+    use kindling_checkpoint::CheckpointError;
 
     /// How many CUDA devices the driver sees.
     pub fn cuda_device_count() -> Result<usize> {
@@ -122,13 +154,16 @@ mod cuda {
     }
 
     impl HostPinner for CudaPinner {
-        fn pin(&self, bytes: &[u8]) -> Result<()> {
-            self.ctx.bind_to_thread().map_err(EngineError::load)?;
+        fn pin(&self, bytes: &[u8]) -> std::result::Result<(), CheckpointError> {
+            self.ctx.bind_to_thread().map_err(CheckpointError::load)?;
             let (ptr, len) = page_span(bytes);
             let flags = sys::CU_MEMHOSTREGISTER_READ_ONLY | sys::CU_MEMHOSTREGISTER_PORTABLE;
             // SAFETY: ptr/len cover a live mapping that outlives the registration (unpin runs
             // before the map is dropped).
-            check("cuMemHostRegister", unsafe { sys::cuMemHostRegister_v2(ptr, len, flags) })
+            match unsafe { sys::cuMemHostRegister_v2(ptr, len, flags) } {
+                sys::CUresult::CUDA_SUCCESS => Ok(()),
+                r => Err(CheckpointError::Load(format!("cuMemHostRegister failed: {r:?}"))),
+            }
         }
 
         fn unpin(&self, bytes: &[u8]) {
@@ -201,7 +236,9 @@ mod cuda {
             }
             // Graphs ride on both kernels above; with either off they do not apply anyway.
             if crate::network::fused::applies(&worker.device) && crate::network::paged_kernel::enabled() {
-                match crate::network::graphs::self_check(&worker.device) {
+                let check = super::graph_check_step(&worker.device)
+                    .and_then(|(network, kv, step)| Ok(crate::network::graphs::self_check(&network, &kv, &step)?));
+                match check {
                     Ok(diff) if diff < 0.01 => tracing::info!(max_rel_diff = diff, "decode graphs checked"),
                     Ok(diff) => crate::network::graphs::disable(&format!("self-check differs by {diff}")),
                     Err(e) => crate::network::graphs::disable(&format!("self-check failed: {e}")),
@@ -227,4 +264,22 @@ pub fn warm_cpu(memory_budget: u64) -> Result<Worker> {
     worker.warm_up()?;
     worker.boot_time = started.elapsed();
     Ok(worker)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_graph_checks_step_gives_the_same_logits_run_twice() {
+        // What the GPU graph check relies on: running its decode step again rewrites the same
+        // K/V, so a graph replay after the launch sees the cache the launch saw.
+        let device = Device::Cpu;
+        let (network, kv, decode) = graph_check_step(&device).unwrap();
+        assert_eq!(network.config.head_dim, 64, "wide enough for the paged kernel");
+        let run = || network.forward(&decode, &kv).unwrap().to_vec2::<f32>().unwrap();
+        let (first, second) = (run(), run());
+        assert_eq!(first.len(), 3);
+        assert_eq!(first, second);
+    }
 }

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use candle_core::quantized::GgmlDType;
 
 use crate::chat_template::ChatTemplate;
-use crate::error::{EngineError, Result};
+use crate::error::{CheckpointError, Result};
 use crate::gguf::{GgufCheckpoint, GgufTokenizer};
 pub use crate::network::{Architecture, NetConfig};
 
@@ -66,7 +66,7 @@ pub struct Checkpoint {
 }
 
 fn read_to_string(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))
+    std::fs::read_to_string(path).map_err(|e| CheckpointError::Load(format!("{}: {e}", path.display())))
 }
 
 fn collect_ids(value: &serde_json::Value, into: &mut BTreeSet<u32>) {
@@ -88,13 +88,13 @@ impl Checkpoint {
             return Self::open_gguf(path.clone(), &path);
         }
         if !path.is_dir() {
-            return Err(EngineError::Load(format!("{} is neither a directory nor a .gguf file", path.display())));
+            return Err(CheckpointError::Load(format!("{} is neither a directory nor a .gguf file", path.display())));
         }
         let hf = path.join("config.json").is_file()
             && (path.join("model.safetensors").is_file() || path.join("model.safetensors.index.json").is_file());
         if !hf {
             let mut ggufs: Vec<PathBuf> = std::fs::read_dir(&path)
-                .map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?
+                .map_err(|e| CheckpointError::Load(format!("{}: {e}", path.display())))?
                 .flatten()
                 .map(|e| e.path())
                 .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "gguf"))
@@ -105,7 +105,7 @@ impl Checkpoint {
                 1 => return Self::open_gguf(path, &ggufs[0]),
                 _ => {
                     let names: Vec<String> = ggufs.iter().map(|p| p.display().to_string()).collect();
-                    return Err(EngineError::Load(format!(
+                    return Err(CheckpointError::Load(format!(
                         "{} holds several GGUF files ({}); register one of them by its path",
                         path.display(),
                         names.join(", ")
@@ -121,7 +121,7 @@ impl Checkpoint {
     pub fn load_tokenizer(&self) -> Result<tokenizers::Tokenizer> {
         match &self.tokenizer {
             TokenizerSource::File(path) => tokenizers::Tokenizer::from_file(path)
-                .map_err(|e| EngineError::Load(format!("{}: {e}", path.display()))),
+                .map_err(|e| CheckpointError::Load(format!("{}: {e}", path.display()))),
             TokenizerSource::Gguf(t) => t.build(),
         }
     }
@@ -165,7 +165,7 @@ impl Checkpoint {
 
         let tokenizer_path = dir.join("tokenizer.json");
         if !tokenizer_path.is_file() {
-            return Err(EngineError::Load(format!("{} is missing", tokenizer_path.display())));
+            return Err(CheckpointError::Load(format!("{} is missing", tokenizer_path.display())));
         }
 
         let weight_files = Self::find_weight_files(&dir)?;
@@ -207,7 +207,7 @@ impl Checkpoint {
         }
         let index_path = dir.join("model.safetensors.index.json");
         if !index_path.is_file() {
-            return Err(EngineError::Load(format!(
+            return Err(CheckpointError::Load(format!(
                 "{} has neither model.safetensors nor model.safetensors.index.json",
                 dir.display()
             )));
@@ -217,30 +217,30 @@ impl Checkpoint {
             weight_map: BTreeMap<String, String>,
         }
         let index: Index = serde_json::from_str(&read_to_string(&index_path)?)
-            .map_err(|e| EngineError::Load(format!("{}: {e}", index_path.display())))?;
+            .map_err(|e| CheckpointError::Load(format!("{}: {e}", index_path.display())))?;
         let names: BTreeSet<&String> = index.weight_map.values().collect();
         let mut files = Vec::new();
         for name in names {
             if name.contains('/') || name.contains("..") {
-                return Err(EngineError::Load(format!("shard name {name:?} escapes the model directory")));
+                return Err(CheckpointError::Load(format!("shard name {name:?} escapes the model directory")));
             }
             files.push(dir.join(name));
         }
         if files.is_empty() {
-            return Err(EngineError::Load(format!("{} lists no shards", index_path.display())));
+            return Err(CheckpointError::Load(format!("{} lists no shards", index_path.display())));
         }
         Ok(files)
     }
 
     /// Parses one file's header and records its tensors; returns the file's size.
     fn read_header(index: usize, path: &Path, tensors: &mut HashMap<String, TensorEntry>) -> Result<u64> {
-        let file = File::open(path).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
+        let file = File::open(path).map_err(|e| CheckpointError::Load(format!("{}: {e}", path.display())))?;
         // SAFETY: read-only map; a concurrent truncation would fault, which we accept for model files
         // the operator registered (the same contract as every mmap-based loader).
-        let mmap =
-            unsafe { memmap2::Mmap::map(&file) }.map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
+        let mmap = unsafe { memmap2::Mmap::map(&file) }
+            .map_err(|e| CheckpointError::Load(format!("{}: {e}", path.display())))?;
         let parsed = SafeTensors::deserialize(&mmap)
-            .map_err(|e| EngineError::Load(format!("{}: corrupt or truncated safetensors: {e}", path.display())))?;
+            .map_err(|e| CheckpointError::Load(format!("{}: corrupt or truncated safetensors: {e}", path.display())))?;
         let header_len = 8 + u64::from_le_bytes(mmap[..8].try_into().expect("deserialize checked length")) as usize;
         for (name, view) in parsed.tensors() {
             let start = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
@@ -252,7 +252,7 @@ impl Checkpoint {
                 offsets: (start, start + view.data().len()),
             };
             if tensors.insert(name.clone(), entry).is_some() {
-                return Err(EngineError::Load(format!("tensor {name} appears in more than one shard")));
+                return Err(CheckpointError::Load(format!("tensor {name} appears in more than one shard")));
             }
         }
         Ok(mmap.len() as u64)
@@ -265,7 +265,7 @@ impl Checkpoint {
         for (name, entry) in tensors {
             let our_name = naming.ours(&name);
             if ours.insert(our_name, entry).is_some() {
-                return Err(EngineError::Load(format!(
+                return Err(CheckpointError::Load(format!(
                     "tensor {name} appears twice (with and without a model. prefix)"
                 )));
             }
@@ -278,16 +278,16 @@ impl Checkpoint {
         for (ours, expected) in config.expected_tensors() {
             let name = naming.theirs(&ours);
             let Some(entry) = tensors.get(&ours) else {
-                return Err(EngineError::Load(format!("checkpoint has no tensor {name}")));
+                return Err(CheckpointError::Load(format!("checkpoint has no tensor {name}")));
             };
             if entry.shape != expected {
-                return Err(EngineError::Load(format!(
+                return Err(CheckpointError::Load(format!(
                     "tensor {name} has shape {:?} but config.json implies {expected:?}",
                     entry.shape
                 )));
             }
             if !matches!(entry.dtype, WeightDType::Safetensors(Dtype::F32 | Dtype::F16 | Dtype::BF16)) {
-                return Err(EngineError::Load(format!(
+                return Err(CheckpointError::Load(format!(
                     "tensor {name} has dtype {:?}; only f32, f16 and bf16 are supported",
                     entry.dtype
                 )));

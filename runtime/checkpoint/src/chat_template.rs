@@ -6,7 +6,7 @@ use std::path::Path;
 use minijinja::{Environment, Error, ErrorKind, context};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{EngineError, Result};
+use crate::error::{CheckpointError, Result};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatMessage {
@@ -37,7 +37,7 @@ impl ChatTemplate {
             return Ok(None);
         };
         let config: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
+            serde_json::from_str(&text).map_err(|e| CheckpointError::Load(format!("{}: {e}", path.display())))?;
         // Either a string, or a list of named templates of which "default" is the chat one.
         let source = match &config["chat_template"] {
             serde_json::Value::String(s) => s.clone(),
@@ -57,7 +57,7 @@ impl ChatTemplate {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
         env.add_template_owned("chat", source.to_string())
-            .map_err(|e| EngineError::Load(format!("chat template does not parse: {e}")))?;
+            .map_err(|e| CheckpointError::Load(format!("chat template does not parse: {e}")))?;
         Ok(Self { env, bos_token, eos_token })
     }
 
@@ -70,7 +70,7 @@ impl ChatTemplate {
                 bos_token => self.bos_token,
                 eos_token => self.eos_token,
             })
-            .map_err(|e| EngineError::InvalidParams(format!("chat template: {e}")))
+            .map_err(|e| CheckpointError::InvalidParams(format!("chat template: {e}")))
     }
 }
 
@@ -92,7 +92,7 @@ mod tests {
         let t =
             ChatTemplate::new("{{ raise_exception('roles must alternate') }}", String::new(), String::new()).unwrap();
         let err = t.render(&[]).unwrap_err();
-        assert!(matches!(&err, EngineError::InvalidParams(m) if m.contains("roles must alternate")), "{err}");
+        assert!(matches!(&err, CheckpointError::InvalidParams(m) if m.contains("roles must alternate")), "{err}");
     }
 
     #[test]

@@ -360,7 +360,7 @@ mod cuda {
     /// Runs each kernel and the unfused ops it replaces on random bf16 data (bias, q/k norms,
     /// both RoPE layouts, scattered cache slots); returns the largest relative difference.
     pub fn self_check(device: &Device) -> Result<f32> {
-        use crate::network::rope;
+        use crate::rope;
         let (n, heads, kvh, hd, slots_total) = (5usize, 8usize, 2usize, 128usize, 64usize);
         let bf = DType::BF16;
         let rand = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(bf);

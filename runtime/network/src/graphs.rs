@@ -111,42 +111,6 @@ fn slot_of(chunk: &super::SeqChunk) -> u32 {
     crate::kv_cache::slots(&chunk.block_table, chunk.start..chunk.start + 1).next().expect("one position")
 }
 
-/// What the boot self-check runs: a tiny Qwen3-shaped network with 64-wide heads (so the paged
-/// kernel and graphs apply on a GPU), its KV cache after a prefill of three ragged sequences,
-/// and their next decode step.
-#[cfg(any(feature = "cuda", test))]
-fn check_step(
-    device: &candle_core::Device,
-) -> crate::error::Result<(super::Network, crate::kv_cache::KvStorage, Batch)> {
-    use super::SeqChunk;
-    let dir = crate::tiny_model::scratch_dir("graph-check");
-    let made = (|| {
-        let mut spec = crate::tiny_model::TinySpec::new(crate::Architecture::Qwen3);
-        spec.head_dim = 64;
-        crate::tiny_model::make_tiny_model(&dir, &spec)?;
-        let pool = crate::CheckpointPool::new(u64::MAX, None);
-        let (pooled, _) = pool.checkout(crate::Checkpoint::open(&dir)?, &|_| {})?;
-        let c = pooled.ckpt.config.clone();
-        let dtype = crate::engine::compute_dtype(device);
-        let how = crate::EngineConfig::default().weights_for(device);
-        let network = super::Network::new(c.clone(), pooled.load_tensors(device, dtype)?, 128, how, device)?;
-        let kv = crate::kv_cache::KvStorage::new(c.num_layers, c.num_kv_heads, c.head_dim, 8, dtype, device)?;
-        Ok::<_, crate::error::EngineError>((network, kv))
-    })();
-    let _ = std::fs::remove_dir_all(&dir);
-    let (network, kv) = made?;
-    let seqs = [(5usize, vec![0u32]), (17, vec![2, 1]), (2, vec![3])];
-    let chunk = |start, len, table: &Vec<u32>| SeqChunk { start, len, block_table: table.clone(), sample: true };
-    let prefill = Batch {
-        tokens: seqs.iter().flat_map(|(len, _)| (1..=*len as u32).map(|t| t % 50 + 1)).collect(),
-        chunks: seqs.iter().map(|(len, table)| chunk(0, *len, table)).collect(),
-    };
-    network.forward(&prefill, &kv)?;
-    let decode =
-        Batch { tokens: vec![7, 8, 9], chunks: seqs.iter().map(|(len, table)| chunk(*len, 1, table)).collect() };
-    Ok((network, kv, decode))
-}
-
 #[cfg(feature = "cuda")]
 pub use cuda::{DecodeGraphs, self_check};
 
@@ -187,9 +151,9 @@ mod cuda {
     use candle_core::{DType, Storage, Tensor, bail};
 
     use super::{ENABLED, GraphInputs, bucket, exclusive, shared};
+    use crate::attention::StepPlan;
     use crate::kv_cache::{BLOCK_SIZE, KvStorage};
-    use crate::network::attention::StepPlan;
-    use crate::network::{Batch, Network, fused, paged_kernel};
+    use crate::{Batch, Network, fused, paged_kernel};
 
     /// Graphs one engine has captured, with the fixed buffers they read and write. Owned by the
     /// engine's actor; dropped before its KV cache (the graphs write into it).
@@ -218,24 +182,24 @@ mod cuda {
     // and moving it to the engine's thread serializes everything.
     unsafe impl Send for OwnedGraph {}
 
-    /// Runs `check_step`'s decode step twice: launched over the fixed buffers (and captured),
-    /// then replayed from the graph. Returns the largest difference of the two steps' logits,
-    /// relative to the largest logit; an error if no graph was captured.
-    pub fn self_check(device: &candle_core::Device) -> crate::error::Result<f32> {
-        use crate::error::EngineError;
-        let (network, kv, decode) = super::check_step(device)?;
-        let mut graphs = DecodeGraphs::new(&network, 4)
-            .ok_or_else(|| EngineError::Load("graphs do not apply to the check's network".into()))?;
-        // The same step twice writes the same K and V again, so both see the same cache.
+    /// The boot self-check: runs `decode` (a decode step of sequences already prefilled into
+    /// `kv`) twice, launched over the fixed buffers (and captured), then replayed from the
+    /// graph. Returns the largest difference of the two steps' logits, relative to the largest
+    /// logit; an error if no graph was captured. The same step twice writes the same K and V
+    /// again, so both runs see the same cache.
+    pub fn self_check(network: &Network, kv: &KvStorage, decode: &Batch) -> crate::error::Result<f32> {
+        use crate::error::NetworkError;
+        let mut graphs = DecodeGraphs::new(network, decode.chunks.len())
+            .ok_or_else(|| NetworkError::Load("graphs do not apply to the check's network".into()))?;
         let mut step = || -> crate::error::Result<Vec<Vec<f32>>> {
             let logits = graphs
-                .forward(&network, &decode, &kv)
-                .ok_or_else(|| EngineError::Load("no graph for a decode step".into()))?;
-            logits.and_then(|l| l.to_dtype(DType::F32)?.to_vec2::<f32>()).map_err(EngineError::runtime)
+                .forward(network, decode, kv)
+                .ok_or_else(|| NetworkError::Load("no graph for a decode step".into()))?;
+            logits.and_then(|l| l.to_dtype(DType::F32)?.to_vec2::<f32>()).map_err(NetworkError::runtime)
         };
         let (launched, replayed) = (step()?, step()?);
         if graphs.captured() != 1 {
-            return Err(EngineError::Load("the check's step was not captured".into()));
+            return Err(NetworkError::Load("the check's step was not captured".into()));
         }
         let largest = launched.iter().flatten().fold(0f32, |m, x| m.max(x.abs())).max(f32::MIN_POSITIVE);
         let pairs = launched.iter().flatten().zip(replayed.iter().flatten());
@@ -409,21 +373,8 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::SeqChunk;
     use crate::kv_cache::BLOCK_SIZE;
-    use crate::network::SeqChunk;
-
-    #[test]
-    fn the_self_checks_step_gives_the_same_logits_run_twice() {
-        // What the GPU self-check relies on: running its decode step again rewrites the same K/V,
-        // so a graph replay after the launch sees the cache the launch saw.
-        let device = candle_core::Device::Cpu;
-        let (network, kv, decode) = check_step(&device).unwrap();
-        assert_eq!(network.config.head_dim, 64, "wide enough for the paged kernel");
-        let run = || network.forward(&decode, &kv).unwrap().to_vec2::<f32>().unwrap();
-        let (first, second) = (run(), run());
-        assert_eq!(first.len(), 3);
-        assert_eq!(first, second);
-    }
 
     #[test]
     fn buckets_cover_every_size_with_little_padding() {

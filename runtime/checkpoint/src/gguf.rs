@@ -12,7 +12,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::quantized::gguf_file::{Content, Value};
 use tokenizers::Tokenizer;
 
-use crate::error::{EngineError, Result};
+use crate::error::{CheckpointError, Result};
 use crate::network::config::{MlpKind, NormKind, PositionKind};
 use crate::network::{Architecture, NetConfig};
 
@@ -84,12 +84,12 @@ pub struct GgufCheckpoint {
     pub file_bytes: u64,
 }
 
-fn tokenizer_err(e: impl std::fmt::Display) -> EngineError {
-    EngineError::Load(format!("GGUF tokenizer: {e}"))
+fn tokenizer_err(e: impl std::fmt::Display) -> CheckpointError {
+    CheckpointError::Load(format!("GGUF tokenizer: {e}"))
 }
 
-fn load_err(path: &Path, what: impl std::fmt::Display) -> EngineError {
-    EngineError::Load(format!("{}: {what}", path.display()))
+fn load_err(path: &Path, what: impl std::fmt::Display) -> CheckpointError {
+    CheckpointError::Load(format!("{}: {what}", path.display()))
 }
 
 fn number(v: &Value) -> Option<f64> {
@@ -362,7 +362,7 @@ fn pre_tokenizer(pre: &str) -> Result<tokenizers::PreTokenizerWrapper> {
         }
         "gpt-2" | "default" | "" => byte_level.into(),
         other => {
-            return Err(EngineError::Load(format!(
+            return Err(CheckpointError::Load(format!(
                 "pre-tokenizer {other:?} is not supported yet (supported: gpt-2, smollm, starcoder)"
             )));
         }

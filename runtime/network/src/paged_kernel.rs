@@ -64,9 +64,8 @@ mod cuda {
             let sm_count = sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
             dev.cuda_stream().context().attribute(sm_count).map_or(132, |n| n.max(1) as usize)
         });
-        let most_keys =
-            crate::network::graphs::table_bucket(meta_stride.saturating_sub(2)) * crate::kv_cache::BLOCK_SIZE;
-        let seqs = crate::network::graphs::bucket(seqs);
+        let most_keys = crate::graphs::table_bucket(meta_stride.saturating_sub(2)) * crate::kv_cache::BLOCK_SIZE;
+        let seqs = crate::graphs::bucket(seqs);
         (2 * sms).div_ceil(seqs * kv_heads).min(most_keys.div_ceil(KEYS_PER_PART)).clamp(1, 32)
     }
 

@@ -6,7 +6,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::error::{EngineError, Result};
+use crate::error::{NetworkError, Result};
 
 /// Tokens per block.
 pub const BLOCK_SIZE: usize = 16;
@@ -83,7 +83,7 @@ impl KvStorage {
         device: &Device,
     ) -> Result<Self> {
         let alloc =
-            || Tensor::zeros((kv_heads, blocks * BLOCK_SIZE, head_dim), dtype, device).map_err(EngineError::load);
+            || Tensor::zeros((kv_heads, blocks * BLOCK_SIZE, head_dim), dtype, device).map_err(NetworkError::load);
         let mut k = Vec::with_capacity(layers);
         let mut v = Vec::with_capacity(layers);
         for _ in 0..layers {

@@ -9,7 +9,7 @@ use std::time::Instant;
 use memmap2::{Advice, Mmap, MmapMut};
 
 use super::{AdmitProgress, PooledCheckpoint};
-use crate::error::{EngineError, Result};
+use crate::error::{CheckpointError, Result};
 
 /// How much is read per step of making pages resident (and per progress report).
 const RESIDENCY_CHUNK: usize = 256 << 20;
@@ -85,7 +85,7 @@ impl Landed {
                 return Ok(());
             }
             if let Some(e) = &*failed {
-                return Err(EngineError::Load(format!("reading the checkpoint failed: {e}")));
+                return Err(CheckpointError::Load(format!("reading the checkpoint failed: {e}")));
             }
             failed = self.moved.wait(failed).expect("poisoned");
         }
@@ -123,7 +123,7 @@ pub(super) fn fill(
             return Ok(()); // faulted in by `start_admission`
         }
         for (i, path) in pooled.ckpt.weight_files.iter().enumerate() {
-            let err = |e: std::io::Error| EngineError::Load(format!("{}: {e}", path.display()));
+            let err = |e: std::io::Error| CheckpointError::Load(format!("{}: {e}", path.display()));
             let file = File::open(path).map_err(err)?;
             let pages = &pooled.pages[i];
             for chunk_start in (0..pages.len).step_by(RESIDENCY_CHUNK) {

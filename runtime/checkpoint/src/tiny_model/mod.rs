@@ -18,7 +18,7 @@ use tokenizers::{AddedToken, Tokenizer};
 use crate::network::{Architecture, NetConfig, PositionKind};
 
 mod bigram;
-use crate::error::{EngineError, Result};
+use crate::error::{CheckpointError, Result};
 
 const CORPUS: &str = include_str!("corpus.txt");
 const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
@@ -121,13 +121,13 @@ fn train_tokenizer(vocab_target: usize) -> Result<Tokenizer> {
     let lines: Vec<String> = CORPUS.lines().map(|l| format!("{l}\n")).collect();
     tokenizer
         .train(&mut trainer, lines.into_iter())
-        .map_err(|e| EngineError::Load(format!("training the tiny tokenizer: {e}")))?;
-    tokenizer.add_special_tokens(specials).map_err(|e| EngineError::Load(format!("adding special tokens: {e}")))?;
+        .map_err(|e| CheckpointError::Load(format!("training the tiny tokenizer: {e}")))?;
+    tokenizer.add_special_tokens(specials).map_err(|e| CheckpointError::Load(format!("adding special tokens: {e}")))?;
     Ok(tokenizer)
 }
 
-fn io(path: &Path) -> impl Fn(std::io::Error) -> EngineError + '_ {
-    move |e| EngineError::Load(format!("{}: {e}", path.display()))
+fn io(path: &Path) -> impl Fn(std::io::Error) -> CheckpointError + '_ {
+    move |e| CheckpointError::Load(format!("{}: {e}", path.display()))
 }
 
 /// Writes a tiny model into `dir` (created if missing). Returns the config it wrote.
@@ -193,7 +193,7 @@ pub fn make_tiny_model(dir: &Path, spec: &TinySpec) -> Result<NetConfig> {
     let path = dir.join("config.json");
     std::fs::write(&path, &config_text).map_err(io(&path))?;
     let path = dir.join("tokenizer.json");
-    tokenizer.save(&path, true).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
+    tokenizer.save(&path, true).map_err(|e| CheckpointError::Load(format!("{}: {e}", path.display())))?;
     let tokenizer_config = serde_json::json!({
         "chat_template": CHATML_TEMPLATE,
         "bos_token": null,
@@ -262,7 +262,7 @@ fn write_weights(path: &Path, shape: &NetConfig, spec: &TinySpec, tokenizer: &To
         .collect();
     let metadata = Some(std::collections::HashMap::from([("format".to_string(), "pt".to_string())]));
     safetensors::tensor::serialize_to_file(views, metadata, path)
-        .map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))
+        .map_err(|e| CheckpointError::Load(format!("{}: {e}", path.display())))
 }
 
 #[cfg(test)]

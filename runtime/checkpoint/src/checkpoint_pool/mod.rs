@@ -23,7 +23,7 @@ use tokenizers::Tokenizer;
 
 use crate::chat_template::ChatTemplate;
 use crate::checkpoint::{Checkpoint, TensorEntry, WeightDType};
-use crate::error::{EngineError, Result};
+use crate::error::{CheckpointError, Result};
 use crate::network::Weight;
 
 mod admission;
@@ -49,7 +49,7 @@ struct FileStamp {
 }
 
 fn stamp(path: &std::path::Path) -> Result<FileStamp> {
-    let meta = std::fs::metadata(path).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
+    let meta = std::fs::metadata(path).map_err(|e| CheckpointError::Load(format!("{}: {e}", path.display())))?;
     Ok(FileStamp { len: meta.len(), modified: meta.modified().ok() })
 }
 
@@ -117,7 +117,7 @@ impl PooledCheckpoint {
         let (a, b) = entry.offsets;
         let pages = &self.pages[entry.file];
         if a > b || b > pages.len {
-            return Err(EngineError::Load(format!("tensor bytes {a}..{b} past the file's {} bytes", pages.len)));
+            return Err(CheckpointError::Load(format!("tensor bytes {a}..{b} past the file's {} bytes", pages.len)));
         }
         self.landed.wait(entry.file, b)?;
         // SAFETY: in bounds (checked above) and landed (waited for).
@@ -160,7 +160,7 @@ impl PooledCheckpoint {
             // graph capture on this GPU must not wait for that.
             let _gate = crate::network::graphs::shared();
             let shape = entry.shape.as_slice();
-            let err = |e: candle_core::Error| EngineError::Load(format!("tensor {name}: {e}"));
+            let err = |e: candle_core::Error| CheckpointError::Load(format!("tensor {name}: {e}"));
             let weight = match entry.dtype {
                 WeightDType::Safetensors(Dtype::BF16) | WeightDType::Ggml(GgmlDType::BF16) => {
                     Self::from_bytes::<half::bf16>(bytes, shape, device)
@@ -185,7 +185,7 @@ impl PooledCheckpoint {
             out.insert(name.clone(), Weight::Dense(weight));
         }
         let _gate = crate::network::graphs::shared();
-        device.synchronize().map_err(EngineError::load)?;
+        device.synchronize().map_err(CheckpointError::load)?;
         Ok(out)
     }
 
@@ -407,13 +407,13 @@ impl CheckpointPool {
         let mut stamps = Vec::new();
         let mapped = matches!(admission_read(), AdmissionRead::Mapped);
         for path in &ckpt.weight_files {
-            let err = |e: std::io::Error| EngineError::Load(format!("{}: {e}", path.display()));
+            let err = |e: std::io::Error| CheckpointError::Load(format!("{}: {e}", path.display()));
             stamps.push(stamp(path)?);
             pages.push(if mapped {
                 Pages::mapped(map_resident(&File::open(path).map_err(err)?, |_| {}).map_err(err)?)
             } else {
                 let len = usize::try_from(stamps.last().expect("pushed").len)
-                    .map_err(|e| EngineError::Load(e.to_string()))?;
+                    .map_err(|e| CheckpointError::Load(e.to_string()))?;
                 // Anonymous memory (huge pages where the kernel gives them): one byte for an
                 // empty file, which cannot be mapped with length 0.
                 let memory = memmap2::MmapOptions::new().len(len.max(1)).map_anon().map_err(err)?;
@@ -560,9 +560,9 @@ mod tests {
         let failed = pool.checkout_path_using(&ckpt.dir, &|_| {}, |pooled, hit| {
             assert!(!hit);
             pooled.abandon();
-            Err::<(), _>(EngineError::Load("out of device memory".into()))
+            Err::<(), _>(CheckpointError::Load("out of device memory".into()))
         });
-        assert!(matches!(&failed, Ok(Err(EngineError::Load(m))) if m == "out of device memory"), "{failed:?}");
+        assert!(matches!(&failed, Ok(Err(CheckpointError::Load(m))) if m == "out of device memory"), "{failed:?}");
         assert!(!pool.holds(&ckpt.dir), "an abandoned admission is not pooled");
         assert!(!pool.checkout_path_using(&ckpt.dir, &|_| {}, |_, hit| hit).unwrap(), "the next checkout reads again");
         assert!(pool.holds(&ckpt.dir));
@@ -586,7 +586,7 @@ mod tests {
             std::thread::spawn(move || landed.wait(1, 10))
         };
         landed.fail("disk gone".into());
-        assert!(matches!(waiter.join().unwrap(), Err(EngineError::Load(m)) if m.contains("disk gone")));
+        assert!(matches!(waiter.join().unwrap(), Err(CheckpointError::Load(m)) if m.contains("disk gone")));
         assert!(landed.wait(0, 100).is_ok(), "what landed before the failure stays usable");
     }
 

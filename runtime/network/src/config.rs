@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use crate::error::{EngineError, Result};
+use crate::error::{NetworkError, Result};
 
 /// The model families this engine can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -213,7 +213,7 @@ impl Architecture {
     pub fn from_model_type(model_type: &str) -> Result<Self> {
         ARCHITECTURES.iter().find(|s| s.model_type == model_type).map(|s| s.arch).ok_or_else(|| {
             let known: Vec<&str> = ARCHITECTURES.iter().map(|s| s.model_type).collect();
-            EngineError::Load(format!(
+            NetworkError::Load(format!(
                 "unsupported model_type {model_type:?} in config.json (supported: {})",
                 known.join(", ")
             ))
@@ -268,18 +268,18 @@ fn field<'a>(v: &'a Value, key: &str) -> Option<&'a Value> {
 fn usize_field(v: &Value, key: &str) -> Result<Option<usize>> {
     match field(v, key) {
         None => Ok(None),
-        Some(x) => x
-            .as_u64()
-            .and_then(|n| usize::try_from(n).ok())
-            .map(Some)
-            .ok_or_else(|| EngineError::Load(format!("config.json: {key} must be a non-negative integer, got {x}"))),
+        Some(x) => {
+            x.as_u64().and_then(|n| usize::try_from(n).ok()).map(Some).ok_or_else(|| {
+                NetworkError::Load(format!("config.json: {key} must be a non-negative integer, got {x}"))
+            })
+        }
     }
 }
 
 fn required(v: &Value, key: &str) -> Result<usize> {
-    let n = usize_field(v, key)?.ok_or_else(|| EngineError::Load(format!("config.json: {key} is missing")))?;
+    let n = usize_field(v, key)?.ok_or_else(|| NetworkError::Load(format!("config.json: {key} is missing")))?;
     if n == 0 {
-        return Err(EngineError::Load(format!("config.json: {key} must be positive")));
+        return Err(NetworkError::Load(format!("config.json: {key} must be positive")));
     }
     Ok(n)
 }
@@ -290,7 +290,7 @@ fn f64_field(v: &Value, key: &str, default: f64) -> Result<f64> {
         Some(x) => x
             .as_f64()
             .filter(|f| f.is_finite() && *f > 0.0)
-            .ok_or_else(|| EngineError::Load(format!("config.json: {key} must be a positive number, got {x}"))),
+            .ok_or_else(|| NetworkError::Load(format!("config.json: {key} must be a positive number, got {x}"))),
     }
 }
 
@@ -305,7 +305,7 @@ fn rope_scaling(v: &Value) -> Result<Option<Llama3RopeScaling>> {
             high_freq_factor: f64_field(s, "high_freq_factor", 4.0)?,
             original_max_position_embeddings: required(s, "original_max_position_embeddings")?,
         })),
-        other => Err(EngineError::Load(format!(
+        other => Err(NetworkError::Load(format!(
             "config.json: rope_scaling type {other:?} is not supported (supported: llama3)"
         ))),
     }
@@ -314,7 +314,7 @@ fn rope_scaling(v: &Value) -> Result<Option<Llama3RopeScaling>> {
 /// The OPT variants our network does not implement are named rather than run wrong: post-LN
 /// (opt-350m), a projected embedding width (opt-350m), other activations, no biases.
 fn check_opt_variant(v: &Value, hidden_size: usize) -> Result<()> {
-    let unsupported = |what: String| Err(EngineError::Load(format!("config.json: {what} is not supported")));
+    let unsupported = |what: String| Err(NetworkError::Load(format!("config.json: {what} is not supported")));
     if field(v, "do_layer_norm_before").and_then(Value::as_bool) == Some(false) {
         return unsupported("OPT with do_layer_norm_before = false (post-LayerNorm, as opt-350m)".into());
     }
@@ -339,13 +339,13 @@ fn check_opt_variant(v: &Value, hidden_size: usize) -> Result<()> {
 impl NetConfig {
     /// Parses and checks an HF `config.json`.
     pub fn from_hf_json(text: &str) -> Result<Self> {
-        let v: Value = serde_json::from_str(text).map_err(|e| EngineError::Load(format!("config.json: {e}")))?;
+        let v: Value = serde_json::from_str(text).map_err(|e| NetworkError::Load(format!("config.json: {e}")))?;
         if !v.is_object() {
-            return Err(EngineError::Load("config.json is not an object".into()));
+            return Err(NetworkError::Load("config.json is not an object".into()));
         }
         let model_type = field(&v, "model_type")
             .and_then(Value::as_str)
-            .ok_or_else(|| EngineError::Load("config.json: model_type is missing".into()))?;
+            .ok_or_else(|| NetworkError::Load("config.json: model_type is missing".into()))?;
         let spec = Architecture::from_model_type(model_type)?.spec();
         let hidden_size = required(&v, "hidden_size")?;
         let num_heads = required(&v, "num_attention_heads")?;
@@ -354,7 +354,7 @@ impl NetConfig {
             Some(d) => d,
             None if hidden_size.is_multiple_of(num_heads) => hidden_size / num_heads,
             None => {
-                return Err(EngineError::Load(format!(
+                return Err(NetworkError::Load(format!(
                     "config.json: hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}"
                 )));
             }
@@ -392,8 +392,9 @@ impl NetConfig {
         Ok(config)
     }
 
-    pub(crate) fn check(&self) -> Result<()> {
-        let bad = |m: String| Err(EngineError::Load(format!("config.json: {m}")));
+    /// Refuses shapes the network cannot be built with (heads that do not divide, a zero size...).
+    pub fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(NetworkError::Load(format!("config.json: {m}")));
         if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
                 "num_attention_heads {} is not divisible by num_key_value_heads {}",
@@ -585,7 +586,7 @@ mod tests {
         ] {
             let mut v = base();
             v[key] = value;
-            assert!(matches!(parse(&v), Err(EngineError::Load(_))), "{key}");
+            assert!(matches!(parse(&v), Err(NetworkError::Load(_))), "{key}");
         }
     }
 }

@@ -5,11 +5,17 @@
 //! whole pack, writes K and V straight into the paged cache and attends per sequence over its
 //! blocks. q/k/v and gate/up projections are fused at load; grouped-query attention reads the
 //! shared K/V heads without copying them per query head; RoPE is computed in f32.
+//!
+//! Invariant: this crate knows nothing of checkpoint files, tokenizers, scheduling or serving. It
+//! takes named tensors already on the device and a `NetConfig`, and runs steps that the engine's
+//! scheduler packed; the paged KV layout (`kv_cache`) is defined here because the kernels write it.
 
 pub mod attention;
 pub mod config;
+pub mod error;
 pub mod fused;
 pub mod graphs;
+pub mod kv_cache;
 pub mod paged_kernel;
 pub mod rope;
 
@@ -19,7 +25,8 @@ use std::sync::Arc;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{D, DType, Device, Module, Tensor};
 
-use crate::error::{EngineError, Result};
+pub use crate::error::NetworkError;
+use crate::error::Result;
 use crate::kv_cache::KvStorage;
 pub use config::{ARCHITECTURES, ArchSpec, Architecture, MlpKind, NetConfig, NormKind, PositionKind};
 
@@ -212,7 +219,7 @@ pub struct Batch {
 }
 
 fn take(weights: &mut HashMap<String, Weight>, name: &str) -> Result<Weight> {
-    weights.remove(name).ok_or_else(|| EngineError::Load(format!("checkpoint has no tensor {name}")))
+    weights.remove(name).ok_or_else(|| NetworkError::Load(format!("checkpoint has no tensor {name}")))
 }
 
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
@@ -234,7 +241,7 @@ impl Network {
         device: &Device,
     ) -> Result<Self> {
         let w = &mut weights;
-        let load = EngineError::load;
+        let load = NetworkError::load;
         let dtype = how.dtype;
         let embed_weight = take(w, "model.embed_tokens.weight")?;
         // A tied head multiplies by the embedding table as stored (quantized stays quantized
@@ -337,7 +344,7 @@ impl Network {
             let tokens = Tensor::new(batch.tokens.as_slice(), &self.device)?;
             self.forward_planned(&tokens, &plan, kv)
         };
-        planned().map_err(EngineError::runtime)
+        planned().map_err(NetworkError::runtime)
     }
 
     /// The forward pass over inputs already on the device: `tokens` `[tokens]` and the step's
