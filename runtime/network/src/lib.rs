@@ -18,6 +18,7 @@ pub mod graphs;
 pub mod kv_cache;
 pub mod paged_kernel;
 pub mod rope;
+pub mod tensor_parallel;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -191,6 +192,9 @@ pub struct Network {
     norm: Norm,
     lm_head: Linear,
     positions: Positions,
+    /// Set on a rank of a tensor-parallel group: adds the ranks' partial sums after each
+    /// layer's attention and MLP.
+    collective: Option<Arc<dyn tensor_parallel::Collective>>,
 }
 
 enum Positions {
@@ -333,7 +337,49 @@ impl Network {
                 Positions::Learned(table.narrow(0, offset, rows - offset).map_err(load)?)
             }
         };
-        Ok(Self { config, context, device: device.clone(), dtype, embed, layers, norm, lm_head, positions })
+        Ok(Self {
+            config,
+            context,
+            device: device.clone(),
+            dtype,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            positions,
+            collective: None,
+        })
+    }
+
+    /// One rank of a tensor-parallel group (`tensor_parallel`): builds the network from this
+    /// rank's part of every weight, with `shard.local_config(&config)` as its config, adding its
+    /// partial sums to the other ranks' through `collective`. Every rank must run the same
+    /// steps in the same order.
+    pub fn new_sharded(
+        config: NetConfig,
+        weights: HashMap<String, Weight>,
+        context: usize,
+        how: WeightHandling,
+        device: &Device,
+        shard: tensor_parallel::Shard,
+        collective: Arc<dyn tensor_parallel::Collective>,
+    ) -> Result<Self> {
+        let local = shard.local_config(&config)?;
+        let weights = weights
+            .into_iter()
+            .map(|(name, w)| shard.slice(&name, w).map(|w| (name, w)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        let mut network = Self::new(local, weights, context, how, device)?;
+        network.collective = Some(collective);
+        Ok(network)
+    }
+
+    /// The sum of every rank's `partial` (itself when the network is not sharded).
+    fn all_ranks(&self, partial: Tensor) -> candle_core::Result<Tensor> {
+        match &self.collective {
+            Some(c) => c.all_reduce_sum(&partial),
+            None => Ok(partial),
+        }
     }
 
     /// Runs one step over a packed batch, writing each token's K and V into `kv` at its slot.
@@ -377,9 +423,9 @@ impl Network {
                 Some(step) => self.qkv_unfused(layer, qkv, step, kv, l)?,
             };
             let attn = attention::paged(&q, &kv.k[l], &kv.v[l], plan, c)?;
-            let o = add_bias(layer.o_proj.forward(&attn)?, &layer.o_bias)?;
+            let o = self.all_ranks(add_bias(layer.o_proj.forward(&attn)?, &layer.o_bias)?)?;
             let h = add_norm(&mut x, Some(o), &layer.mlp_norm, fused)?;
-            delta = Some(layer.mlp.forward(&h, c.intermediate_size, fused)?);
+            delta = Some(self.all_ranks(layer.mlp.forward(&h, c.intermediate_size, fused)?)?);
         }
         if plan.samples == 0 {
             return Tensor::zeros((0, c.vocab_size), DType::F32, &self.device);

@@ -1,0 +1,255 @@
+//! Tensor parallelism: one network split over several devices, Megatron-style. Rank `r` of `n`
+//! holds the `r`-th `1/n` of the attention heads (its rows of q/k/v, its columns of o_proj) and of
+//! the MLP's intermediate features (its rows of gate/up, its columns of down); norms, embeddings
+//! and the head are replicated. A layer's attention and MLP each end in a partial sum that the
+//! ranks add together (`Collective::all_reduce_sum`), so every rank carries the same hidden state
+//! and ends a step with the same logits. A rank's KV cache holds its own K/V heads only, so the
+//! cache, like the weights, is split `n` ways.
+//!
+//! A rank's network is built with its `local_config` (heads, K/V heads and intermediate size
+//! divided by `n`), so attention, the kernels and the KV layout run unchanged on its share.
+
+use std::sync::{Arc, Barrier, Mutex};
+
+use candle_core::Tensor;
+
+use crate::Weight;
+use crate::config::NetConfig;
+use crate::error::{NetworkError, Result};
+
+/// Adds the ranks' partial results together, the same sum arriving at every rank.
+pub trait Collective: Send + Sync {
+    fn all_reduce_sum(&self, x: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+/// One rank's place in a tensor-parallel group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub ranks: usize,
+}
+
+/// How a tensor is split across ranks.
+enum Split {
+    /// Every rank holds all of it.
+    Replicated,
+    /// Rank `r` holds rows `[r * len, (r + 1) * len)` of dimension `dim` (`len` = size / ranks).
+    Part { dim: usize },
+    /// A bias added after the sum: rank 0 holds it, the others hold zeros, so it counts once.
+    AfterSum,
+}
+
+impl Shard {
+    pub fn new(rank: usize, ranks: usize) -> Result<Self> {
+        if ranks == 0 || rank >= ranks {
+            return Err(NetworkError::Load(format!("rank {rank} is not one of {ranks} ranks")));
+        }
+        Ok(Self { rank, ranks })
+    }
+
+    /// `config` as one rank sees it: its share of the heads, K/V heads and intermediate size.
+    pub fn local_config(&self, config: &NetConfig) -> Result<NetConfig> {
+        let n = self.ranks;
+        for (what, value) in [
+            ("num_attention_heads", config.num_heads),
+            ("num_key_value_heads", config.num_kv_heads),
+            ("intermediate_size", config.intermediate_size),
+        ] {
+            if !value.is_multiple_of(n) {
+                return Err(NetworkError::Load(format!("{what} {value} does not split over {n} ranks")));
+            }
+        }
+        Ok(NetConfig {
+            num_heads: config.num_heads / n,
+            num_kv_heads: config.num_kv_heads / n,
+            intermediate_size: config.intermediate_size / n,
+            ..config.clone()
+        })
+    }
+
+    fn split_of(name: &str) -> Split {
+        let part = |suffix: &str| name.ends_with(suffix);
+        if ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]
+            .iter()
+            .any(|p| part(&format!("{p}.weight")) || part(&format!("{p}.bias")))
+        {
+            Split::Part { dim: 0 }
+        } else if part("o_proj.weight") || part("down_proj.weight") {
+            Split::Part { dim: 1 }
+        } else if part("o_proj.bias") || part("down_proj.bias") {
+            Split::AfterSum
+        } else {
+            Split::Replicated
+        }
+    }
+
+    /// This rank's part of the tensor `name` (our names, as `NetConfig::expected_tensors` lists
+    /// them). Quantized weights cannot be split.
+    pub fn slice(&self, name: &str, weight: Weight) -> Result<Weight> {
+        let split = Self::split_of(name);
+        if matches!(split, Split::Replicated) || self.ranks == 1 {
+            return Ok(weight);
+        }
+        let Weight::Dense(t) = weight else {
+            return Err(NetworkError::Load(format!("{name} is quantized; tensor parallelism needs dense weights")));
+        };
+        let load = NetworkError::load;
+        let t = match split {
+            Split::Replicated => t,
+            Split::AfterSum if self.rank == 0 => t,
+            Split::AfterSum => t.zeros_like().map_err(load)?,
+            Split::Part { dim } => {
+                let len = t.dim(dim).map_err(load)? / self.ranks;
+                t.narrow(dim, self.rank * len, len).and_then(|p| p.contiguous()).map_err(load)?
+            }
+        };
+        Ok(Weight::Dense(t))
+    }
+}
+
+/// Ranks on threads of one process, adding through shared memory: tensor parallelism on the CPU
+/// (and a reference for a GPU collective). Every rank must call `all_reduce_sum` the same number
+/// of times, in the same order, as with any collective.
+pub struct ThreadCollective {
+    rank: usize,
+    shared: Arc<ThreadGroup>,
+}
+
+struct ThreadGroup {
+    barrier: Barrier,
+    slots: Mutex<Vec<Option<Tensor>>>,
+}
+
+impl ThreadCollective {
+    /// One collective per rank of a group of `ranks`.
+    pub fn group(ranks: usize) -> Vec<ThreadCollective> {
+        let shared = Arc::new(ThreadGroup { barrier: Barrier::new(ranks), slots: Mutex::new(vec![None; ranks]) });
+        (0..ranks).map(|rank| ThreadCollective { rank, shared: shared.clone() }).collect()
+    }
+}
+
+impl Collective for ThreadCollective {
+    fn all_reduce_sum(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let group = &self.shared;
+        group.slots.lock().expect("no rank panics holding the slots")[self.rank] = Some(x.clone());
+        group.barrier.wait();
+        // Every rank adds in rank order, so all get bit-identical sums.
+        let sum = {
+            let slots = group.slots.lock().expect("no rank panics holding the slots");
+            let mut parts = slots.iter().map(|s| s.as_ref().expect("every rank wrote its part"));
+            let first = parts.next().expect("at least one rank").clone();
+            parts.try_fold(first, |acc, p| acc + p)
+        };
+        // No rank writes the next round's part before every rank has read this one.
+        group.barrier.wait();
+        sum
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::{DType, Device, Tensor};
+
+    use super::*;
+    use crate::kv_cache::KvStorage;
+    use crate::{Batch, Network, SeqChunk, WeightHandling};
+
+    const HOW: WeightHandling = WeightHandling { dtype: DType::F32, dequantize: true };
+
+    fn config(model_type: &str) -> NetConfig {
+        let mut v = serde_json::json!({
+            "model_type": model_type, "vocab_size": 96, "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 64, "head_dim": 16,
+        });
+        if model_type == "opt" {
+            v["ffn_dim"] = 96.into();
+            v["do_layer_norm_before"] = true.into();
+            v["word_embed_proj_dim"] = 64.into();
+            v["activation_function"] = "relu".into();
+        }
+        NetConfig::from_hf_json(&v.to_string()).unwrap()
+    }
+
+    fn random_weights(c: &NetConfig) -> HashMap<String, Tensor> {
+        c.expected_tensors()
+            .into_iter()
+            .map(|(name, shape)| (name, Tensor::randn(0f32, 0.3, shape, &Device::Cpu).unwrap()))
+            .collect()
+    }
+
+    /// Logits of a prefill of two sequences (5 and 3 tokens, blocks 0 and 1) and their next
+    /// decode step, from `network` with a cache of its own.
+    fn two_steps(network: &Network) -> Vec<Vec<Vec<f32>>> {
+        let c = &network.config;
+        let kv = KvStorage::new(c.num_layers, c.num_kv_heads, c.head_dim, 2, DType::F32, &Device::Cpu).unwrap();
+        let chunk = |start, len, block| SeqChunk { start, len, block_table: vec![block], sample: true };
+        let prefill =
+            Batch { tokens: vec![3, 14, 15, 92, 65, 35, 89, 79], chunks: vec![chunk(0, 5, 0), chunk(0, 3, 1)] };
+        let decode = Batch { tokens: vec![32, 38], chunks: vec![chunk(5, 1, 0), chunk(3, 1, 1)] };
+        [prefill, decode].iter().map(|b| network.forward(b, &kv).unwrap().to_vec2::<f32>().unwrap()).collect()
+    }
+
+    #[test]
+    fn two_ranks_give_what_one_network_gives() {
+        for model_type in ["llama", "qwen2", "qwen3", "opt"] {
+            let c = config(model_type);
+            let weights = random_weights(&c);
+            let dense =
+                |w: &HashMap<String, Tensor>| w.iter().map(|(n, t)| (n.clone(), Weight::Dense(t.clone()))).collect();
+            let whole = two_steps(&Network::new(c.clone(), dense(&weights), 64, HOW, &Device::Cpu).unwrap());
+            let collectives = ThreadCollective::group(2);
+            let ranks: Vec<_> = std::thread::scope(|s| {
+                let ranks: Vec<_> = collectives
+                    .into_iter()
+                    .enumerate()
+                    .map(|(rank, collective)| {
+                        let (c, weights) = (c.clone(), dense(&weights));
+                        s.spawn(move || {
+                            let shard = Shard::new(rank, 2).unwrap();
+                            let network =
+                                Network::new_sharded(c, weights, 64, HOW, &Device::Cpu, shard, Arc::new(collective))
+                                    .unwrap();
+                            assert_eq!(network.config.num_kv_heads, 1, "each rank caches half the K/V heads");
+                            two_steps(&network)
+                        })
+                    })
+                    .collect();
+                ranks.into_iter().map(|r| r.join().unwrap()).collect()
+            });
+            assert_eq!(ranks[0], ranks[1], "{model_type}: every rank ends with the same logits");
+            let worst = whole.iter().flatten().flatten().zip(ranks[0].iter().flatten().flatten());
+            let worst = worst.map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-4, "{model_type}: two ranks differ from one network by {worst}");
+        }
+    }
+
+    #[test]
+    fn shapes_that_do_not_split_and_quantized_weights_are_refused() {
+        let c = config("llama");
+        let err = Shard::new(0, 3).unwrap().local_config(&c).unwrap_err();
+        assert!(matches!(&err, NetworkError::Load(m) if m.contains("num_attention_heads 4")), "{err}");
+        assert!(Shard::new(2, 2).is_err());
+        let q = candle_core::quantized::QTensor::quantize(
+            &Tensor::zeros((32, 32), DType::F32, &Device::Cpu).unwrap(),
+            candle_core::quantized::GgmlDType::Q8_0,
+        )
+        .unwrap();
+        let err =
+            Shard::new(1, 2).unwrap().slice("model.layers.0.self_attn.q_proj.weight", Weight::Quantized(Arc::new(q)));
+        assert!(matches!(err, Err(NetworkError::Load(m)) if m.contains("quantized")));
+    }
+
+    #[test]
+    fn biases_after_the_sum_count_once() {
+        let bias = Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap();
+        let name = "model.layers.0.mlp.down_proj.bias";
+        let part = |rank| match Shard::new(rank, 2).unwrap().slice(name, Weight::Dense(bias.clone())).unwrap() {
+            Weight::Dense(t) => t.to_vec1::<f32>().unwrap(),
+            Weight::Quantized(_) => unreachable!(),
+        };
+        assert_eq!((part(0), part(1)), (vec![1.0, 2.0], vec![0.0, 0.0]));
+    }
+}
