@@ -109,7 +109,8 @@ impl Shard {
 
 /// Ranks on threads of one process, adding through shared memory: tensor parallelism on the CPU
 /// (and a reference for a GPU collective). Every rank must call `all_reduce_sum` the same number
-/// of times, in the same order, as with any collective.
+/// of times, in the same order, as with any collective; a rank whose step fails before its call
+/// leaves the others waiting, so whoever drives the ranks drops the whole group on an error.
 pub struct ThreadCollective {
     rank: usize,
     shared: Arc<ThreadGroup>,
