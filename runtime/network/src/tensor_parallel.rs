@@ -86,24 +86,20 @@ impl Shard {
     /// This rank's part of the tensor `name` (our names, as `NetConfig::expected_tensors` lists
     /// them). Quantized weights cannot be split.
     pub fn slice(&self, name: &str, weight: Weight) -> Result<Weight> {
-        let split = Self::split_of(name);
-        if matches!(split, Split::Replicated) || self.ranks == 1 {
-            return Ok(weight);
-        }
-        let Weight::Dense(t) = weight else {
-            return Err(NetworkError::Load(format!("{name} is quantized; tensor parallelism needs dense weights")));
-        };
         let load = NetworkError::load;
-        let t = match split {
-            Split::Replicated => t,
-            Split::AfterSum if self.rank == 0 => t,
-            Split::AfterSum => t.zeros_like().map_err(load)?,
-            Split::Part { dim } => {
-                let len = t.dim(dim).map_err(load)? / self.ranks;
-                t.narrow(dim, self.rank * len, len).and_then(|p| p.contiguous()).map_err(load)?
+        match (Self::split_of(name), weight) {
+            (_, whole) if self.ranks == 1 => Ok(whole),
+            (Split::Replicated, whole) => Ok(whole),
+            (Split::AfterSum, whole) if self.rank == 0 => Ok(whole),
+            (_, Weight::Quantized(_)) => {
+                Err(NetworkError::Load(format!("{name} is quantized; tensor parallelism needs dense weights")))
             }
-        };
-        Ok(Weight::Dense(t))
+            (Split::AfterSum, Weight::Dense(t)) => Ok(Weight::Dense(t.zeros_like().map_err(load)?)),
+            (Split::Part { dim }, Weight::Dense(t)) => {
+                let len = t.dim(dim).map_err(load)? / self.ranks;
+                Ok(Weight::Dense(t.narrow(dim, self.rank * len, len).and_then(|p| p.contiguous()).map_err(load)?))
+            }
+        }
     }
 }
 
