@@ -2,7 +2,9 @@
 //! slots each sequence reads, causal/window masks) are built once per step on the host and
 //! shared by every layer. Grouped-query attention folds the query heads of one K/V head into the
 //! row dimension, so K and V are never repeated per query head; scores are at most
-//! `[heads, chunk, context]`, never `[prompt, prompt]` for a whole long prompt.
+//! `[heads, chunk, context]`, never `[prompt, prompt]` for a whole long prompt, and a chunk whose
+//! scores would pass `MAX_SCORES` attends in passes of fewer queries, so a long context never
+//! makes a step's transient memory grow with it.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -10,13 +12,25 @@ use super::config::NetConfig;
 use super::{Batch, SeqChunk};
 use crate::kv_cache::slots;
 
+/// Score elements (f32) one attention pass may make: `[heads, queries, keys]` of 128 Mi elements,
+/// 512 MiB, with its softmax beside it. A 1,024-token chunk of a 32-head model fits in one pass up
+/// to 4,096 keys; beyond, its queries attend in several passes.
+pub const MAX_SCORES: usize = 128 << 20;
+
 /// One sequence's view of the step.
 pub struct SeqAttention {
     /// Offset of the sequence's tokens in the packed batch.
     offset: usize,
-    len: usize,
     /// Cache slots of the keys it attends to, in position order.
     read_slots: Tensor,
+    /// The sequence's queries, split so each pass's scores stay under the step's budget.
+    passes: Vec<QueryPass>,
+}
+
+/// Queries `start..start + len` of a sequence's chunk, attended together.
+struct QueryPass {
+    start: usize,
+    len: usize,
     /// `[len, keys]` additive mask (0 or -inf); `None` when every key is visible to every query.
     mask: Option<Tensor>,
 }
@@ -108,24 +122,31 @@ fn seq_attention(
     chunk: &SeqChunk,
     offset: usize,
     window: Option<usize>,
+    heads: usize,
+    max_scores: usize,
     device: &Device,
 ) -> candle_core::Result<SeqAttention> {
     let end = chunk.start + chunk.len;
     let key_start = first_visible(chunk.start, window);
     let read: Vec<u32> = slots(&chunk.block_table, key_start..end).collect();
     let keys = read.len();
-    let mask = if chunk.len > 1 {
-        let mut m = Vec::with_capacity(chunk.len * keys);
-        for i in 0..chunk.len {
-            let pos = chunk.start + i;
-            let lo = first_visible(pos, window);
-            m.extend((key_start..end).map(|k| if k <= pos && k >= lo { 0f32 } else { f32::NEG_INFINITY }));
-        }
-        Some(Tensor::from_vec(m, (chunk.len, keys), device)?)
-    } else {
-        None
-    };
-    Ok(SeqAttention { offset, len: chunk.len, read_slots: Tensor::from_vec(read, keys, device)?, mask })
+    let per_pass = (max_scores / (keys * heads).max(1)).clamp(1, chunk.len.max(1));
+    let mut passes = Vec::with_capacity(chunk.len.div_ceil(per_pass));
+    for first in (0..chunk.len).step_by(per_pass) {
+        let len = per_pass.min(chunk.len - first);
+        let mask = if chunk.len > 1 {
+            let mut m = Vec::with_capacity(len * keys);
+            for pos in chunk.start + first..chunk.start + first + len {
+                let lo = first_visible(pos, window);
+                m.extend((key_start..end).map(|k| if k <= pos && k >= lo { 0f32 } else { f32::NEG_INFINITY }));
+            }
+            Some(Tensor::from_vec(m, (len, keys), device)?)
+        } else {
+            None
+        };
+        passes.push(QueryPass { start: first, len, mask });
+    }
+    Ok(SeqAttention { offset, read_slots: Tensor::from_vec(read, keys, device)?, passes })
 }
 
 impl StepPlan {
@@ -145,6 +166,16 @@ impl StepPlan {
     }
 
     pub fn new(batch: &Batch, config: &NetConfig, device: &Device) -> candle_core::Result<Self> {
+        Self::with_score_budget(batch, config, device, MAX_SCORES)
+    }
+
+    /// `new`, with prefill attention passes of at most `max_scores` score elements each.
+    pub fn with_score_budget(
+        batch: &Batch,
+        config: &NetConfig,
+        device: &Device,
+        max_scores: usize,
+    ) -> candle_core::Result<Self> {
         let n = batch.tokens.len();
         let mut positions = Vec::with_capacity(n);
         let mut write = Vec::with_capacity(n);
@@ -161,7 +192,8 @@ impl StepPlan {
             positions.extend(range.clone().map(|p| p as u32));
             write.extend(slots(&chunk.block_table, range));
             if i >= decoding {
-                seqs.push(seq_attention(chunk, offset, config.sliding_window, device)?);
+                let (window, heads) = (config.sliding_window, config.num_heads);
+                seqs.push(seq_attention(chunk, offset, window, heads, max_scores, device)?);
             }
             offset += chunk.len;
             if chunk.sample {
@@ -221,21 +253,25 @@ pub fn paged(
     }
     for s in &plan.seqs {
         let keys = s.read_slots.dim(0)?;
-        // [len, heads, hd] -> [kv_heads, group * len, hd]: the query heads of one K/V head as rows.
-        let qs = q.narrow(0, s.offset, s.len)?.transpose(0, 1)?.contiguous()?.reshape((kvh, group * s.len, hd))?;
         let (ks, vs) = (k_cache.index_select(&s.read_slots, 1)?, v_cache.index_select(&s.read_slots, 1)?);
-        let mut scores = (qs.matmul(&ks.transpose(1, 2)?)?.to_dtype(DType::F32)? * scale)?;
-        if let Some(mask) = &s.mask {
-            scores =
-                scores.reshape((kvh, group, s.len, keys))?.broadcast_add(mask)?.reshape((kvh, group * s.len, keys))?;
+        for pass in &s.passes {
+            let len = pass.len;
+            // [len, heads, hd] -> [kv_heads, group * len, hd]: the query heads of one K/V head as rows.
+            let qs = q.narrow(0, s.offset + pass.start, len)?.transpose(0, 1)?.contiguous()?;
+            let qs = qs.reshape((kvh, group * len, hd))?;
+            let mut scores = (qs.matmul(&ks.transpose(1, 2)?)?.to_dtype(DType::F32)? * scale)?;
+            if let Some(mask) = &pass.mask {
+                scores =
+                    scores.reshape((kvh, group, len, keys))?.broadcast_add(mask)?.reshape((kvh, group * len, keys))?;
+            }
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(vs.dtype())?;
+            let out = probs
+                .matmul(&vs)?
+                .reshape((kvh * group, len, hd))?
+                .transpose(0, 1)?
+                .reshape((len, kvh * group * hd))?;
+            outs.push(out);
         }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(vs.dtype())?;
-        let out = probs
-            .matmul(&vs)?
-            .reshape((kvh * group, s.len, hd))?
-            .transpose(0, 1)?
-            .reshape((s.len, kvh * group * hd))?;
-        outs.push(out);
     }
     Tensor::cat(&outs, 0)
 }
@@ -250,4 +286,43 @@ fn in_place(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, meta: &Tensor, scale
 #[cfg(not(feature = "cuda"))]
 fn in_place(_: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, _: f32) -> candle_core::Result<Tensor> {
     candle_core::bail!("the paged decode kernel needs a build with the cuda feature")
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::*;
+    use crate::kv_cache::KvStorage;
+    use crate::test_support::{F32, config, dense, random_weights};
+    use crate::{Batch, Network};
+
+    #[test]
+    fn long_chunks_attend_in_passes_that_give_the_same_logits() {
+        // A 40-token chunk (three blocks) beside a 7-token one, with a budget that lets the long
+        // one attend 3 queries per pass; with and without a sliding window.
+        for extra in [serde_json::json!({}), serde_json::json!({"sliding_window": 8})] {
+            let c = config("mistral", extra);
+            let network = Network::new(c.clone(), dense(&random_weights(&c)), 64, F32, &Device::Cpu).unwrap();
+            let kv = KvStorage::new(c.num_layers, c.num_kv_heads, c.head_dim, 4, DType::F32, &Device::Cpu).unwrap();
+            let chunk = |len, block_table| SeqChunk { start: 0, len, block_table, sample: true };
+            let batch = Batch {
+                tokens: (0..47).map(|t| (t * 7 + 3) % 96).collect(),
+                chunks: vec![chunk(40, vec![0, 1, 2]), chunk(7, vec![3])],
+            };
+            let tokens = Tensor::new(batch.tokens.as_slice(), &Device::Cpu).unwrap();
+            let run = |max_scores| {
+                let plan = StepPlan::with_score_budget(&batch, &c, &Device::Cpu, max_scores).unwrap();
+                let passes: Vec<usize> = plan.seqs.iter().map(|s| s.passes.len()).collect();
+                let logits = network.forward_planned(&tokens, &plan, &kv).unwrap().to_vec2::<f32>().unwrap();
+                (passes, logits)
+            };
+            let (one_pass, whole) = run(MAX_SCORES);
+            let (passes, split) = run(3 * 40 * c.num_heads);
+            assert_eq!((one_pass, passes), (vec![1, 1], vec![14, 1]));
+            let worst = whole.iter().flatten().zip(split.iter().flatten()).map(|(a, b)| (a - b).abs());
+            let worst = worst.fold(0f32, f32::max);
+            assert!(worst < 1e-5, "{:?}: passes change the logits by {worst}", c.sliding_window);
+        }
+    }
 }

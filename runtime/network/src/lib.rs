@@ -524,3 +524,46 @@ fn add_norm(x: &mut Tensor, delta: Option<Tensor>, norm: &Norm, fused: bool) -> 
         }
     }
 }
+
+/// Networks with random weights for tests: real shapes and code paths, no checkpoint files.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::collections::HashMap;
+
+    use candle_core::{DType, Device, Tensor};
+
+    use super::{NetConfig, Weight, WeightHandling};
+
+    pub const F32: WeightHandling = WeightHandling { dtype: DType::F32, dequantize: true };
+
+    /// A 2-layer config of `model_type`: 4 heads of 16, 2 K/V heads, intermediate 96, `extra`
+    /// merged over it.
+    pub fn config(model_type: &str, extra: serde_json::Value) -> NetConfig {
+        let mut v = serde_json::json!({
+            "model_type": model_type, "vocab_size": 96, "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 64, "head_dim": 16,
+        });
+        if model_type == "opt" {
+            v["ffn_dim"] = 96.into();
+            v["do_layer_norm_before"] = true.into();
+            v["word_embed_proj_dim"] = 64.into();
+            v["activation_function"] = "relu".into();
+        }
+        for (key, value) in extra.as_object().into_iter().flatten() {
+            v[key] = value.clone();
+        }
+        NetConfig::from_hf_json(&v.to_string()).unwrap()
+    }
+
+    pub fn random_weights(c: &NetConfig) -> HashMap<String, Tensor> {
+        c.expected_tensors()
+            .into_iter()
+            .map(|(name, shape)| (name, Tensor::randn(0f32, 0.3, shape, &Device::Cpu).unwrap()))
+            .collect()
+    }
+
+    pub fn dense(weights: &HashMap<String, Tensor>) -> HashMap<String, Weight> {
+        weights.iter().map(|(n, t)| (n.clone(), Weight::Dense(t.clone()))).collect()
+    }
+}

@@ -145,37 +145,12 @@ impl Collective for ThreadCollective {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use candle_core::{DType, Device, Tensor};
 
     use super::*;
     use crate::kv_cache::KvStorage;
-    use crate::{Batch, Network, SeqChunk, WeightHandling};
-
-    const HOW: WeightHandling = WeightHandling { dtype: DType::F32, dequantize: true };
-
-    fn config(model_type: &str) -> NetConfig {
-        let mut v = serde_json::json!({
-            "model_type": model_type, "vocab_size": 96, "hidden_size": 64, "intermediate_size": 96,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "max_position_embeddings": 64, "head_dim": 16,
-        });
-        if model_type == "opt" {
-            v["ffn_dim"] = 96.into();
-            v["do_layer_norm_before"] = true.into();
-            v["word_embed_proj_dim"] = 64.into();
-            v["activation_function"] = "relu".into();
-        }
-        NetConfig::from_hf_json(&v.to_string()).unwrap()
-    }
-
-    fn random_weights(c: &NetConfig) -> HashMap<String, Tensor> {
-        c.expected_tensors()
-            .into_iter()
-            .map(|(name, shape)| (name, Tensor::randn(0f32, 0.3, shape, &Device::Cpu).unwrap()))
-            .collect()
-    }
+    use crate::test_support::{F32, config, dense, random_weights};
+    use crate::{Batch, Network, SeqChunk};
 
     /// Logits of a prefill of two sequences (5 and 3 tokens, blocks 0 and 1) and their next
     /// decode step, from `network` with a cache of its own.
@@ -192,11 +167,9 @@ mod tests {
     #[test]
     fn two_ranks_give_what_one_network_gives() {
         for model_type in ["llama", "qwen2", "qwen3", "opt"] {
-            let c = config(model_type);
+            let c = config(model_type, serde_json::json!({}));
             let weights = random_weights(&c);
-            let dense =
-                |w: &HashMap<String, Tensor>| w.iter().map(|(n, t)| (n.clone(), Weight::Dense(t.clone()))).collect();
-            let whole = two_steps(&Network::new(c.clone(), dense(&weights), 64, HOW, &Device::Cpu).unwrap());
+            let whole = two_steps(&Network::new(c.clone(), dense(&weights), 64, F32, &Device::Cpu).unwrap());
             let collectives = ThreadCollective::group(2);
             let ranks: Vec<_> = std::thread::scope(|s| {
                 let ranks: Vec<_> = collectives
@@ -207,7 +180,7 @@ mod tests {
                         s.spawn(move || {
                             let shard = Shard::new(rank, 2).unwrap();
                             let network =
-                                Network::new_sharded(c, weights, 64, HOW, &Device::Cpu, shard, Arc::new(collective))
+                                Network::new_sharded(c, weights, 64, F32, &Device::Cpu, shard, Arc::new(collective))
                                     .unwrap();
                             assert_eq!(network.config.num_kv_heads, 1, "each rank caches half the K/V heads");
                             two_steps(&network)
@@ -225,7 +198,7 @@ mod tests {
 
     #[test]
     fn shapes_that_do_not_split_and_quantized_weights_are_refused() {
-        let c = config("llama");
+        let c = config("llama", serde_json::json!({}));
         let err = Shard::new(0, 3).unwrap().local_config(&c).unwrap_err();
         assert!(matches!(&err, NetworkError::Load(m) if m.contains("num_attention_heads 4")), "{err}");
         assert!(Shard::new(2, 2).is_err());
