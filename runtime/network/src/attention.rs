@@ -12,9 +12,10 @@ use super::config::NetConfig;
 use super::{Batch, SeqChunk};
 use crate::kv_cache::slots;
 
-/// Score elements (f32) one attention pass may make: `[heads, queries, keys]` of 128 Mi elements,
-/// 512 MiB, with its softmax beside it. A 1,024-token chunk of a 32-head model fits in one pass up
-/// to 4,096 keys; beyond, its queries attend in several passes.
+/// Elements one attention pass may make: `[heads, queries, keys]` scores of 128 Mi elements
+/// (512 MiB in f32), with its softmax beside it. A 1,024-token chunk of a 32-head model fits in
+/// one pass up to 4,096 keys; beyond, its queries attend in several passes. Gathered decode
+/// groups count their gathered K and V as well.
 pub const MAX_SCORES: usize = 128 << 20;
 
 /// One sequence's view of the step.
@@ -46,14 +47,18 @@ enum DecodeKeys {
     /// The paged kernel reads them in place: `[seqs, 2 + max blocks]` u32 rows of
     /// (first visible key, keys, block table).
     InPlace { meta: Tensor },
-    /// Gathered, padded to the longest context and masked.
-    Gathered {
-        keys: usize,
-        /// `[seqs * keys]` cache slots, padding repeating a valid slot.
-        read_slots: Tensor,
-        /// `[1, seqs, 1, keys]` additive mask hiding the padding.
-        mask: Option<Tensor>,
-    },
+    /// Gathered in groups of consecutive sequences, each padded to its longest context and
+    /// masked; a group's gathered K/V and scores stay under `MAX_SCORES` elements.
+    Gathered(Vec<GatheredGroup>),
+}
+
+struct GatheredGroup {
+    seqs: usize,
+    keys: usize,
+    /// `[seqs * keys]` cache slots, padding repeating a valid slot.
+    read_slots: Tensor,
+    /// `[1, seqs, 1, keys]` additive mask hiding the padding.
+    mask: Option<Tensor>,
 }
 
 pub struct StepPlan {
@@ -87,7 +92,12 @@ pub fn push_kernel_meta(chunk: &SeqChunk, window: Option<usize>, width: usize, m
     meta.extend(chunk.block_table.iter().copied().chain(std::iter::repeat(0)).take(width - 2));
 }
 
-fn decode_group(chunks: &[SeqChunk], config: &NetConfig, device: &Device) -> candle_core::Result<DecodeGroup> {
+fn decode_group(
+    chunks: &[SeqChunk],
+    config: &NetConfig,
+    device: &Device,
+    max_scores: usize,
+) -> candle_core::Result<DecodeGroup> {
     let window = config.sliding_window;
     if super::paged_kernel::applies(config, device) {
         let width = 2 + chunks.iter().map(|c| c.block_table.len()).max().unwrap_or(0);
@@ -98,24 +108,52 @@ fn decode_group(chunks: &[SeqChunk], config: &NetConfig, device: &Device) -> can
         let meta = Tensor::from_vec(meta, (chunks.len(), width), device)?;
         return Ok(DecodeGroup { seqs: chunks.len(), keys: DecodeKeys::InPlace { meta } });
     }
-    let ranges: Vec<(usize, usize)> = chunks.iter().map(|c| decode_keys(c, window)).collect();
-    let keys = ranges.iter().map(|(lo, hi)| hi - lo).max().unwrap_or(0);
+    // Per sequence and key: its scores (one per query head) and its gathered K and V.
+    let per_key = config.num_heads + 2 * config.kv_dim();
+    let mut groups = Vec::new();
+    let mut rest = chunks;
+    while !rest.is_empty() {
+        // The longest prefix whose padded size fits (one sequence at least).
+        let (mut n, mut keys) = (0, 0);
+        while n < rest.len() {
+            let (lo, hi) = decode_keys(&rest[n], window);
+            let widest = keys.max(hi - lo);
+            if n > 0 && (n + 1) * widest * per_key > max_scores {
+                break;
+            }
+            (n, keys) = (n + 1, widest);
+        }
+        groups.push(gathered_group(&rest[..n], keys, window, device)?);
+        rest = &rest[n..];
+    }
+    Ok(DecodeGroup { seqs: chunks.len(), keys: DecodeKeys::Gathered(groups) })
+}
+
+/// Decode tokens whose keys are gathered together, padded to `keys` (the longest).
+fn gathered_group(
+    chunks: &[SeqChunk],
+    keys: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> candle_core::Result<GatheredGroup> {
     let mut slots_flat = Vec::with_capacity(chunks.len() * keys);
     let mut mask = Vec::with_capacity(chunks.len() * keys);
-    for (c, (lo, hi)) in chunks.iter().zip(&ranges) {
+    let mut padded = false;
+    for c in chunks {
+        let (lo, hi) = decode_keys(c, window);
         let n = hi - lo;
-        let first = slots(&c.block_table, *lo..*lo + 1).next().expect("one key at least");
-        slots_flat.extend(slots(&c.block_table, *lo..*hi));
+        let first = slots(&c.block_table, lo..lo + 1).next().expect("one key at least");
+        slots_flat.extend(slots(&c.block_table, lo..hi));
         slots_flat.extend(std::iter::repeat_n(first, keys - n));
         mask.extend((0..keys).map(|k| if k < n { 0f32 } else { f32::NEG_INFINITY }));
+        padded |= n < keys;
     }
-    let padded = ranges.iter().any(|(lo, hi)| hi - lo < keys);
-    let keys = DecodeKeys::Gathered {
+    Ok(GatheredGroup {
+        seqs: chunks.len(),
         keys,
         read_slots: Tensor::from_vec(slots_flat, chunks.len() * keys, device)?,
         mask: if padded { Some(Tensor::from_vec(mask, (1, chunks.len(), 1, keys), device)?) } else { None },
-    };
-    Ok(DecodeGroup { seqs: chunks.len(), keys })
+    })
 }
 
 fn seq_attention(
@@ -184,7 +222,7 @@ impl StepPlan {
         let decoding = batch.chunks.iter().take_while(|c| c.len == 1).count();
         let decode = match decoding {
             0 => None,
-            _ => Some(decode_group(&batch.chunks[..decoding], config, device)?),
+            _ => Some(decode_group(&batch.chunks[..decoding], config, device, max_scores)?),
         };
         let mut offset = 0;
         for (i, chunk) in batch.chunks.iter().enumerate() {
@@ -236,18 +274,25 @@ pub fn paged(
                 let qd = q.narrow(0, 0, seqs)?.contiguous()?;
                 in_place(&qd, k_cache, v_cache, meta, scale as f32)?.reshape((seqs, kvh * group * hd))?
             }
-            DecodeKeys::Gathered { keys, read_slots, mask } => {
-                // q: [seqs, heads, hd] -> [kv_heads, seqs, group, hd]; keys: [kv_heads, seqs, keys, hd].
-                let qd = q.narrow(0, 0, seqs)?.reshape((seqs, kvh, group, hd))?.transpose(0, 1)?.contiguous()?;
-                let gather = |cache: &Tensor| cache.index_select(read_slots, 1)?.reshape((kvh, seqs, *keys, hd));
-                let (ks, vs) = (gather(k_cache)?, gather(v_cache)?);
-                let mut scores = (qd.matmul(&ks.transpose(2, 3)?)?.to_dtype(DType::F32)? * scale)?;
-                if let Some(mask) = mask {
-                    scores = scores.broadcast_add(mask)?;
+            DecodeKeys::Gathered(groups) => {
+                let mut first = 0;
+                let mut parts = Vec::with_capacity(groups.len());
+                for g in groups {
+                    let (n, keys) = (g.seqs, g.keys);
+                    // q: [n, heads, hd] -> [kv_heads, n, group, hd]; keys: [kv_heads, n, keys, hd].
+                    let qd = q.narrow(0, first, n)?.reshape((n, kvh, group, hd))?.transpose(0, 1)?.contiguous()?;
+                    let gather = |cache: &Tensor| cache.index_select(&g.read_slots, 1)?.reshape((kvh, n, keys, hd));
+                    let (ks, vs) = (gather(k_cache)?, gather(v_cache)?);
+                    let mut scores = (qd.matmul(&ks.transpose(2, 3)?)?.to_dtype(DType::F32)? * scale)?;
+                    if let Some(mask) = &g.mask {
+                        scores = scores.broadcast_add(mask)?;
+                    }
+                    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(vs.dtype())?;
+                    // [kv_heads, n, group, hd] -> [n, heads * hd]
+                    parts.push(probs.matmul(&vs)?.transpose(0, 1)?.reshape((n, kvh * group * hd))?);
+                    first += n;
                 }
-                let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(vs.dtype())?;
-                // [kv_heads, seqs, group, hd] -> [seqs, heads * hd]
-                probs.matmul(&vs)?.transpose(0, 1)?.reshape((seqs, kvh * group * hd))?
+                Tensor::cat(&parts, 0)?
             }
         });
     }
@@ -324,5 +369,41 @@ mod tests {
             let worst = worst.fold(0f32, f32::max);
             assert!(worst < 1e-5, "{:?}: passes change the logits by {worst}", c.sliding_window);
         }
+    }
+
+    #[test]
+    fn gathered_decode_groups_give_the_same_logits() {
+        // Five decode tokens with 4 to 21 keys, gathered (the CPU has no paged kernel) in one
+        // group, then in groups held to two sequences of 21 keys.
+        let c = config("llama", serde_json::json!({}));
+        let network = Network::new(c.clone(), dense(&random_weights(&c)), 64, F32, &Device::Cpu).unwrap();
+        let kv = KvStorage::new(c.num_layers, c.num_kv_heads, c.head_dim, 8, DType::F32, &Device::Cpu).unwrap();
+        let seqs = [(3usize, vec![0u32]), (20, vec![1, 2]), (9, vec![3]), (1, vec![4]), (17, vec![5, 6])];
+        let chunk = |start, len, table: &Vec<u32>| SeqChunk { start, len, block_table: table.clone(), sample: true };
+        let prefill = Batch {
+            tokens: seqs.iter().flat_map(|(len, _)| (0..*len as u32).map(|t| (t * 5 + 1) % 96)).collect(),
+            chunks: seqs.iter().map(|(len, table)| chunk(0, *len, table)).collect(),
+        };
+        network.forward(&prefill, &kv).unwrap();
+        let decode = Batch {
+            tokens: vec![10, 20, 30, 40, 50],
+            chunks: seqs.iter().map(|(len, table)| chunk(*len, 1, table)).collect(),
+        };
+        let tokens = Tensor::new(decode.tokens.as_slice(), &Device::Cpu).unwrap();
+        let run = |max_scores| {
+            let plan = StepPlan::with_score_budget(&decode, &c, &Device::Cpu, max_scores).unwrap();
+            let Some(DecodeGroup { keys: DecodeKeys::Gathered(groups), .. }) = &plan.decode else {
+                panic!("the CPU gathers decode keys")
+            };
+            let sizes: Vec<usize> = groups.iter().map(|g| g.seqs).collect();
+            // Running the step again rewrites the same K/V, so both runs see the same cache.
+            (sizes, network.forward_planned(&tokens, &plan, &kv).unwrap().to_vec2::<f32>().unwrap())
+        };
+        let (one, whole) = run(MAX_SCORES);
+        let (split, grouped) = run(2 * 21 * (c.num_heads + 2 * c.kv_dim()));
+        assert_eq!((one, split), (vec![5], vec![2, 2, 1]));
+        let worst = whole.iter().flatten().zip(grouped.iter().flatten()).map(|(a, b)| (a - b).abs());
+        let worst = worst.fold(0f32, f32::max);
+        assert!(worst < 1e-5, "groups change the logits by {worst}");
     }
 }
