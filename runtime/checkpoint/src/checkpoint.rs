@@ -41,6 +41,13 @@ pub enum WeightDType {
     Ggml(GgmlDType),
 }
 
+impl WeightDType {
+    /// Stored in blocks of quantized values (not plain floats), so not sliceable by rows.
+    pub fn is_quantized(self) -> bool {
+        matches!(self, WeightDType::Ggml(q) if !matches!(q, GgmlDType::BF16 | GgmlDType::F16 | GgmlDType::F32))
+    }
+}
+
 /// Where the tokenizer (and chat template) come from.
 #[derive(Debug, Clone)]
 pub enum TokenizerSource {

@@ -351,10 +351,8 @@ impl Network {
         })
     }
 
-    /// One rank of a tensor-parallel group (`tensor_parallel`): builds the network from this
-    /// rank's part of every weight, with `shard.local_config(&config)` as its config, adding its
-    /// partial sums to the other ranks' through `collective`. Every rank must run the same
-    /// steps in the same order.
+    /// One rank of a tensor-parallel group (`tensor_parallel`) from the whole model's weights:
+    /// takes this rank's part of each, then `new_rank`.
     pub fn new_sharded(
         config: NetConfig,
         weights: HashMap<String, Weight>,
@@ -364,12 +362,27 @@ impl Network {
         shard: tensor_parallel::Shard,
         collective: Arc<dyn tensor_parallel::Collective>,
     ) -> Result<Self> {
-        let local = shard.local_config(&config)?;
         let weights = weights
             .into_iter()
             .map(|(name, w)| shard.slice(&name, w).map(|w| (name, w)))
             .collect::<Result<HashMap<_, _>>>()?;
-        let mut network = Self::new(local, weights, context, how, device)?;
+        Self::new_rank(config, weights, context, how, device, shard, collective)
+    }
+
+    /// One rank of a tensor-parallel group from this rank's parts of the weights (`Shard::part`;
+    /// the checkpoint pool loads just those): built with `shard.local_config(&config)` as its
+    /// config, adding its partial sums to the other ranks' through `collective`. Every rank must
+    /// run the same steps in the same order.
+    pub fn new_rank(
+        config: NetConfig,
+        weights: HashMap<String, Weight>,
+        context: usize,
+        how: WeightHandling,
+        device: &Device,
+        shard: tensor_parallel::Shard,
+        collective: Arc<dyn tensor_parallel::Collective>,
+    ) -> Result<Self> {
+        let mut network = Self::new(shard.local_config(&config)?, weights, context, how, device)?;
         network.collective = Some(collective);
         Ok(network)
     }

@@ -29,6 +29,17 @@ pub struct Shard {
     pub ranks: usize,
 }
 
+/// What one rank holds of a tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// All of it.
+    Whole,
+    /// `len` rows of dimension `dim`, from row `start`.
+    Rows { dim: usize, start: usize, len: usize },
+    /// Zeros of its shape: a bias that another rank adds.
+    Zeros,
+}
+
 /// How a tensor is split across ranks.
 enum Split {
     /// Every rank holds all of it.
@@ -83,24 +94,50 @@ impl Shard {
         }
     }
 
-    /// This rank's part of the tensor `name` (our names, as `NetConfig::expected_tensors` lists
-    /// them). Quantized weights cannot be split.
-    pub fn slice(&self, name: &str, weight: Weight) -> Result<Weight> {
-        let load = NetworkError::load;
-        match (Self::split_of(name), weight) {
-            (_, whole) if self.ranks == 1 => Ok(whole),
-            (Split::Replicated, whole) => Ok(whole),
-            (Split::AfterSum, whole) if self.rank == 0 => Ok(whole),
-            (_, Weight::Quantized(_)) => {
-                Err(NetworkError::Load(format!("{name} is quantized; tensor parallelism needs dense weights")))
-            }
-            (Split::AfterSum, Weight::Dense(t)) => Ok(Weight::Dense(t.zeros_like().map_err(load)?)),
-            (Split::Part { dim }, Weight::Dense(t)) => {
-                let len = t.dim(dim).map_err(load)? / self.ranks;
-                Ok(Weight::Dense(t.narrow(dim, self.rank * len, len).and_then(|p| p.contiguous()).map_err(load)?))
-            }
+    /// Which part of the tensor `name` (our names, as `NetConfig::expected_tensors` lists them)
+    /// of `shape` this rank holds; an error when the split dimension does not divide.
+    pub fn part(&self, name: &str, shape: &[usize]) -> Result<Part> {
+        match Self::split_of(name) {
+            _ if self.ranks == 1 => Ok(Part::Whole),
+            Split::Replicated => Ok(Part::Whole),
+            Split::AfterSum if self.rank == 0 => Ok(Part::Whole),
+            Split::AfterSum => Ok(Part::Zeros),
+            Split::Part { dim } => match shape.get(dim) {
+                Some(size) if size.is_multiple_of(self.ranks) => {
+                    let len = size / self.ranks;
+                    Ok(Part::Rows { dim, start: self.rank * len, len })
+                }
+                _ => Err(NetworkError::Load(format!(
+                    "{name} of shape {shape:?} does not split over {} ranks on dimension {dim}",
+                    self.ranks
+                ))),
+            },
         }
     }
+
+    /// This rank's part of the tensor `name`. Quantized weights cannot be split.
+    pub fn slice(&self, name: &str, weight: Weight) -> Result<Weight> {
+        let load = NetworkError::load;
+        let t = match weight {
+            Weight::Dense(t) => t,
+            Weight::Quantized(q) => {
+                return match self.part(name, q.shape().dims())? {
+                    Part::Whole => Ok(Weight::Quantized(q)),
+                    _ => Err(quantized(name)),
+                };
+            }
+        };
+        Ok(Weight::Dense(match self.part(name, t.dims())? {
+            Part::Whole => t,
+            Part::Zeros => t.zeros_like().map_err(load)?,
+            Part::Rows { dim, start, len } => t.narrow(dim, start, len).and_then(|p| p.contiguous()).map_err(load)?,
+        }))
+    }
+}
+
+/// The error for a quantized tensor a rank would hold only part of.
+pub fn quantized(name: &str) -> NetworkError {
+    NetworkError::Load(format!("{name} is quantized; tensor parallelism needs dense weights"))
 }
 
 /// Ranks on threads of one process, adding through shared memory: tensor parallelism on the CPU

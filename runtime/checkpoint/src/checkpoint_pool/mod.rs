@@ -7,6 +7,7 @@
 //! each tensor once the bytes under it have landed (`Landed`), so it ends a moment after the read
 //! does; pinning for later hits happens after, in the background.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,7 @@ use crate::chat_template::ChatTemplate;
 use crate::checkpoint::{Checkpoint, TensorEntry, WeightDType};
 use crate::error::{CheckpointError, Result};
 use crate::network::Weight;
+use crate::network::tensor_parallel::{Part, Shard};
 
 mod admission;
 use admission::{AdmissionRead, Landed, Pages, admission_read, fill, map_resident, pin_in_background};
@@ -151,16 +153,46 @@ impl PooledCheckpoint {
     /// once all of them have landed. Tensors go in file order, each as soon as its bytes have
     /// been read in (on a miss the admission is still reading).
     pub fn load_tensors(&self, device: &Device, dtype: DType) -> Result<HashMap<String, Weight>> {
+        self.load(device, dtype, |_, _| Ok(Part::Whole))
+    }
+
+    /// Loads one tensor-parallel rank's parts of the weights (`Shard::part`) onto `device`: a
+    /// part of rows is copied from the pool's bytes alone, a part of columns is gathered from
+    /// each row's bytes first, and a zero bias is made on the device. Quantized tensors cannot be
+    /// split.
+    pub fn load_shard(&self, device: &Device, dtype: DType, shard: Shard) -> Result<HashMap<String, Weight>> {
+        self.load(device, dtype, |name, shape| Ok(shard.part(name, shape)?))
+    }
+
+    fn load(
+        &self,
+        device: &Device,
+        dtype: DType,
+        part_of: impl Fn(&str, &[usize]) -> Result<Part>,
+    ) -> Result<HashMap<String, Weight>> {
         let mut out = HashMap::with_capacity(self.ckpt.tensors.len());
         let mut in_file_order: Vec<_> = self.ckpt.tensors.iter().collect();
         in_file_order.sort_by_key(|(_, e)| (e.file, e.offsets.0));
         for (name, entry) in in_file_order {
-            let bytes = self.bytes(entry)?;
+            let part = part_of(name, &entry.shape)?;
+            let err = |e: candle_core::Error| CheckpointError::Load(format!("tensor {name}: {e}"));
+            if part == Part::Zeros {
+                let _gate = crate::network::graphs::shared();
+                out.insert(
+                    name.clone(),
+                    Weight::Dense(Tensor::zeros(entry.shape.as_slice(), dtype, device).map_err(err)?),
+                );
+                continue;
+            }
+            if part != Part::Whole && entry.dtype.is_quantized() {
+                return Err(crate::network::tensor_parallel::quantized(name).into());
+            }
+            let (bytes, shape) = part_bytes(self.bytes(entry)?, &entry.shape, part)
+                .map_err(|e| CheckpointError::Load(format!("tensor {name}: {e}")))?;
+            let (bytes, shape) = (bytes.as_ref(), shape.as_slice());
             // Per tensor, not across the load: a miss waits here for the disk, and a decode
             // graph capture on this GPU must not wait for that.
             let _gate = crate::network::graphs::shared();
-            let shape = entry.shape.as_slice();
-            let err = |e: candle_core::Error| CheckpointError::Load(format!("tensor {name}: {e}"));
             let weight = match entry.dtype {
                 WeightDType::Safetensors(Dtype::BF16) | WeightDType::Ggml(GgmlDType::BF16) => {
                     Self::from_bytes::<half::bf16>(bytes, shape, device)
@@ -209,6 +241,34 @@ impl PooledCheckpoint {
                 Tensor::from_slice(&values, shape, device)
             }
         }
+    }
+}
+
+/// The bytes of `part` of a tensor of `shape` stored row-major in `bytes`, and its shape: the
+/// whole, a range of rows of dimension 0 (borrowed), or of dimension 1 of a matrix (each row's
+/// range, gathered).
+fn part_bytes<'a>(
+    bytes: &'a [u8],
+    shape: &[usize],
+    part: Part,
+) -> std::result::Result<(Cow<'a, [u8]>, Vec<usize>), String> {
+    let mut out_shape = shape.to_vec();
+    match part {
+        Part::Whole | Part::Zeros => Ok((Cow::Borrowed(bytes), out_shape)),
+        Part::Rows { dim: 0, start, len } => {
+            let row = bytes.len() / shape[0].max(1);
+            out_shape[0] = len;
+            Ok((Cow::Borrowed(&bytes[start * row..(start + len) * row]), out_shape))
+        }
+        Part::Rows { dim: 1, start, len } if shape.len() == 2 => {
+            let row = bytes.len() / shape[0].max(1);
+            let elem = row / shape[1].max(1);
+            out_shape[1] = len;
+            let gathered =
+                bytes.chunks_exact(row).flat_map(|r| &r[start * elem..(start + len) * elem]).copied().collect();
+            Ok((Cow::Owned(gathered), out_shape))
+        }
+        Part::Rows { dim, .. } => Err(format!("cannot split dimension {dim} of a tensor of shape {shape:?}")),
     }
 }
 
@@ -462,6 +522,51 @@ mod tests {
         make_tiny_model(dir.path(), &TinySpec::new(arch)).unwrap();
         let ckpt = Checkpoint::open(dir.path()).unwrap();
         (dir, ckpt)
+    }
+
+    #[test]
+    fn a_rank_loads_exactly_its_part_of_each_tensor() {
+        // Rows, columns (o_proj, down) and zeroed after-sum biases (OPT), against the whole load
+        // sliced on the device; OPT's own q/k/v biases and LayerNorms come along.
+        for arch in [Architecture::Llama, Architecture::Opt] {
+            let (_dir, ckpt) = tiny(arch);
+            let pool = CheckpointPool::new(u64::MAX, None);
+            let (pooled, _) = pool.checkout(ckpt, &|_| {}).unwrap();
+            let whole = pooled.load_tensors(&Device::Cpu, DType::F32).unwrap();
+            for rank in 0..2 {
+                let shard = Shard::new(rank, 2).unwrap();
+                let part = pooled.load_shard(&Device::Cpu, DType::F32, shard).unwrap();
+                assert_eq!(part.len(), whole.len());
+                for (name, w) in &whole {
+                    let Weight::Dense(expected) = shard.slice(name, Weight::Dense(dense(w))).unwrap() else {
+                        unreachable!()
+                    };
+                    let got = dense(&part[name]);
+                    assert_eq!(got.dims(), expected.dims(), "{arch:?} rank {rank}: {name}");
+                    let diff = (got - expected).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+                    assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{arch:?} rank {rank}: {name}");
+                }
+                let down = &part["model.layers.0.mlp.down_proj.weight"];
+                assert_eq!(dense(down).dims()[1] * 2, dense(&whole["model.layers.0.mlp.down_proj.weight"]).dims()[1]);
+            }
+        }
+    }
+
+    fn dense(w: &Weight) -> Tensor {
+        match w {
+            Weight::Dense(t) => t.clone(),
+            Weight::Quantized(_) => panic!("tiny models are dense"),
+        }
+    }
+
+    #[test]
+    fn part_bytes_cut_rows_and_gather_columns() {
+        let bytes: Vec<u8> = (0..12).collect(); // a 3 x 4 matrix of one-byte elements
+        let rows = part_bytes(&bytes, &[3, 4], Part::Rows { dim: 0, start: 1, len: 2 }).unwrap();
+        assert_eq!((rows.0.as_ref(), rows.1), (&bytes[4..12], vec![2, 4]));
+        let cols = part_bytes(&bytes, &[3, 4], Part::Rows { dim: 1, start: 2, len: 2 }).unwrap();
+        assert_eq!((cols.0.as_ref(), cols.1), (&[2u8, 3, 6, 7, 10, 11][..], vec![3, 2]));
+        assert!(part_bytes(&bytes, &[2, 2, 3], Part::Rows { dim: 2, start: 0, len: 1 }).is_err());
     }
 
     #[test]
