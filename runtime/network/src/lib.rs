@@ -351,26 +351,9 @@ impl Network {
         })
     }
 
-    /// One rank of a tensor-parallel group (`tensor_parallel`) from the whole model's weights:
-    /// takes this rank's part of each, then `new_rank`.
-    pub fn new_sharded(
-        config: NetConfig,
-        weights: HashMap<String, Weight>,
-        context: usize,
-        how: WeightHandling,
-        device: &Device,
-        shard: tensor_parallel::Shard,
-        collective: Arc<dyn tensor_parallel::Collective>,
-    ) -> Result<Self> {
-        let weights = weights
-            .into_iter()
-            .map(|(name, w)| shard.slice(&name, w).map(|w| (name, w)))
-            .collect::<Result<HashMap<_, _>>>()?;
-        Self::new_rank(config, weights, context, how, device, shard, collective)
-    }
-
-    /// One rank of a tensor-parallel group from this rank's parts of the weights (`Shard::part`;
-    /// the checkpoint pool loads just those): built with `shard.local_config(&config)` as its
+    /// One rank of a tensor-parallel group (`tensor_parallel`) from this rank's parts of the
+    /// weights (`Shard::part`: the checkpoint pool loads just those, `Shard::slice_all` cuts them
+    /// from the whole model's): built with `shard.local_config(&config)` as its
     /// config, adding its partial sums to the other ranks' through `collective`. Every rank must
     /// run the same steps in the same order.
     pub fn new_rank(

@@ -9,6 +9,7 @@
 //! A rank's network is built with its `local_config` (heads, K/V heads and intermediate size
 //! divided by `n`), so attention, the kernels and the KV layout run unchanged on its share.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Barrier, Mutex};
 
 use candle_core::Tensor;
@@ -115,6 +116,11 @@ impl Shard {
         }
     }
 
+    /// This rank's part of every weight of a model (`slice` of each).
+    pub fn slice_all(&self, weights: HashMap<String, Weight>) -> Result<HashMap<String, Weight>> {
+        weights.into_iter().map(|(name, w)| self.slice(&name, w).map(|w| (name, w))).collect()
+    }
+
     /// This rank's part of the tensor `name`. Quantized weights cannot be split.
     pub fn slice(&self, name: &str, weight: Weight) -> Result<Weight> {
         let load = NetworkError::load;
@@ -216,8 +222,9 @@ mod tests {
                         let (c, weights) = (c.clone(), dense(&weights));
                         s.spawn(move || {
                             let shard = Shard::new(rank, 2).unwrap();
+                            let weights = shard.slice_all(weights).unwrap();
                             let network =
-                                Network::new_sharded(c, weights, 64, F32, &Device::Cpu, shard, Arc::new(collective))
+                                Network::new_rank(c, weights, 64, F32, &Device::Cpu, shard, Arc::new(collective))
                                     .unwrap();
                             assert_eq!(network.config.num_kv_heads, 1, "each rank caches half the K/V heads");
                             two_steps(&network)
