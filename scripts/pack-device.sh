@@ -4,6 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .device
 xz -T0 -6 -c target/cuda/release/kindling > .device/kindling.xz
+# An earlier build to compare against in the same run (scripts/bench/device-ab.sh).
+rm -f .device/kindling-before.xz
+if [ -n "${BEFORE:-}" ]; then xz -T0 -6 -c "$BEFORE" > .device/kindling-before.xz; fi
 # Guests for `kindling bench serve` and `bench invoke` (the GPU machine cannot build guests),
 # named by GUESTS; the carry limit is 64 MiB in all.
 for guest in ${GUESTS:-openai-python}; do

@@ -10,7 +10,7 @@ set -uo pipefail
 source "$(dirname "$0")/device-env.sh"
 archs=${ARCHS-llama qwen2 qwen3 mistral opt}
 [ -e $M/qwen3-0.6b ] || python3 scripts/bench/make_models.py $M qwen3-0.6b 2>&1 | tail -1
-models="$(printf 'tiny-%s ' $archs)q06"
+models="$(for a in $archs; do printf 'tiny-%s ' $a; done)q06"
 prompts=("Once upon a time" "The lighthouse keeper climbed the stairs and" "In the beginning" "Seven ships"
   "A recipe for bread:" "The theory of everything")
 args=()
@@ -45,9 +45,12 @@ generate() { # LABEL (the environment decides graphs or not)
   echo "$1: $(grep -c "captured a decode graph" "$T/tiny-$1.log") graphs captured; warnings and errors:"
   grep -E " (WARN|ERROR) |paged decode kernel checked|decode graphs checked" "$T/tiny-$1.log" | sed 's/\x1b\[[0-9;]*m//g' | cut -c 1-300 | head -5
 }
-same() { # A B WHAT
-  if cmp -s "$1" "$2"; then echo "tiny models: same text $3 ($(wc -l < "$1") completions)";
-  else echo "tiny models: TEXT DIFFERS $3"; diff "$1" "$2" | head -10; fi
+same() { # A B WHAT: per model, how many of its completions differ (the texts go to $OUT)
+  python3 -c 'import sys
+a, b = (open(f).read().splitlines() for f in sys.argv[1:3])
+ms = sys.argv[4:]; n = len(a) // max(len(ms), 1)
+print(sys.argv[3] + ": " + ", ".join(f"{m} {sum(x != y for x, y in zip(a[i*n:(i+1)*n], b[i*n:(i+1)*n]))}/{n} differ" for i, m in enumerate(ms)))' "$1" "$2" "$3" $models
+  cp "$1" "$2" "$OUT/" 2>/dev/null
 }
 if [ -z "${SKIP_TINY:-}" ]; then
   KINDLING_LOG=kindling_engine=debug generate graphs

@@ -3,14 +3,27 @@
 # (1) linear_floor.py: what cuBLAS takes for the step's matmuls through PyTorch (the mature
 # stack's floor for them); (2) Nsight Compute times every kernel of `kindling bench serve`
 # (eager launches, so each kernel is its own launch) of one and of 8 streams' decode steps
-# (kernel_profile.py: per kernel, per step). The raw CSVs come back xz'd. STEPS: floor ncu.
+# (kernel_profile.py: per kernel, per step). The raw CSVs come back xz'd. (3) phases: our own
+# CUDA-event timing of each phase of the forward pass (KINDLING_PROFILE_PHASES=1, eager), at 1,
+# 8 and 64 streams, far cheaper than ncu. STEPS: any of floor ncu phases (default floor phases).
 set -uo pipefail
 source "$(dirname "$0")/device-env.sh"
 [ -e $M/llama3.1-8b ] || python3 scripts/bench/make_models.py $M llama3.1-8b 2>&1 | tail -1
-for step in ${STEPS:-floor ncu}; do
+for step in ${STEPS:-floor phases}; do
   echo "== $step"
   case $step in
   floor) python3 scripts/bench/linear_floor.py 1,8,64 "$OUT/linear-floor.json" ;;
+  phases)
+    for streams in 1 8 64; do
+      KINDLING_PROFILE_PHASES=1 "$BIN" bench serve --device cuda --model llama3.1-8b=$M/llama3.1-8b \
+        --plugin /tmp/openai-python.wasm --concurrency $streams --prompt-tokens 512-512 --output-tokens 160 \
+        --serve-args "--kv-cache-gib 24 --max-step-tokens 4096" --out /tmp/phases-$streams.json >/tmp/phases-$streams.log 2>&1
+      echo "streams=$streams: exit $?"
+      grep "phases per pass" /tmp/phases-$streams.log | sed 's/\x1b\[[0-9;]*m//g' | sed 's/.*phases per pass/phases per pass/' \
+        | grep -E "\"$streams rows\"|~4096 rows" | tail -2 | cut -c 1-500
+      grep -E "WARN|ERROR" /tmp/phases-$streams.log | tail -3 | cut -c 1-300
+      xz -T0 -c /tmp/phases-$streams.log > "$OUT/phases-$streams.log.xz"
+    done ;;
   ncu)
     # Two runs per shape that differ only in output tokens: their difference is that many
     # decode steps, with boot, warm-up and prefill cancelled out (kernel_profile.py).

@@ -244,6 +244,8 @@ mod cuda {
                     Err(e) => crate::network::graphs::disable(&format!("self-check failed: {e}")),
                 }
             }
+            // After the graph check, which captures: profiling turns graphs off.
+            crate::network::phases::honour_env();
             worker.boot_time = started.elapsed();
             tracing::info!(
                 worker = %worker.label,

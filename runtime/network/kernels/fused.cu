@@ -95,12 +95,36 @@ __device__ void qkv_rope_cache(const T *qkv, const T *bias, const T *q_norm, con
 }
 
 // x + delta, then RMSNorm of the sum: out [2, rows, hidden] holds the sum (rounded to T, as the
-// unfused add stores it) and its normalised value. Grid: rows. Block: 256 threads.
+// unfused add stores it) and its normalised value. Grid: rows. Block: a multiple of 32 threads,
+// at least hidden / NORM_PER_THREAD: each thread keeps its elements in registers, so every load
+// is issued before the reduction and nothing is read back (a row is one round trip to memory,
+// not one per element). Wider rows than NORM_PER_THREAD * 1024 loop over memory instead.
+#define NORM_PER_THREAD 8
 template <typename T>
 __device__ void add_rms_norm(const T *x, const T *delta, const T *w, T *out, int rows, int hidden, float eps) {
   const int r = blockIdx.x;
   const T *xr = x + (size_t)r * hidden, *dr = delta + (size_t)r * hidden;
   T *sum = out + (size_t)r * hidden, *normed = out + ((size_t)rows + r) * hidden;
+  if (hidden <= NORM_PER_THREAD * (int)blockDim.x) {
+    float v[NORM_PER_THREAD];
+    float ss = 0.f;
+#pragma unroll
+    for (int k = 0; k < NORM_PER_THREAD; k++) {
+      const int i = threadIdx.x + k * blockDim.x;
+      v[k] = i < hidden ? round_to(to_f(xr[i]) + to_f(dr[i]), x) : 0.f;
+      ss += v[k] * v[k];
+    }
+    const float scale = rsqrtf(block_sum(ss) / hidden + eps);
+#pragma unroll
+    for (int k = 0; k < NORM_PER_THREAD; k++) {
+      const int i = threadIdx.x + k * blockDim.x;
+      if (i < hidden) {
+        store(sum + i, v[k]);
+        store(normed + i, v[k] * scale * to_f(w[i]));
+      }
+    }
+    return;
+  }
   float ss = 0.f;
   for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
     const float v = round_to(to_f(xr[i]) + to_f(dr[i]), x);

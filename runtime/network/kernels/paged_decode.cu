@@ -6,9 +6,11 @@
 // still fills the GPU: a warp's walk over its keys is a chain of dependent loads, so one block per
 // head would take ~100 us per layer for a few hundred keys); each warp walks every WARPS-th key of
 // the part, keeping an online softmax (running max, sum and weighted V) per query head, and the
-// warps' results are merged in shared memory. With one part the block writes the output; with
+// warps' results are merged in shared memory. A warp takes KEYS keys at a time, loading all of
+// their K and V before using any, so each warp has that many rows' loads in flight instead of a
+// chain of one key's load, dot and softmax after another. With one part the block writes the output; with
 // several it writes its unnormalised (max, sum, weighted V) and `paged_decode_combine` merges the
-// parts. Each lane owns DPL = head_dim / 32 dimensions.
+// parts. Each lane owns DPL = head_dim / 32 consecutive dimensions (one vector load per row).
 //
 // Inputs: q [seqs, heads, head_dim]; k_cache, v_cache [kv_heads, slots, head_dim];
 // meta [seqs, meta_stride] u32 = (first visible key, keys, block table...).
@@ -19,11 +21,25 @@
 
 #define BLOCK_SIZE 16
 #define WARPS 4
+#define KEYS 4
 
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ void store(float *p, float x) { *p = x; }
 __device__ __forceinline__ void store(__nv_bfloat16 *p, float x) { *p = __float2bfloat16(x); }
+
+// DPL consecutive elements of T, loaded with one vector instruction (rows are aligned to it).
+template <typename T, int DPL>
+struct __align__(sizeof(T) * DPL) Lanes {
+  T v[DPL];
+};
+
+template <typename T, int DPL>
+__device__ __forceinline__ void load_lanes(const T *p, float *out) {
+  const Lanes<T, DPL> x = *reinterpret_cast<const Lanes<T, DPL> *>(p);
+#pragma unroll
+  for (int i = 0; i < DPL; i++) out[i] = to_f(x.v[i]);
+}
 
 template <typename T, int G, int DPL>
 __device__ void paged_decode(const T *q, const T *kc, const T *vc, const uint32_t *meta, T *out, float *part_ms,
@@ -42,34 +58,58 @@ __device__ void paged_decode(const T *q, const T *kc, const T *vc, const uint32_
   for (int g = 0; g < G; g++) {
     mx[g] = -INFINITY;
     sum[g] = 0.f;
+    load_lanes<T, DPL>(q + ((size_t)b * heads + h * G + g) * hd + lane * DPL, qv[g]);
 #pragma unroll
     for (int i = 0; i < DPL; i++) {
-      qv[g][i] = to_f(q[((size_t)b * heads + h * G + g) * hd + lane + 32 * i]) * scale;
+      qv[g][i] *= scale;
       acc[g][i] = 0.f;
     }
   }
-  for (uint32_t p = first + warp; p < end; p += WARPS) {
-    const size_t slot = (size_t)table[p / BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE;
-    const T *kp = kc + ((size_t)h * slots + slot) * hd;
-    const T *vp = vc + ((size_t)h * slots + slot) * hd;
-    float kv[DPL], vv[DPL];
+  for (uint32_t p0 = first + warp * KEYS; p0 < end; p0 += WARPS * KEYS) {
+    float kv[KEYS][DPL], vv[KEYS][DPL];
 #pragma unroll
-    for (int i = 0; i < DPL; i++) {
-      kv[i] = to_f(kp[lane + 32 * i]);
-      vv[i] = to_f(vp[lane + 32 * i]);
+    for (int j = 0; j < KEYS; j++) {
+      const uint32_t p = p0 + j;
+      if (p < end) {
+        const size_t slot = (size_t)table[p / BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE;
+        const size_t at = ((size_t)h * slots + slot) * hd + lane * DPL;
+        load_lanes<T, DPL>(kc + at, kv[j]);
+        load_lanes<T, DPL>(vc + at, vv[j]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < DPL; i++) kv[j][i] = vv[j][i] = 0.f;
+      }
     }
 #pragma unroll
     for (int g = 0; g < G; g++) {
-      float dot = 0.f;
+      float dot[KEYS];
 #pragma unroll
-      for (int i = 0; i < DPL; i++) dot += qv[g][i] * kv[i];
+      for (int j = 0; j < KEYS; j++) {
+        dot[j] = 0.f;
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffff, dot, o);
-      const float nm = fmaxf(mx[g], dot);
-      const float corr = __expf(mx[g] - nm), w = __expf(dot - nm);
-      sum[g] = sum[g] * corr + w;
+        for (int i = 0; i < DPL; i++) dot[j] += qv[g][i] * kv[j][i];
+      }
 #pragma unroll
-      for (int i = 0; i < DPL; i++) acc[g][i] = acc[g][i] * corr + w * vv[i];
+      for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+        for (int j = 0; j < KEYS; j++) dot[j] += __shfl_xor_sync(0xffffffff, dot[j], o);
+      }
+      float nm = mx[g];
+#pragma unroll
+      for (int j = 0; j < KEYS; j++)
+        if (p0 + j < end) nm = fmaxf(nm, dot[j]);
+      const float corr = __expf(mx[g] - nm);
+      sum[g] *= corr;
+#pragma unroll
+      for (int i = 0; i < DPL; i++) acc[g][i] *= corr;
+#pragma unroll
+      for (int j = 0; j < KEYS; j++) {
+        if (p0 + j >= end) continue;
+        const float w = __expf(dot[j] - nm);
+        sum[g] += w;
+#pragma unroll
+        for (int i = 0; i < DPL; i++) acc[g][i] += w * vv[j][i];
+      }
       mx[g] = nm;
     }
   }
@@ -82,7 +122,7 @@ __device__ void paged_decode(const T *q, const T *kc, const T *vc, const uint32_
       s_sum[warp][g] = sum[g];
     }
 #pragma unroll
-    for (int i = 0; i < DPL; i++) s_acc[warp][g][lane + 32 * i] = acc[g][i];
+    for (int i = 0; i < DPL; i++) s_acc[warp][g][lane * DPL + i] = acc[g][i];
   }
   __syncthreads();
   for (int idx = threadIdx.x; idx < G * hd; idx += blockDim.x) {

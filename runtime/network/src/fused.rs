@@ -252,7 +252,9 @@ mod cuda {
             let (r, h) = (rows as i32, hidden as i32);
             let mut b = func.builder();
             b.arg(&xv).arg(&dv).arg(&wv).arg(&out).arg(&r).arg(&h).arg(&self.eps);
-            let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            // Enough threads that each holds at most NORM_PER_THREAD (8) elements of a row.
+            let threads = hidden.div_ceil(8).next_multiple_of(32).clamp(32, 1024) as u32;
+            let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: arguments match the kernel's signature; shapes were checked above.
             unsafe { b.launch(cfg) }.w()?;
             Ok(CudaStorage::wrap_cuda_slice(out, dev))
@@ -415,11 +417,14 @@ mod cuda {
             worst = worst.max(max_diff(&kc.index_select(&idx, 1)?, &uk.transpose(0, 1)?)?);
             worst = worst.max(max_diff(&vc.index_select(&idx, 1)?, &uv.transpose(0, 1)?)?);
         }
-        let (x, d, w) = (rand(&[n, 512])?, rand(&[n, 512])?, rand(&[512])?);
-        let (sum, normed) = add_rms_norm(&x, &d, &w, 1e-5)?;
-        let usum = (&x + &d)?;
-        worst = worst.max(max_diff(&sum, &usum)?);
-        worst = worst.max(max_diff(&normed, &candle_nn::ops::rms_norm(&usum, &w, 1e-5)?)?);
+        // Rows held in registers (a full and a ragged last pass) and rows too wide for them.
+        for hidden in [512, 1000, 9000] {
+            let (x, d, w) = (rand(&[n, hidden])?, rand(&[n, hidden])?, rand(&[hidden])?);
+            let (sum, normed) = add_rms_norm(&x, &d, &w, 1e-5)?;
+            let usum = (&x + &d)?;
+            worst = worst.max(max_diff(&sum, &usum)?);
+            worst = worst.max(max_diff(&normed, &candle_nn::ops::rms_norm(&usum, &w, 1e-5)?)?);
+        }
         let gate_up = rand(&[n, 2 * 384])?;
         let fused = silu_mul(&gate_up)?;
         let unfused =

@@ -17,6 +17,7 @@ pub mod fused;
 pub mod graphs;
 pub mod kv_cache;
 pub mod paged_kernel;
+pub mod phases;
 pub mod rope;
 pub mod tensor_parallel;
 
@@ -151,9 +152,21 @@ enum Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor, intermediate: usize, fused: bool) -> candle_core::Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        intermediate: usize,
+        fused: bool,
+        timer: &mut phases::PhaseTimer,
+    ) -> candle_core::Result<Tensor> {
         match self {
-            Mlp::GatedSilu { gate_up, down } if fused => down.forward(&fused::silu_mul(&gate_up.forward(x)?)?),
+            Mlp::GatedSilu { gate_up, down } if fused => {
+                let gate_up = gate_up.forward(x)?;
+                timer.mark("gate_up_proj");
+                let hidden = fused::silu_mul(&gate_up)?;
+                timer.mark("silu_mul");
+                down.forward(&hidden)
+            }
             Mlp::GatedSilu { gate_up, down } => {
                 let gate_up = gate_up.forward(x)?;
                 let gate = gate_up.narrow(D::Minus1, 0, intermediate)?;
@@ -401,6 +414,7 @@ impl Network {
     ) -> candle_core::Result<Tensor> {
         let c = &self.config;
         let fused = fused::applies(&self.device);
+        let mut timer = phases::PhaseTimer::start(&self.device, tokens.dim(0)?);
         let mut x = self.embed.index_select(tokens, 0)?;
         if let Positions::Learned(table) = &self.positions {
             x = (x + table.index_select(&plan.positions, 0)?)?;
@@ -412,17 +426,25 @@ impl Network {
         // so the add and the norm can run as one kernel.
         let mut delta: Option<Tensor> = None;
         for (l, layer) in self.layers.iter().enumerate() {
+            timer.mark(if l == 0 { "embed" } else { "down_proj" });
             let h = add_norm(&mut x, delta.take(), &layer.attn_norm, fused)?;
+            timer.mark("norm");
             let qkv = layer.qkv.forward(&h)?;
+            timer.mark("qkv_proj");
             let q = match &unfused {
                 None => fused::qkv_rope_cache(&qkv, &kv.k[l], &kv.v[l], &self.qkv_args(layer, plan))?,
                 Some(step) => self.qkv_unfused(layer, qkv, step, kv, l)?,
             };
+            timer.mark("rope_cache");
             let attn = attention::paged(&q, &kv.k[l], &kv.v[l], plan, c)?;
+            timer.mark("attention");
             let o = self.all_ranks(add_bias(layer.o_proj.forward(&attn)?, &layer.o_bias)?)?;
+            timer.mark("o_proj");
             let h = add_norm(&mut x, Some(o), &layer.mlp_norm, fused)?;
-            delta = Some(self.all_ranks(layer.mlp.forward(&h, c.intermediate_size, fused)?)?);
+            timer.mark("norm");
+            delta = Some(self.all_ranks(layer.mlp.forward(&h, c.intermediate_size, fused, &mut timer)?)?);
         }
+        timer.mark("down_proj");
         if plan.samples == 0 {
             return Tensor::zeros((0, c.vocab_size), DType::F32, &self.device);
         }
@@ -431,7 +453,10 @@ impl Network {
             last = (last + d.index_select(&plan.sample_rows, 0)?)?;
         }
         let last = self.norm.forward(&last)?;
-        self.lm_head.forward(&last)?.to_dtype(DType::F32)
+        let logits = self.lm_head.forward(&last)?.to_dtype(DType::F32)?;
+        timer.mark("lm_head");
+        timer.finish();
+        Ok(logits)
     }
 
     fn qkv_args(&self, layer: &Layer, plan: &attention::StepPlan) -> fused::QkvArgs {
