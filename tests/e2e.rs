@@ -628,11 +628,11 @@ fn bench_serve_drives_concurrent_streams_through_the_openai_plugin() {
 }
 
 #[test]
-fn bench_coldstart_measures_a_pool_miss_hits_wakes_and_models_started_together_on_cpu() {
+fn bench_coldstart_measures_a_pool_miss_hits_wakes_splits_and_models_started_together_on_cpu() {
     let dir = tempfile::tempdir().unwrap();
     let out_file = dir.path().join("coldstart.json");
     let out = std::process::Command::new(kindling_e2e::kindling_bin())
-        .args(["bench", "coldstart", "--runs", "2", "--skip-fresh", "--together", "--out"])
+        .args(["bench", "coldstart", "--runs", "2", "--skip-fresh", "--together", "--tensor-parallel", "2", "--out"])
         .arg(&out_file)
         .arg("--model")
         .arg(format!("q={}", tiny_model("qwen2").display()))
@@ -648,6 +648,12 @@ fn bench_coldstart_measures_a_pool_miss_hits_wakes_and_models_started_together_o
         let hits = m["kindling_warm_pool"]["runs"].as_array().unwrap();
         assert!(hits.len() == 2 && hits.iter().all(|r| r["pool_hit"] == true), "{m}");
         assert_eq!(m["kindling_wake"]["runs"].as_array().unwrap().len(), 2, "{m}");
+        // Split over two ranks (threads on the CPU): from the pool, with the whole model's text.
+        let split = &m["tensor_parallel"];
+        assert_eq!(split["ranks"], 2, "{m}");
+        assert!(split["runs"].as_array().unwrap().iter().all(|r| r["pool_hit"] == true), "{m}");
+        assert_eq!(split["greedy_text"]["same"], true, "{m}");
+        assert!(!split["greedy_text"]["whole"].as_str().unwrap().is_empty(), "{m}");
     }
     let together = report["together"]["models"].as_array().unwrap();
     assert_eq!(together.len(), 2, "{report}");

@@ -4,6 +4,9 @@
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+# NCCL (tensor parallelism) comes with PyTorch's wheels.
+NCCL_LIB=$(python3 -c 'import os, nvidia.nccl as n; print(os.path.join(list(n.__path__)[0], "lib"))' 2>/dev/null)
+[ -n "$NCCL_LIB" ] && export LD_LIBRARY_PATH=$NCCL_LIB:$LD_LIBRARY_PATH
 BIN=/tmp/kindling M=/tmp/models
 mkdir -p "$M"
 xz -dc .device/kindling.xz > "$BIN" && chmod +x "$BIN"

@@ -32,6 +32,11 @@ pub struct ColdstartArgs {
     /// the same files from disk with 1 and with several parallel readers (the same run).
     #[arg(long)]
     pool_miss: bool,
+    /// Then, per model, split it over the first N workers (tensor parallelism) and scale it from
+    /// the pool: time to first token against the single-worker runs above, and its greedy text
+    /// against the single worker's (the same run).
+    #[arg(long, value_name = "N")]
+    tensor_parallel: Option<usize>,
     /// Timed runs of each variant.
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -189,7 +194,8 @@ pub fn coldstart(args: ColdstartArgs) -> anyhow::Result<()> {
         }
         results["worker_boot_s"] = json!(secs(workers[0].boot_time));
         let pool = Arc::new(CheckpointPool::new(crate::serve::gib(args.pool_gib), workers[0].pinner()));
-        let workers = workers.into_iter().map(Arc::new).collect();
+        let workers: Vec<Arc<kindling_engine::Worker>> = workers.into_iter().map(Arc::new).collect();
+        let devices: Vec<kindling_engine::Device> = workers.iter().map(|w| w.device.clone()).collect();
         let registry =
             Arc::new(ModelRegistry::with_workers(workers, pool.clone(), kindling_engine::EngineConfig::default()));
         for (name, path) in &models {
@@ -226,6 +232,20 @@ pub fn coldstart(args: ColdstartArgs) -> anyhow::Result<()> {
             entry["kindling_wake"] = wake_from_sleep(&registry, name, args.runs).await?;
             registry.unload(name);
         }
+        if let Some(n) = args.tensor_parallel {
+            // On the CPU the ranks are threads sharing it; on GPUs one rank per worker.
+            let split: Vec<_> = if devices[0].is_cpu() {
+                vec![kindling_engine::Device::Cpu; n]
+            } else {
+                anyhow::ensure!(n <= devices.len(), "--tensor-parallel {n}: only {} GPU workers", devices.len());
+                devices[..n].to_vec()
+            };
+            anyhow::ensure!(n >= 2, "--tensor-parallel {n}: a split needs 2 or more ranks");
+            for (name, path) in &models {
+                let split = tensor_parallel(&registry, &pool, &split, name, path, args.runs).await?;
+                results["models"][name.as_str()]["tensor_parallel"] = split;
+            }
+        }
         if args.together {
             results["together"] = together(&registry, &models).await?;
         }
@@ -250,6 +270,72 @@ pub fn coldstart(args: ColdstartArgs) -> anyhow::Result<()> {
 
 /// Scale to zero asleep (weights kept on the device), then the first request wakes it: each run's
 /// time to first token.
+/// Greedy text of a few tokens, to compare a split model's decode with the whole one's.
+fn text_check_params() -> SamplingParams {
+    SamplingParams { max_tokens: 24, temperature: 0.0, ..SamplingParams::default() }
+}
+
+/// `name` split over `devices` (one rank each) from the pool, `runs` times: pool hit to first
+/// token, each rank loading its part over its own link at once; and its greedy text against the
+/// same model whole on one worker.
+async fn tensor_parallel(
+    registry: &ModelRegistry,
+    pool: &Arc<CheckpointPool>,
+    devices: &[kindling_engine::Device],
+    name: &str,
+    path: &Path,
+    runs: usize,
+) -> anyhow::Result<Value> {
+    let ranks = devices.len();
+    let whole = registry.acquire(name).await?;
+    let (whole_text, _) = whole.engine.generate(PROMPT.into(), text_check_params()).await?;
+    drop(whole);
+    registry.unload(name);
+    tokio::time::sleep(Duration::from_millis(300)).await; // let the whole engine free its memory
+    let start = |name: String, pool: Arc<CheckpointPool>, path: PathBuf, devices: Vec<kindling_engine::Device>| {
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let started = Instant::now();
+            let (pooled, hit) = pool.checkout_path(&path, &|_| {})?;
+            let engine = kindling_engine::ranks::start_tensor_parallel(&name, &pooled, hit, &devices, &one_sequence())?;
+            Ok((started, engine))
+        })
+    };
+    let (mut walls, mut results) = (Vec::new(), Vec::new());
+    let mut split_text = String::new();
+    for run in 0..runs {
+        let (started, engine) = start(name.to_string(), pool.clone(), path.to_path_buf(), devices.to_vec()).await??;
+        let (_, finish) = engine.generate(PROMPT.into(), first_token_params()).await?;
+        let wall = secs(started.elapsed());
+        let load = engine.info.load;
+        eprintln!(
+            "[{name}] tensor parallel x{ranks}, warm workers + pool, run {run}: {wall:.4} s (h2d {:.4} s, init {:.4} s, first token {:.4} s)",
+            load.h2d.as_secs_f64(),
+            load.init.as_secs_f64(),
+            finish.timing.first_token.as_secs_f64()
+        );
+        walls.push(wall);
+        results.push(json!({
+            "wall_s": wall, "pool_hit": load.pool_hit, "h2d_s": secs(load.h2d), "init_s": secs(load.init),
+            "first_token_s": secs(finish.timing.first_token),
+        }));
+        if run + 1 == runs {
+            split_text = engine.generate(PROMPT.into(), text_check_params()).await?.0;
+        }
+        drop(engine);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let same = split_text == whole_text;
+    let common = whole_text.chars().zip(split_text.chars()).take_while(|(a, b)| a == b).count();
+    eprintln!(
+        "[{name}] tensor parallel x{ranks}: greedy text {}",
+        if same { "same as whole" } else { "DIFFERS from whole" }
+    );
+    Ok(json!({
+        "ranks": ranks, "runs": results, "median_s": median(&mut walls),
+        "greedy_text": { "whole": whole_text, "split": split_text, "same": same, "common_prefix_chars": common },
+    }))
+}
+
 async fn wake_from_sleep(registry: &ModelRegistry, name: &str, runs: usize) -> anyhow::Result<Value> {
     let (mut walls, mut rows) = (Vec::new(), Vec::new());
     for run in 0..runs {
@@ -524,5 +610,14 @@ fn print_summary(results: &Value) {
             hf / warm,
             median(&mut gbps)
         );
+        if let Some(split) = m["tensor_parallel"].as_object() {
+            let tp = split["median_s"].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "{name:<14} split over {} workers (tensor parallel): {tp:.4} s, {:.2}x the single worker's warm+pool; greedy text same as whole: {}",
+                split["ranks"],
+                warm / tp,
+                split["greedy_text"]["same"]
+            );
+        }
     }
 }

@@ -370,6 +370,7 @@ pub fn start_engine(
         tokenizer: pooled.tokenizer.clone(),
         eos: ckpt.eos_token_ids.clone(),
         chat_template: pooled.chat_template.clone(),
+        ranks: None,
     };
     spawn_engine(info, parts, config)
 }
@@ -381,6 +382,8 @@ pub struct EngineParts {
     pub tokenizer: Arc<Tokenizer>,
     pub eos: BTreeSet<u32>,
     pub chat_template: Arc<Option<ChatTemplate>>,
+    /// A tensor-parallel engine's other ranks (`network` and `storage` are then rank 0's).
+    pub ranks: Option<crate::ranks::Ranks>,
 }
 
 /// What a sleeping engine keeps: its weights on the device (the network) and what it needs to
@@ -421,6 +424,7 @@ pub fn wake_engine(dormant: Dormant, device: &Device, config: &EngineConfig) -> 
         tokenizer: dormant.tokenizer,
         eos: dormant.eos,
         chat_template: dormant.chat_template,
+        ranks: None,
     };
     spawn_engine(info, parts, config)
 }
@@ -438,7 +442,8 @@ pub fn spawn_engine(info: ModelInfo, parts: EngineParts, config: &EngineConfig) 
     let blocks = parts.storage.blocks;
     let alive = Arc::new(());
     let alive_token = Arc::downgrade(&alive);
-    let graphs = DecodeGraphs::new(&parts.network, config.max_running);
+    // A tensor-parallel step is several devices' work; it is launched op by op.
+    let graphs = if parts.ranks.is_some() { None } else { DecodeGraphs::new(&parts.network, config.max_running) };
     let actor = Actor {
         graphs,
         parts,
@@ -505,6 +510,15 @@ impl Actor {
             self.sched.remove_where(|r| r.job.events.is_closed());
             self.step();
             self.publish();
+            if self.parts.ranks.as_ref().is_some_and(crate::ranks::Ranks::is_broken) {
+                // The group's collective is aborted: nothing more can run. Callers are told, and
+                // the next request for the model loads it afresh.
+                let error = EngineError::Runtime("a rank of this tensor-parallel engine failed".into());
+                for entry in self.sched.remove_where(|_| true) {
+                    let _ = entry.payload.job.events.send(Err(error.clone()));
+                }
+                return self.retire();
+            }
         }
     }
 
@@ -512,12 +526,17 @@ impl Actor {
     /// a sleeping slot if one waits for them (else they are freed too).
     fn retire(self) {
         let Actor { graphs, parts, info, dormant, .. } = self;
-        let EngineParts { network, storage, tokenizer, eos, chat_template } = parts;
+        let EngineParts { network, storage, tokenizer, eos, chat_template, ranks } = parts;
+        // A split engine does not sleep: its other ranks end here, freeing their parts.
+        let split = ranks.is_some();
+        drop(ranks);
         let _gate = graphs::shared();
         #[allow(clippy::drop_non_drop, reason = "without CUDA there are no graphs to drop")]
         drop(graphs);
         drop(storage);
-        let _ = dormant.try_send(Dormant { info, network, tokenizer, eos, chat_template });
+        if !split {
+            let _ = dormant.try_send(Dormant { info, network, tokenizer, eos, chat_template });
+        }
     }
 
     fn admit(&mut self, mut job: Job) {
@@ -586,7 +605,10 @@ impl Actor {
     /// The step's logits: replayed from a CUDA graph when one serves the batch, else launched
     /// op by op.
     fn forward(&mut self, batch: &Batch) -> Result<Tensor> {
-        let EngineParts { network, storage, .. } = &self.parts;
+        let EngineParts { network, storage, ranks, .. } = &mut self.parts;
+        if let Some(ranks) = ranks {
+            return ranks.forward(batch, network, storage);
+        }
         if let Some(graphed) = self.graphs.as_mut().and_then(|g| g.forward(network, batch, storage)) {
             self.stats.graph_steps.fetch_add(1, Ordering::Relaxed);
             return graphed.map_err(EngineError::runtime);

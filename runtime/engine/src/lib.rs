@@ -13,6 +13,7 @@ pub mod engine;
 pub mod error;
 pub mod link;
 pub mod params;
+pub mod ranks;
 pub mod registry;
 pub mod sampling;
 pub mod scheduler;

@@ -229,7 +229,7 @@ pub struct SeqChunk {
 }
 
 /// A packed batch: `tokens[i]` belongs to the chunk that covers index `i`, in order.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Batch {
     pub tokens: Vec<u32>,
     pub chunks: Vec<SeqChunk>,

@@ -64,11 +64,14 @@ impl PhaseTimer {
     }
 }
 
-/// Per (shape, phase): milliseconds summed and passes counted.
+/// Milliseconds summed per phase, in the order phases first came.
+type PhaseSums = Vec<(&'static str, f64)>;
+
+/// Per step shape: passes counted and their phases' sums.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 #[derive(Default)]
 struct Totals {
-    by_shape: std::collections::BTreeMap<String, (u64, Vec<(&'static str, f64)>)>,
+    by_shape: std::collections::BTreeMap<String, (u64, PhaseSums)>,
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]

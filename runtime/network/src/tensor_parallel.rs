@@ -10,7 +10,7 @@
 //! divided by `n`), so attention, the kernels and the KV layout run unchanged on its share.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use candle_core::Tensor;
 
@@ -21,6 +21,10 @@ use crate::error::{NetworkError, Result};
 /// Adds the ranks' partial results together, the same sum arriving at every rank.
 pub trait Collective: Send + Sync {
     fn all_reduce_sum(&self, x: &Tensor) -> candle_core::Result<Tensor>;
+
+    /// Called by a rank whose step failed before it reached every sum: ranks waiting for it (now
+    /// or later) get an error instead of waiting forever. The group is unusable afterwards.
+    fn abort(&self);
 }
 
 /// One rank's place in a tensor-parallel group.
@@ -148,22 +152,58 @@ pub fn quantized(name: &str) -> NetworkError {
 
 /// Ranks on threads of one process, adding through shared memory: tensor parallelism on the CPU
 /// (and a reference for a GPU collective). Every rank must call `all_reduce_sum` the same number
-/// of times, in the same order, as with any collective; a rank whose step fails before its call
-/// leaves the others waiting, so whoever drives the ranks drops the whole group on an error.
+/// of times, in the same order, as with any collective; a rank whose step fails first calls
+/// `abort`, which fails every rank's waiting and later sums.
 pub struct ThreadCollective {
     rank: usize,
     shared: Arc<ThreadGroup>,
 }
 
 struct ThreadGroup {
-    barrier: Barrier,
-    slots: Mutex<Vec<Option<Tensor>>>,
+    ranks: usize,
+    state: Mutex<Rendezvous>,
+    turn: Condvar,
+}
+
+#[derive(Default)]
+struct Rendezvous {
+    parts: Vec<Option<Tensor>>,
+    /// Ranks that reached the current meeting point.
+    arrived: usize,
+    /// Meeting points passed so far.
+    generation: u64,
+    aborted: bool,
+}
+
+impl ThreadGroup {
+    fn lock(&self) -> MutexGuard<'_, Rendezvous> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Arrives at the current meeting point and waits until every rank has, or one aborted.
+    fn meet<'a>(&'a self, mut state: MutexGuard<'a, Rendezvous>) -> candle_core::Result<MutexGuard<'a, Rendezvous>> {
+        if !state.aborted {
+            let generation = state.generation;
+            state.arrived += 1;
+            if state.arrived == self.ranks {
+                state.arrived = 0;
+                state.generation += 1;
+                self.turn.notify_all();
+            }
+            state = self
+                .turn
+                .wait_while(state, |s| s.generation == generation && !s.aborted)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        if state.aborted { Err(candle_core::Error::Msg("another rank of the group failed".into())) } else { Ok(state) }
+    }
 }
 
 impl ThreadCollective {
     /// One collective per rank of a group of `ranks`.
     pub fn group(ranks: usize) -> Vec<ThreadCollective> {
-        let shared = Arc::new(ThreadGroup { barrier: Barrier::new(ranks), slots: Mutex::new(vec![None; ranks]) });
+        let state = Rendezvous { parts: vec![None; ranks], ..Default::default() };
+        let shared = Arc::new(ThreadGroup { ranks, state: Mutex::new(state), turn: Condvar::new() });
         (0..ranks).map(|rank| ThreadCollective { rank, shared: shared.clone() }).collect()
     }
 }
@@ -171,18 +211,116 @@ impl ThreadCollective {
 impl Collective for ThreadCollective {
     fn all_reduce_sum(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let group = &self.shared;
-        group.slots.lock().expect("no rank panics holding the slots")[self.rank] = Some(x.clone());
-        group.barrier.wait();
+        let mut state = group.lock();
+        state.parts[self.rank] = Some(x.clone());
+        let state = group.meet(state)?;
         // Every rank adds in rank order, so all get bit-identical sums.
         let sum = {
-            let slots = group.slots.lock().expect("no rank panics holding the slots");
-            let mut parts = slots.iter().map(|s| s.as_ref().expect("every rank wrote its part"));
+            let mut parts = state.parts.iter().map(|s| s.as_ref().expect("every rank wrote its part"));
             let first = parts.next().expect("at least one rank").clone();
             parts.try_fold(first, |acc, p| acc + p)
         };
         // No rank writes the next round's part before every rank has read this one.
-        group.barrier.wait();
+        drop(group.meet(state)?);
         sum
+    }
+
+    fn abort(&self) {
+        let mut state = self.shared.lock();
+        state.aborted = true;
+        self.shared.turn.notify_all();
+    }
+}
+
+/// Ranks on GPUs of one process, adding through NCCL on each GPU's stream (the one candle and every
+/// engine on that GPU queue their work on), so a sum is queued in order with the rank's kernels
+/// and the host never waits for it.
+#[cfg(feature = "nccl")]
+pub mod nccl {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, ReduceOp};
+    use candle_core::{CpuStorage, CudaStorage, DType, Device, Layout, Shape, Tensor};
+
+    use super::Collective;
+    use crate::error::{NetworkError, Result};
+
+    pub struct NcclCollective {
+        comm: Comm,
+    }
+
+    // SAFETY: a communicator is used by one thread at a time: its rank's, which runs that rank's
+    // steps one after another (NCCL allows a communicator on any thread, not on two at once).
+    unsafe impl Send for NcclCollective {}
+    unsafe impl Sync for NcclCollective {}
+
+    impl NcclCollective {
+        /// One communicator per device, rank `r` on `devices[r]` (ncclCommInitAll).
+        pub fn group(devices: &[Device]) -> Result<Vec<NcclCollective>> {
+            let streams = devices
+                .iter()
+                .map(|d| d.as_cuda_device().map(|c| c.cuda_stream()))
+                .collect::<candle_core::Result<Vec<_>>>()
+                .map_err(NetworkError::load)?;
+            let comms = Comm::from_devices(streams)
+                .map_err(|e| NetworkError::Load(format!("NCCL could not make a communicator: {e:?}")))?;
+            Ok(comms.into_iter().map(|comm| NcclCollective { comm }).collect())
+        }
+    }
+
+    impl Collective for NcclCollective {
+        fn all_reduce_sum(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+            x.contiguous()?.apply_op1_no_bwd(&AllReduce { comm: &self.comm })
+        }
+
+        /// Nothing to do on the host: a sum missing one rank stalls only the GPUs, and the
+        /// communicators are aborted (Comm's drop) when the failed group is dropped.
+        fn abort(&self) {}
+    }
+
+    struct AllReduce<'a> {
+        comm: &'a Comm,
+    }
+
+    impl AllReduce<'_> {
+        fn sum<T>(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<CudaStorage>
+        where
+            T: candle_core::cuda_backend::CudaDType
+                + candle_core::cuda_backend::cudarc::driver::DeviceRepr
+                + candle_core::cuda_backend::cudarc::nccl::safe::NcclType,
+        {
+            let dev = s.device().clone();
+            let all = s.as_cuda_slice::<T>()?;
+            let Some((start, end)) = l.contiguous_offsets() else {
+                candle_core::bail!("all-reduce of a strided tensor")
+            };
+            let src = all.slice(start..end);
+            // SAFETY: NCCL writes every element before anything reads it (same stream).
+            let mut dst = unsafe { dev.alloc::<T>(src.len()) }?;
+            self.comm
+                .all_reduce(&src, &mut dst, &ReduceOp::Sum)
+                .map_err(|e| candle_core::Error::Msg(format!("NCCL all-reduce: {e:?}")))?;
+            Ok(CudaStorage::wrap_cuda_slice(dst, dev))
+        }
+    }
+
+    impl candle_core::CustomOp1 for AllReduce<'_> {
+        fn name(&self) -> &'static str {
+            "nccl-all-reduce"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("NCCL sums GPU tensors only")
+        }
+
+        fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+            let out = match s.dtype() {
+                DType::BF16 => self.sum::<half::bf16>(s, l)?,
+                DType::F16 => self.sum::<half::f16>(s, l)?,
+                DType::F32 => self.sum::<f32>(s, l)?,
+                other => candle_core::bail!("NCCL all-reduce of {other:?}"),
+            };
+            Ok((out, l.shape().clone()))
+        }
     }
 }
 
@@ -238,6 +376,22 @@ mod tests {
             let worst = worst.map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(worst < 1e-4, "{model_type}: two ranks differ from one network by {worst}");
         }
+    }
+
+    #[test]
+    fn an_aborted_group_fails_waiting_and_later_sums_instead_of_hanging() {
+        let mut group = ThreadCollective::group(2).into_iter();
+        let (first, second) = (group.next().unwrap(), group.next().unwrap());
+        let x = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();
+        let summed = std::thread::scope(|s| {
+            let waiting = s.spawn(|| first.all_reduce_sum(&x));
+            // The other rank "fails" instead of arriving.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            second.abort();
+            waiting.join().unwrap()
+        });
+        assert!(summed.is_err(), "a waiting rank is released with an error");
+        assert!(first.all_reduce_sum(&x).is_err() && second.all_reduce_sum(&x).is_err(), "the group stays aborted");
     }
 
     #[test]

@@ -1,0 +1,306 @@
+//! Tensor-parallel engines: one model split over several devices (`network::tensor_parallel`).
+//! The engine actor runs rank 0 on its own thread and every other rank on a thread of its own,
+//! each holding its network and its KV cache (its share of the K/V heads). A step goes to every
+//! rank at once and rank 0's logits are sampled; all ranks get the scheduler's block tables, so a
+//! block id names the same slots on every rank.
+//!
+//! Each rank loads its part of the weights over its own device's link at the same time, so a
+//! split model reaches its first token sooner than it could over one link.
+//!
+//! A rank whose step fails aborts the group's collective, so no rank waits forever for it; the
+//! engine then fails its sequences and stops, and the next request loads the model afresh.
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+
+use crate::checkpoint_pool::PooledCheckpoint;
+use crate::engine::{EngineConfig, EngineHandle, EngineParts, LoadBreakdown, ModelInfo, spawn_engine};
+use crate::error::{EngineError, Result};
+use crate::kv_cache::KvStorage;
+use crate::network::graphs;
+use crate::network::tensor_parallel::{Collective, Shard, ThreadCollective};
+use crate::network::{Batch, Network};
+
+/// The ranks beyond rank 0 (which the actor runs itself), and rank 0's end of the collective.
+pub struct Ranks {
+    others: Vec<RankThread>,
+    lead_collective: Arc<dyn Collective>,
+    broken: bool,
+}
+
+struct RankThread {
+    steps: Option<Sender<Arc<Batch>>>,
+    done: Receiver<Result<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for RankThread {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread between steps (every step it took was answered).
+        drop(self.steps.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Ranks {
+    /// How many devices the model is split over.
+    pub fn count(&self) -> usize {
+        self.others.len() + 1
+    }
+
+    /// A rank failed: the collective is aborted and the engine must stop.
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// One step on every rank; rank 0 (`lead`, `kv`) runs on the calling thread. Returns rank 0's
+    /// logits (every rank computes the same ones).
+    pub fn forward(&mut self, batch: &Batch, lead: &Network, kv: &KvStorage) -> Result<Tensor> {
+        if self.broken {
+            return Err(EngineError::Runtime("a rank of this tensor-parallel engine failed".into()));
+        }
+        let shared = Arc::new(batch.clone());
+        let mut failed: Option<EngineError> = None;
+        let sent: Vec<bool> =
+            self.others.iter().map(|r| r.steps.as_ref().is_some_and(|s| s.send(shared.clone()).is_ok())).collect();
+        if sent.iter().any(|s| !s) {
+            failed = Some(EngineError::Runtime("a rank's thread of this tensor-parallel engine ended".into()));
+            self.lead_collective.abort();
+        }
+        let lead_result = {
+            let _gate = graphs::shared();
+            lead.forward(batch, kv).map_err(EngineError::from)
+        };
+        if lead_result.is_err() {
+            self.lead_collective.abort();
+        }
+        for (rank, was_sent) in self.others.iter().zip(sent) {
+            if !was_sent {
+                continue;
+            }
+            let answer =
+                rank.done.recv().unwrap_or_else(|_| Err(EngineError::Runtime("a rank's thread ended mid-step".into())));
+            if let Err(e) = answer {
+                failed.get_or_insert(e);
+            }
+        }
+        match (lead_result, failed) {
+            (Ok(logits), None) => Ok(logits),
+            (Err(e), _) | (Ok(_), Some(e)) => {
+                self.broken = true;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// A rank's thread: runs each step it is sent on its network and cache, answering each.
+fn run_rank(
+    network: Network,
+    kv: KvStorage,
+    collective: Arc<dyn Collective>,
+    steps: Receiver<Arc<Batch>>,
+    done: Sender<Result<()>>,
+) {
+    while let Ok(batch) = steps.recv() {
+        let result = {
+            let _gate = graphs::shared();
+            network.forward(&batch, &kv).map(drop).map_err(EngineError::from)
+        };
+        if result.is_err() {
+            collective.abort();
+        }
+        if done.send(result).is_err() {
+            break;
+        }
+    }
+    // Device memory is freed inside the gate, like any other use of the GPU's stream.
+    let _gate = graphs::shared();
+    drop(kv);
+    drop(network);
+}
+
+/// One collective per device: threads sharing memory on CPUs, NCCL on CUDA GPUs.
+fn collectives(devices: &[Device]) -> Result<Vec<Arc<dyn Collective>>> {
+    if devices.iter().all(Device::is_cpu) {
+        let group = ThreadCollective::group(devices.len());
+        return Ok(group.into_iter().map(|c| Arc::new(c) as Arc<dyn Collective>).collect());
+    }
+    #[cfg(feature = "nccl")]
+    if devices.iter().all(Device::is_cuda) {
+        let group = crate::network::tensor_parallel::nccl::NcclCollective::group(devices)?;
+        return Ok(group.into_iter().map(|c| Arc::new(c) as Arc<dyn Collective>).collect());
+    }
+    Err(EngineError::Load(
+        "tensor parallelism needs every rank on a CPU, or on a CUDA GPU in a build with NCCL (feature nccl)".into(),
+    ))
+}
+
+/// Builds an engine whose model is split over `devices` (rank `r` on `devices[r]`), each rank
+/// loading its part from the pool at the same time, and starts it. Blocking.
+pub fn start_tensor_parallel(
+    name: &str,
+    pooled: &PooledCheckpoint,
+    pool_hit: bool,
+    devices: &[Device],
+    config: &EngineConfig,
+) -> Result<EngineHandle> {
+    let n = devices.len();
+    if n < 2 {
+        return Err(EngineError::InvalidParams(format!("tensor parallelism needs 2 or more devices, not {n}")));
+    }
+    let ckpt = &pooled.ckpt;
+    let dtype = config.dtype_for(&devices[0]);
+    let how = config.weights_for(&devices[0]);
+    // Every rank has the same share; it is refused here when the shapes do not split n ways.
+    let local = Shard::new(0, n)?.local_config(&ckpt.config)?;
+    let kv = config.kv_plan(&local, dtype);
+    let collectives = collectives(devices)?;
+    tracing::info!(model = name, ranks = n, "tensor parallel: collectives ready; loading each rank's part");
+    let started = Instant::now();
+    type Built = (Network, KvStorage, Duration);
+    let built: Vec<Result<Built>> = std::thread::scope(|s| {
+        let loads: Vec<_> = devices
+            .iter()
+            .zip(&collectives)
+            .enumerate()
+            .map(|(rank, (device, collective))| {
+                let local = &local;
+                s.spawn(move || -> Result<Built> {
+                    let shard = Shard::new(rank, n)?;
+                    let tensors = pooled.load_shard(device, dtype, shard)?;
+                    let h2d = started.elapsed();
+                    let _gate = graphs::shared();
+                    let network = Network::new_rank(
+                        ckpt.config.clone(),
+                        tensors,
+                        kv.context,
+                        how,
+                        device,
+                        shard,
+                        collective.clone(),
+                    )?;
+                    let (layers, kv_heads, head_dim) = (local.num_layers, local.num_kv_heads, local.head_dim);
+                    let storage = KvStorage::new(layers, kv_heads, head_dim, kv.blocks, dtype, device)?;
+                    tracing::info!(rank, h2d_ms = h2d.as_millis() as u64, "tensor parallel: rank loaded");
+                    Ok((network, storage, h2d))
+                })
+            })
+            .collect();
+        loads
+            .into_iter()
+            .map(|l| l.join().unwrap_or_else(|_| Err(EngineError::Load("a rank's load panicked".into()))))
+            .collect()
+    });
+    let mut ranks = Vec::with_capacity(n);
+    for rank in built {
+        match rank {
+            Ok(rank) => ranks.push(rank),
+            Err(e) => {
+                let _gate = graphs::shared(); // what the other ranks loaded is freed inside it
+                drop(ranks);
+                return Err(e);
+            }
+        }
+    }
+    let h2d = ranks.iter().map(|(_, _, h2d)| *h2d).max().unwrap_or_default();
+    let kv_cache_bytes = ranks.iter().map(|(_, storage, _)| storage.bytes()).sum();
+    let mut ranks = ranks.into_iter().zip(collectives);
+    let ((network, storage, _), lead_collective) = ranks.next().expect("n >= 2");
+    let others = ranks
+        .enumerate()
+        .map(|(i, ((network, storage, _), collective))| {
+            let (steps, steps_rx) = channel();
+            let (done_tx, done) = channel();
+            let thread = std::thread::Builder::new()
+                .name(format!("rank{}-{name}", i + 1))
+                .spawn(move || run_rank(network, storage, collective, steps_rx, done_tx))
+                .map_err(|e| EngineError::Load(format!("cannot start a rank's thread: {e}")))?;
+            Ok(RankThread { steps: Some(steps), done, thread: Some(thread) })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let load = LoadBreakdown {
+        pool_hit,
+        admit: if pool_hit { Duration::ZERO } else { pooled.admit_time() },
+        h2d,
+        init: started.elapsed().saturating_sub(h2d),
+        woke: false,
+    };
+    let info = ModelInfo {
+        name: name.to_string(),
+        arch: ckpt.arch,
+        weight_bytes: ckpt.weight_bytes,
+        kv_cache_bytes,
+        context: kv.context,
+        load,
+    };
+    let parts = EngineParts {
+        network,
+        storage,
+        tokenizer: pooled.tokenizer.clone(),
+        eos: ckpt.eos_token_ids.clone(),
+        chat_template: pooled.chat_template.clone(),
+        ranks: Some(Ranks { others, lead_collective, broken: false }),
+    };
+    spawn_engine(info, parts, config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::CheckpointPool;
+    use crate::params::SamplingParams;
+    use crate::tiny_model::{TinySpec, make_tiny_model};
+
+    fn greedy(max_tokens: u32) -> SamplingParams {
+        SamplingParams { max_tokens, temperature: 0.0, ..Default::default() }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_model_split_over_two_ranks_generates_what_it_generates_whole() {
+        let prompts = ["Once upon a time", "The lighthouse keeper climbed", "Seven ships"];
+        for arch in [crate::Architecture::Llama, crate::Architecture::Qwen3, crate::Architecture::Opt] {
+            let dir = tempfile::tempdir().unwrap();
+            make_tiny_model(dir.path(), &TinySpec::new(arch)).unwrap();
+            let pool = CheckpointPool::new(u64::MAX, None);
+            let (pooled, _) = pool.checkout(crate::Checkpoint::open(dir.path()).unwrap(), &|_| {}).unwrap();
+            let config = EngineConfig::default();
+            let whole = crate::engine::start_engine("whole", &pooled, true, &Device::Cpu, &config).unwrap();
+            let split = start_tensor_parallel("split", &pooled, true, &[Device::Cpu, Device::Cpu], &config).unwrap();
+            assert_eq!(split.info.weight_bytes, whole.info.weight_bytes);
+            // All three at once, so steps batch them together on every rank.
+            let run = |engine: EngineHandle| async move {
+                let streams: Vec<_> =
+                    prompts.iter().map(|p| engine.submit(p.to_string(), greedy(12)).unwrap()).collect();
+                let mut texts = Vec::new();
+                for s in streams {
+                    texts.push(s.collect().await.unwrap().0);
+                }
+                texts
+            };
+            let (expected, got) = (run(whole).await, run(split).await);
+            assert!(expected.iter().any(|t| !t.is_empty()), "{arch:?}: the whole model generated text");
+            assert_eq!(got, expected, "{arch:?}: split over two ranks");
+        }
+    }
+
+    #[test]
+    fn a_shape_that_does_not_split_or_a_single_device_is_refused_before_loading() {
+        let dir = tempfile::tempdir().unwrap();
+        make_tiny_model(dir.path(), &TinySpec::new(crate::Architecture::Llama)).unwrap();
+        let pool = CheckpointPool::new(u64::MAX, None);
+        let (pooled, _) = pool.checkout(crate::Checkpoint::open(dir.path()).unwrap(), &|_| {}).unwrap();
+        let config = EngineConfig::default();
+        let three = [Device::Cpu, Device::Cpu, Device::Cpu];
+        let err = start_tensor_parallel("m", &pooled, true, &three, &config).err().expect("refused");
+        assert!(matches!(err, EngineError::Load(_)), "{err}");
+        let err = start_tensor_parallel("m", &pooled, true, &[Device::Cpu], &config).err().expect("refused");
+        assert!(matches!(err, EngineError::InvalidParams(_)), "{err}");
+    }
+}
