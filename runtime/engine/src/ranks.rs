@@ -290,6 +290,70 @@ mod tests {
         }
     }
 
+    /// Rank `rank` of 2 of the tiny llama at `dir`, with a KV cache of `blocks` blocks.
+    fn rank_of(
+        pooled: &PooledCheckpoint,
+        rank: usize,
+        collective: Arc<dyn Collective>,
+        blocks: usize,
+    ) -> (Network, KvStorage) {
+        let shard = Shard::new(rank, 2).unwrap();
+        let how = EngineConfig::default().weights_for(&Device::Cpu);
+        let tensors = pooled.load_shard(&Device::Cpu, how.dtype, shard).unwrap();
+        let network =
+            Network::new_rank(pooled.ckpt.config.clone(), tensors, 256, how, &Device::Cpu, shard, collective).unwrap();
+        let c = &network.config;
+        let kv = KvStorage::new(c.num_layers, c.num_kv_heads, c.head_dim, blocks, how.dtype, &Device::Cpu).unwrap();
+        (network, kv)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_rank_that_fails_mid_step_fails_the_request_and_stops_the_engine_without_hanging() {
+        let dir = tempfile::tempdir().unwrap();
+        make_tiny_model(dir.path(), &TinySpec::new(crate::Architecture::Llama)).unwrap();
+        let pool = CheckpointPool::new(u64::MAX, None);
+        let (pooled, _) = pool.checkout(crate::Checkpoint::open(dir.path()).unwrap(), &|_| {}).unwrap();
+        let mut group = ThreadCollective::group(2).into_iter().map(|c| Arc::new(c) as Arc<dyn Collective>);
+        let (lead_collective, other) = (group.next().unwrap(), group.next().unwrap());
+        // Rank 1's cache is one block: a prompt that needs a second block fails there only.
+        let (network, storage) = rank_of(&pooled, 0, lead_collective.clone(), 8);
+        let (network1, storage1) = rank_of(&pooled, 1, other.clone(), 1);
+        let (steps, steps_rx) = channel();
+        let (done_tx, done) = channel();
+        let thread = std::thread::spawn(move || run_rank(network1, storage1, other, steps_rx, done_tx));
+        let others = vec![RankThread { steps: Some(steps), done, thread: Some(thread) }];
+        let info = ModelInfo {
+            name: "split".into(),
+            arch: pooled.ckpt.arch,
+            weight_bytes: pooled.ckpt.weight_bytes,
+            kv_cache_bytes: storage.bytes(),
+            context: 256,
+            load: LoadBreakdown::default(),
+        };
+        let parts = EngineParts {
+            network,
+            storage,
+            tokenizer: pooled.tokenizer.clone(),
+            eos: pooled.ckpt.eos_token_ids.clone(),
+            chat_template: pooled.chat_template.clone(),
+            ranks: Some(Ranks { others, lead_collective, broken: false }),
+        };
+        let engine = spawn_engine(info, parts, &EngineConfig::default()).unwrap();
+        let long = "the model reads the model for a sentence and the model reads ".repeat(4);
+        let outcome = tokio::time::timeout(Duration::from_secs(30), engine.generate(long, greedy(4))).await;
+        let err = outcome.expect("answered, not hung").expect_err("the failing rank fails the request");
+        assert!(matches!(err, EngineError::Runtime(_)), "{err}");
+        // The engine stopped; a later request is refused at once rather than waiting on it.
+        for _ in 0..100 {
+            if !engine.is_alive() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!engine.is_alive(), "a broken split engine stops");
+        assert!(engine.submit("again".into(), greedy(1)).is_err());
+    }
+
     #[test]
     fn a_shape_that_does_not_split_or_a_single_device_is_refused_before_loading() {
         let dir = tempfile::tempdir().unwrap();
