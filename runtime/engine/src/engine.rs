@@ -106,6 +106,14 @@ pub struct ModelInfo {
     pub load: LoadBreakdown,
 }
 
+impl ModelInfo {
+    /// A model loaded from `pooled` with a KV cache of `kv_cache_bytes`.
+    pub fn of(name: &str, pooled: &PooledCheckpoint, kv_cache_bytes: u64, context: usize, load: LoadBreakdown) -> Self {
+        let ckpt = &pooled.ckpt;
+        Self { name: name.to_string(), arch: ckpt.arch, weight_bytes: ckpt.weight_bytes, kv_cache_bytes, context, load }
+    }
+}
+
 /// Where the time of one engine start went.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LoadBreakdown {
@@ -356,23 +364,8 @@ pub fn start_engine(
         init: started.elapsed(),
         woke: false,
     };
-    let info = ModelInfo {
-        name: name.to_string(),
-        arch: ckpt.arch,
-        weight_bytes: ckpt.weight_bytes,
-        kv_cache_bytes: storage.bytes(),
-        context: kv.context,
-        load,
-    };
-    let parts = EngineParts {
-        network,
-        storage,
-        tokenizer: pooled.tokenizer.clone(),
-        eos: ckpt.eos_token_ids.clone(),
-        chat_template: pooled.chat_template.clone(),
-        ranks: None,
-    };
-    spawn_engine(info, parts, config)
+    let info = ModelInfo::of(name, pooled, storage.bytes(), kv.context, load);
+    spawn_engine(info, EngineParts::of(pooled, network, storage, None), config)
 }
 
 /// Everything the actor thread owns.
@@ -384,6 +377,25 @@ pub struct EngineParts {
     pub chat_template: Arc<Option<ChatTemplate>>,
     /// A tensor-parallel engine's other ranks (`network` and `storage` are then rank 0's).
     pub ranks: Option<crate::ranks::Ranks>,
+}
+
+impl EngineParts {
+    /// An engine's parts around a network (rank 0's, with `ranks`) loaded from `pooled`.
+    pub fn of(
+        pooled: &PooledCheckpoint,
+        network: Network,
+        storage: KvStorage,
+        ranks: Option<crate::ranks::Ranks>,
+    ) -> Self {
+        Self {
+            network,
+            storage,
+            tokenizer: pooled.tokenizer.clone(),
+            eos: pooled.ckpt.eos_token_ids.clone(),
+            chat_template: pooled.chat_template.clone(),
+            ranks,
+        }
+    }
 }
 
 /// What a sleeping engine keeps: its weights on the device (the network) and what it needs to

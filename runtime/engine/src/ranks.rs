@@ -232,23 +232,9 @@ pub fn start_tensor_parallel(
         init: started.elapsed().saturating_sub(h2d),
         woke: false,
     };
-    let info = ModelInfo {
-        name: name.to_string(),
-        arch: ckpt.arch,
-        weight_bytes: ckpt.weight_bytes,
-        kv_cache_bytes,
-        context: kv.context,
-        load,
-    };
-    let parts = EngineParts {
-        network,
-        storage,
-        tokenizer: pooled.tokenizer.clone(),
-        eos: ckpt.eos_token_ids.clone(),
-        chat_template: pooled.chat_template.clone(),
-        ranks: Some(Ranks { others, lead_collective, broken: false }),
-    };
-    spawn_engine(info, parts, config)
+    let info = ModelInfo::of(name, pooled, kv_cache_bytes, kv.context, load);
+    let ranks = Ranks { others, lead_collective, broken: false };
+    spawn_engine(info, EngineParts::of(pooled, network, storage, Some(ranks)), config)
 }
 
 #[cfg(test)]
@@ -322,22 +308,9 @@ mod tests {
         let (done_tx, done) = channel();
         let thread = std::thread::spawn(move || run_rank(network1, storage1, other, steps_rx, done_tx));
         let others = vec![RankThread { steps: Some(steps), done, thread: Some(thread) }];
-        let info = ModelInfo {
-            name: "split".into(),
-            arch: pooled.ckpt.arch,
-            weight_bytes: pooled.ckpt.weight_bytes,
-            kv_cache_bytes: storage.bytes(),
-            context: 256,
-            load: LoadBreakdown::default(),
-        };
-        let parts = EngineParts {
-            network,
-            storage,
-            tokenizer: pooled.tokenizer.clone(),
-            eos: pooled.ckpt.eos_token_ids.clone(),
-            chat_template: pooled.chat_template.clone(),
-            ranks: Some(Ranks { others, lead_collective, broken: false }),
-        };
+        let info = ModelInfo::of("split", &pooled, storage.bytes(), 256, LoadBreakdown::default());
+        let ranks = Ranks { others, lead_collective, broken: false };
+        let parts = EngineParts::of(&pooled, network, storage, Some(ranks));
         let engine = spawn_engine(info, parts, &EngineConfig::default()).unwrap();
         let long = "the model reads the model for a sentence and the model reads ".repeat(4);
         let outcome = tokio::time::timeout(Duration::from_secs(30), engine.generate(long, greedy(4))).await;
