@@ -30,6 +30,63 @@ pub struct Ranks {
     others: Vec<RankThread>,
     lead_collective: Arc<dyn Collective>,
     broken: bool,
+    /// Where the group's collectives go back when the engine ends cleanly.
+    lent: Option<(Group, Arc<CollectiveGroups>)>,
+}
+
+impl Drop for Ranks {
+    fn drop(&mut self) {
+        // The other ranks' threads end first; then nothing uses the collectives any more.
+        self.others.clear();
+        if let Some((group, groups)) = self.lent.take()
+            && !self.broken
+        {
+            groups.give_back(group);
+        }
+    }
+}
+
+/// One collective per rank over a set of devices.
+pub struct Group {
+    key: Vec<String>,
+    collectives: Vec<Arc<dyn Collective>>,
+}
+
+/// Collective groups made once per set of devices and lent to one split engine at a time, given
+/// back when it ends cleanly (an aborted group is dropped): making NCCL communicators takes about
+/// half a second, longer than the rest of a split start from the pool.
+#[derive(Default)]
+pub struct CollectiveGroups {
+    idle: std::sync::Mutex<Vec<Group>>,
+    made: std::sync::atomic::AtomicU64,
+}
+
+impl CollectiveGroups {
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    /// Groups made so far (each a set of NCCL communicators on GPUs).
+    pub fn made(&self) -> u64 {
+        self.made.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn take(&self, devices: &[Device]) -> Result<Group> {
+        let key: Vec<String> = devices.iter().map(|d| format!("{:?}", d.location())).collect();
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(at) = idle.iter().position(|g| g.key == key) {
+                return Ok(idle.swap_remove(at));
+            }
+        }
+        let collectives = collectives(devices)?;
+        self.made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Group { key, collectives })
+    }
+
+    fn give_back(&self, group: Group) {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(group);
+    }
 }
 
 struct RankThread {
@@ -143,12 +200,14 @@ fn collectives(devices: &[Device]) -> Result<Vec<Arc<dyn Collective>>> {
 }
 
 /// Builds an engine whose model is split over `devices` (rank `r` on `devices[r]`), each rank
-/// loading its part from the pool at the same time, and starts it. Blocking.
+/// loading its part from the pool at the same time, and starts it, with collectives from
+/// `groups`. Blocking.
 pub fn start_tensor_parallel(
     name: &str,
     pooled: &PooledCheckpoint,
     pool_hit: bool,
     devices: &[Device],
+    groups: &Arc<CollectiveGroups>,
     config: &EngineConfig,
 ) -> Result<EngineHandle> {
     let n = devices.len();
@@ -161,7 +220,8 @@ pub fn start_tensor_parallel(
     // Every rank has the same share; it is refused here when the shapes do not split n ways.
     let local = Shard::new(0, n)?.local_config(&ckpt.config)?;
     let kv = config.kv_plan(&local, dtype);
-    let collectives = collectives(devices)?;
+    let group = groups.take(devices)?;
+    let collectives = group.collectives.clone();
     tracing::info!(model = name, ranks = n, "tensor parallel: collectives ready; loading each rank's part");
     let started = Instant::now();
     type Built = (Network, KvStorage, Duration);
@@ -233,7 +293,7 @@ pub fn start_tensor_parallel(
         woke: false,
     };
     let info = ModelInfo::of(name, pooled, kv_cache_bytes, kv.context, load);
-    let ranks = Ranks { others, lead_collective, broken: false };
+    let ranks = Ranks { others, lead_collective, broken: false, lent: Some((group, groups.clone())) };
     spawn_engine(info, EngineParts::of(pooled, network, storage, Some(ranks)), config)
 }
 
@@ -258,7 +318,9 @@ mod tests {
             let (pooled, _) = pool.checkout(crate::Checkpoint::open(dir.path()).unwrap(), &|_| {}).unwrap();
             let config = EngineConfig::default();
             let whole = crate::engine::start_engine("whole", &pooled, true, &Device::Cpu, &config).unwrap();
-            let split = start_tensor_parallel("split", &pooled, true, &[Device::Cpu, Device::Cpu], &config).unwrap();
+            let groups = CollectiveGroups::new();
+            let split =
+                start_tensor_parallel("split", &pooled, true, &[const { Device::Cpu }; 2], &groups, &config).unwrap();
             assert_eq!(split.info.weight_bytes, whole.info.weight_bytes);
             // All three at once, so steps batch them together on every rank.
             let run = |engine: EngineHandle| async move {
@@ -270,9 +332,18 @@ mod tests {
                 }
                 texts
             };
+            let alive = split.alive_token();
             let (expected, got) = (run(whole).await, run(split).await);
             assert!(expected.iter().any(|t| !t.is_empty()), "{arch:?}: the whole model generated text");
             assert_eq!(got, expected, "{arch:?}: split over two ranks");
+            // Started again once the first has ended: the same collectives, not new ones.
+            while alive.strong_count() > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let again =
+                start_tensor_parallel("split", &pooled, true, &[const { Device::Cpu }; 2], &groups, &config).unwrap();
+            assert_eq!(run(again).await, expected, "{arch:?}: split again");
+            assert_eq!(groups.made(), 1, "{arch:?}: the group was lent again");
         }
     }
 
@@ -309,7 +380,9 @@ mod tests {
         let thread = std::thread::spawn(move || run_rank(network1, storage1, other, steps_rx, done_tx));
         let others = vec![RankThread { steps: Some(steps), done, thread: Some(thread) }];
         let info = ModelInfo::of("split", &pooled, storage.bytes(), 256, LoadBreakdown::default());
-        let ranks = Ranks { others, lead_collective, broken: false };
+        let groups = CollectiveGroups::new();
+        let group = Group { key: vec![], collectives: vec![lead_collective.clone()] };
+        let ranks = Ranks { others, lead_collective, broken: false, lent: Some((group, groups.clone())) };
         let parts = EngineParts::of(&pooled, network, storage, Some(ranks));
         let engine = spawn_engine(info, parts, &EngineConfig::default()).unwrap();
         let long = "the model reads the model for a sentence and the model reads ".repeat(4);
@@ -325,6 +398,11 @@ mod tests {
         }
         assert!(!engine.is_alive(), "a broken split engine stops");
         assert!(engine.submit("again".into(), greedy(1)).is_err());
+        let alive = engine.alive_token();
+        while alive.strong_count() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(groups.idle.lock().unwrap().is_empty(), "an aborted group is not lent again");
     }
 
     #[test]
@@ -333,11 +411,12 @@ mod tests {
         make_tiny_model(dir.path(), &TinySpec::new(crate::Architecture::Llama)).unwrap();
         let pool = CheckpointPool::new(u64::MAX, None);
         let (pooled, _) = pool.checkout(crate::Checkpoint::open(dir.path()).unwrap(), &|_| {}).unwrap();
-        let config = EngineConfig::default();
-        let three = [Device::Cpu, Device::Cpu, Device::Cpu];
-        let err = start_tensor_parallel("m", &pooled, true, &three, &config).err().expect("refused");
+        let (config, groups) = (EngineConfig::default(), CollectiveGroups::new());
+        let err = start_tensor_parallel("m", &pooled, true, &[const { Device::Cpu }; 3], &groups, &config)
+            .err()
+            .expect("refused");
         assert!(matches!(err, EngineError::Load(_)), "{err}");
-        let err = start_tensor_parallel("m", &pooled, true, &[Device::Cpu], &config).err().expect("refused");
+        let err = start_tensor_parallel("m", &pooled, true, &[Device::Cpu], &groups, &config).err().expect("refused");
         assert!(matches!(err, EngineError::InvalidParams(_)), "{err}");
     }
 }
