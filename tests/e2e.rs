@@ -653,6 +653,8 @@ fn bench_coldstart_measures_a_pool_miss_hits_wakes_splits_and_models_started_tog
         assert_eq!(split["ranks"], 2, "{m}");
         assert!(split["runs"].as_array().unwrap().iter().all(|r| r["pool_hit"] == true), "{m}");
         assert_eq!(split["greedy_text"]["same"], true, "{m}");
+        assert_eq!(split["collective_check_max_error"], 0.0, "{m}");
+        assert_eq!(split["collective_groups_made"], 1, "made once, lent to every start: {m}");
         assert!(!split["greedy_text"]["whole"].as_str().unwrap().is_empty(), "{m}");
     }
     let together = report["together"]["models"].as_array().unwrap();

@@ -21,7 +21,7 @@ PY
 "$BIN" models make-tiny $M/tiny-llama --arch llama >/dev/null
 for p2p in 0 1; do
   NCCL_P2P_DISABLE=$p2p timeout 90 "$BIN" bench coldstart --device cuda:0,cuda:1 --model tiny=$M/tiny-llama --runs 1 \
-    --skip-fresh --tensor-parallel 2 --out "$OUT/coldstart-tp2-tiny-p2p-off$p2p.json" 2>&1 | grep "tensor parallel" | tail -2
+    --skip-fresh --tensor-parallel 2 --out "$OUT/coldstart-tp2-tiny-p2p-off$p2p.json" 2>&1 | grep "tensor parallel\|collectives" | tail -3
 done
 for name in ${MODELS:-llama3.1-8b}; do
   [ -e $M/$name ] || python3 scripts/bench/make_models.py $M $name 2>&1 | tail -1

@@ -293,6 +293,12 @@ async fn tensor_parallel(
     registry.unload(name);
     tokio::time::sleep(Duration::from_millis(300)).await; // let the whole engine free its memory
     let groups = kindling_engine::ranks::CollectiveGroups::new();
+    // The collectives alone first: a known sum across the ranks, exact when the transport works.
+    let check = {
+        let (groups, devices) = (groups.clone(), devices.to_vec());
+        tokio::task::spawn_blocking(move || groups.check(&devices)).await??
+    };
+    eprintln!("[{name}] collectives over {ranks} ranks: a known sum is off by at most {check}");
     let start = |name: String, pool: Arc<CheckpointPool>, path: PathBuf, devices: Vec<kindling_engine::Device>| {
         let groups = groups.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
@@ -345,7 +351,7 @@ async fn tensor_parallel(
     );
     Ok(json!({
         "ranks": ranks, "runs": results, "median_s": median(&mut walls), "first_start_s": first_start_s,
-        "collective_groups_made": groups.made(),
+        "collective_groups_made": groups.made(), "collective_check_max_error": check,
         "greedy_text": { "whole": whole_text, "split": split_text, "same": same, "common_prefix_chars": common },
     }))
 }

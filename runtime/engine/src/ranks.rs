@@ -87,6 +87,49 @@ impl CollectiveGroups {
     fn give_back(&self, group: Group) {
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(group);
     }
+
+    /// Sums a known pattern across `devices` (each rank on a thread of its own, as split engines
+    /// run) and returns the largest error against the exact sum: 0 when the collectives add
+    /// right. Independent of any model, so a wrong sum points at the transport (e.g. GPU peer
+    /// access that a VM reports but does not deliver). The group is lent again after a clean sum.
+    pub fn check(&self, devices: &[Device]) -> Result<f32> {
+        let group = self.take(devices)?;
+        let n = devices.len();
+        // Small integers: exact in bf16 and in any order of addition.
+        let pattern = |rank: usize| -> Vec<f32> { (0..1 << 20).map(|i| ((i % 7) * (rank + 1)) as f32).collect() };
+        let expected: Vec<f32> = (0..1usize << 20).map(|i| ((i % 7) * n * (n + 1) / 2) as f32).collect();
+        let sums: Vec<Result<Vec<f32>>> = std::thread::scope(|s| {
+            let ranks: Vec<_> = devices
+                .iter()
+                .zip(&group.collectives)
+                .enumerate()
+                .map(|(rank, (device, collective))| {
+                    let pattern = pattern(rank);
+                    s.spawn(move || -> Result<Vec<f32>> {
+                        let sum = (|| {
+                            let x = Tensor::from_vec(pattern, 1 << 20, device)?.to_dtype(candle_core::DType::BF16)?;
+                            collective.all_reduce_sum(&x)?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()
+                        })();
+                        if sum.is_err() {
+                            collective.abort();
+                        }
+                        sum.map_err(EngineError::runtime)
+                    })
+                })
+                .collect();
+            ranks
+                .into_iter()
+                .map(|r| r.join().unwrap_or_else(|_| Err(EngineError::Runtime("panicked".into()))))
+                .collect()
+        });
+        let mut worst = 0f32;
+        for sum in sums {
+            let sum = sum?; // an aborted group is dropped here, not lent again
+            worst = sum.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(worst, f32::max);
+        }
+        self.give_back(group);
+        Ok(worst)
+    }
 }
 
 struct RankThread {
@@ -403,6 +446,17 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(groups.idle.lock().unwrap().is_empty(), "an aborted group is not lent again");
+    }
+
+    #[test]
+    fn the_collective_check_sums_exactly_and_lends_its_group_again() {
+        let groups = CollectiveGroups::new();
+        for n in [2, 3] {
+            let devices = vec![Device::Cpu; n];
+            assert_eq!(groups.check(&devices).unwrap(), 0.0, "{n} ranks");
+            assert_eq!(groups.check(&devices).unwrap(), 0.0, "{n} ranks, the same group again");
+        }
+        assert_eq!(groups.made(), 2, "one group per set of devices");
     }
 
     #[test]
