@@ -16,7 +16,8 @@ export CUDA_ROOT="$CUDA_PIP/nvidia/cu13" CUDA_PATH="$CUDA_PIP/nvidia/cu13" CUDA_
 # One cargo invocation, run twice: the first compiles everything and fails only at the final link
 # (no stubs yet), the stubs are made from the compiled objects, the second just links. The same
 # command and environment both times keep every crate's fingerprint, so nothing compiles twice.
-build() { LIBRARY_PATH="$PWD/target/cuda/stubs" cargo build --locked --release -p kindling --features cuda,nccl --target-dir target/cuda; }
+# FEATURES=cuda builds without NCCL (no tensor parallelism over GPUs; no libnccl needed at run time).
+build() { LIBRARY_PATH="$PWD/target/cuda/stubs" cargo build --locked --release -p kindling --features "${FEATURES:-cuda,nccl}" --target-dir target/cuda; }
 mkdir -p target/cuda/stubs
 if [ ! -f target/cuda/stubs/libcuda.so ]; then
   build 2>/dev/null || true

@@ -5,7 +5,10 @@
 # (eager launches, so each kernel is its own launch) of one and of 8 streams' decode steps
 # (kernel_profile.py: per kernel, per step). The raw CSVs come back xz'd. (3) phases: our own
 # CUDA-event timing of each phase of the forward pass (KINDLING_PROFILE_PHASES=1, eager), at 1,
-# 8 and 64 streams, far cheaper than ncu. STEPS: any of floor ncu phases (default floor phases).
+# 8 and 64 streams, far cheaper than ncu. (4) attention: Nsight Compute's full report (memory
+# throughput, occupancy, warp stalls) of a few paged decode attention kernels of a 64-stream
+# decode, the only kernels it profiles, so it is quick. STEPS: any of floor ncu phases attention
+# (default floor phases).
 set -uo pipefail
 source "$(dirname "$0")/device-env.sh"
 [ -e $M/llama3.1-8b ] || python3 scripts/bench/make_models.py $M llama3.1-8b 2>&1 | tail -1
@@ -24,6 +27,19 @@ for step in ${STEPS:-floor phases}; do
       grep -E "WARN|ERROR" /tmp/phases-$streams.log | tail -3 | cut -c 1-300
       xz -T0 -c /tmp/phases-$streams.log > "$OUT/phases-$streams.log.xz"
     done ;;
+  attention)
+    NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    # Skip boot, warm-up and prefill: the 64 streams' decode steps come after some 2,000 launches
+    # of this kernel (32 layers per step).
+    KINDLING_CUDA_GRAPHS=0 timeout ${NCU_TIMEOUT:-300} "$NCU" --target-processes all --set full \
+      --kernel-name regex:paged_decode_bf16 --launch-skip ${SKIP:-3000} --launch-count 3 -o /tmp/attention -f \
+      "$BIN" bench serve --device cuda --model llama3.1-8b=$M/llama3.1-8b --plugin /tmp/openai-python.wasm \
+      --concurrency 64 --prompt-tokens 512-512 --output-tokens 160 \
+      --serve-args "--kv-cache-gib 24 --max-step-tokens 4096" --out /tmp/attention.json >/tmp/attention.log 2>&1
+    echo "ncu attention: exit $?"
+    "$NCU" --import /tmp/attention.ncu-rep --print-summary per-kernel 2>&1 | grep -E "Memory Throughput|DRAM Throughput|Achieved Occupancy|Registers Per|Duration|Theoretical Occupancy|Block Limit" | head -24
+    "$NCU" --import /tmp/attention.ncu-rep --page details --section WarpStateStats 2>&1 | grep -E "Stall|Warp Cycles" | head -12
+    xz -T0 -c /tmp/attention.ncu-rep > "$OUT/attention.ncu-rep.xz" ;;
   ncu)
     # Two runs per shape that differ only in output tokens: their difference is that many
     # decode steps, with boot, warm-up and prefill cancelled out (kernel_profile.py).
