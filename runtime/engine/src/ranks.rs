@@ -308,6 +308,8 @@ pub fn start_tensor_parallel(
             Err(e) => {
                 let _gate = graphs::shared(); // what the other ranks loaded is freed inside it
                 drop(ranks);
+                // No step ran on the collectives: they can be lent again.
+                groups.give_back(group);
                 return Err(e);
             }
         }
