@@ -41,6 +41,37 @@ __device__ __forceinline__ void load_lanes(const T *p, float *out) {
   for (int i = 0; i < DPL; i++) out[i] = to_f(x.v[i]);
 }
 
+// Merges the warps' online-softmax states, left in shared memory as max and sum [WARPS][G] and
+// weighted values [WARPS][G][hd], and writes the block's result: the output when the keys are
+// not split, else this part's unnormalised state for paged_decode_combine.
+template <typename T, int G>
+__device__ void merge_warps(const float *s_mx, const float *s_sum, const float *s_acc, int hd, T *out,
+                            float *part_ms, float *part_acc, int b, int h, int heads) {
+  const int part = blockIdx.z, parts = gridDim.z;
+  for (int idx = threadIdx.x; idx < G * hd; idx += blockDim.x) {
+    const int g = idx / hd, d = idx % hd;
+    float M = -INFINITY;
+    for (int w = 0; w < WARPS; w++) M = fmaxf(M, s_mx[w * G + g]);
+    float S = 0.f, V = 0.f;
+    for (int w = 0; w < WARPS; w++) {
+      if (s_mx[w * G + g] == -INFINITY) continue;  // a warp that saw no key
+      const float c = __expf(s_mx[w * G + g] - M);
+      S += s_sum[w * G + g] * c;
+      V += s_acc[(w * G + g) * hd + d] * c;
+    }
+    const size_t row = (size_t)b * heads + h * G + g;
+    if (parts == 1) {
+      store(&out[row * hd + d], S > 0.f ? V / S : 0.f);
+    } else {
+      if (d == 0) {
+        part_ms[(row * parts + part) * 2] = M;
+        part_ms[(row * parts + part) * 2 + 1] = S;
+      }
+      part_acc[(row * parts + part) * hd + d] = V;
+    }
+  }
+}
+
 template <typename T, int G, int DPL>
 __device__ void paged_decode(const T *q, const T *kc, const T *vc, const uint32_t *meta, T *out, float *part_ms,
                              float *part_acc, int heads, int kv_heads, int slots, int meta_stride, float scale) {
@@ -125,28 +156,96 @@ __device__ void paged_decode(const T *q, const T *kc, const T *vc, const uint32_
     for (int i = 0; i < DPL; i++) s_acc[warp][g][lane * DPL + i] = acc[g][i];
   }
   __syncthreads();
-  for (int idx = threadIdx.x; idx < G * hd; idx += blockDim.x) {
-    const int g = idx / hd, d = idx % hd;
-    float M = -INFINITY;
-    for (int w = 0; w < WARPS; w++) M = fmaxf(M, s_mx[w][g]);
-    float S = 0.f, V = 0.f;
-    for (int w = 0; w < WARPS; w++) {
-      if (s_mx[w][g] == -INFINITY) continue;  // a warp that saw no key
-      const float c = __expf(s_mx[w][g] - M);
-      S += s_sum[w][g] * c;
-      V += s_acc[w][g][d] * c;
-    }
-    const size_t row = (size_t)b * heads + h * G + g;
-    if (parts == 1) {
-      store(&out[row * hd + d], S > 0.f ? V / S : 0.f);
-    } else {
-      if (d == 0) {
-        part_ms[(row * parts + part) * 2] = M;
-        part_ms[(row * parts + part) * 2 + 1] = S;
-      }
-      part_acc[(row * parts + part) * hd + d] = V;
+  merge_warps<T, G>(&s_mx[0][0], &s_sum[0][0], &s_acc[0][0][0], hd, out, part_ms, part_acc, b, h, heads);
+}
+
+// The same attention with 16 lanes per key instead of 32 (KINDLING_PAGED_LANES=16): each half of
+// a warp takes its own key, so a step of a warp covers two keys, and a key's dot product is
+// summed over 16 lanes in 4 shuffles (every query head's sums for both keys in the same
+// instructions) instead of 5 per key. Each half keeps its own online softmax; the halves are
+// merged before the warps are. D = head_dim / 16 dimensions per lane.
+template <typename T, int G, int D>
+__device__ void paged_decode_l16(const T *q, const T *kc, const T *vc, const uint32_t *meta, T *out, float *part_ms,
+                                 float *part_acc, int heads, int kv_heads, int slots, int meta_stride, float scale) {
+  const int hd = D * 16;
+  const int b = blockIdx.x, h = blockIdx.y, part = blockIdx.z, parts = gridDim.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, half = lane / 16, hl = lane % 16;
+  const uint32_t *m = meta + (size_t)b * meta_stride;
+  const uint32_t *table = m + 2;
+  const uint32_t span = (m[1] + parts - 1) / parts;
+  const uint32_t first = m[0] + min(m[1], span * part), end = m[0] + min(m[1], span * (part + 1));
+
+  float qv[G][D], acc[G][D], mx[G], sum[G];
+#pragma unroll
+  for (int g = 0; g < G; g++) {
+    mx[g] = -INFINITY;
+    sum[g] = 0.f;
+    load_lanes<T, D>(q + ((size_t)b * heads + h * G + g) * hd + hl * D, qv[g]);
+#pragma unroll
+    for (int i = 0; i < D; i++) {
+      qv[g][i] *= scale;
+      acc[g][i] = 0.f;
     }
   }
+  for (uint32_t p0 = first + warp * 2; p0 < end; p0 += WARPS * 2) {
+    const uint32_t p = p0 + half;
+    const bool valid = p < end;
+    float kv[D], vv[D];
+    if (valid) {
+      const size_t slot = (size_t)table[p / BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE;
+      const size_t at = ((size_t)h * slots + slot) * hd + hl * D;
+      load_lanes<T, D>(kc + at, kv);
+      load_lanes<T, D>(vc + at, vv);
+    } else {
+#pragma unroll
+      for (int i = 0; i < D; i++) kv[i] = vv[i] = 0.f;
+    }
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+      float dot = 0.f;
+#pragma unroll
+      for (int i = 0; i < D; i++) dot += qv[g][i] * kv[i];
+      // Within each half only (xor 8, 4, 2, 1 never crosses lane 16); every lane takes part.
+#pragma unroll
+      for (int o = 8; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffff, dot, o);
+      if (valid) {
+        const float nm = fmaxf(mx[g], dot);
+        const float corr = __expf(mx[g] - nm), w = __expf(dot - nm);
+        sum[g] = sum[g] * corr + w;
+#pragma unroll
+        for (int i = 0; i < D; i++) acc[g][i] = acc[g][i] * corr + w * vv[i];
+        mx[g] = nm;
+      }
+    }
+  }
+  // Merge the two halves: lane l and lane l ^ 16 hold the same dimensions of different keys.
+#pragma unroll
+  for (int g = 0; g < G; g++) {
+    const float om = __shfl_xor_sync(0xffffffff, mx[g], 16), os = __shfl_xor_sync(0xffffffff, sum[g], 16);
+    const float M = fmaxf(mx[g], om);
+    const float c1 = mx[g] == -INFINITY ? 0.f : __expf(mx[g] - M), c2 = om == -INFINITY ? 0.f : __expf(om - M);
+    sum[g] = sum[g] * c1 + os * c2;
+#pragma unroll
+    for (int i = 0; i < D; i++) {
+      const float oa = __shfl_xor_sync(0xffffffff, acc[g][i], 16);
+      acc[g][i] = acc[g][i] * c1 + oa * c2;
+    }
+    mx[g] = M;
+  }
+  __shared__ float s_mx[WARPS][G], s_sum[WARPS][G], s_acc[WARPS][G][D * 16];
+#pragma unroll
+  for (int g = 0; g < G; g++) {
+    if (lane == 0) {
+      s_mx[warp][g] = mx[g];
+      s_sum[warp][g] = sum[g];
+    }
+    if (half == 0) {
+#pragma unroll
+      for (int i = 0; i < D; i++) s_acc[warp][g][hl * D + i] = acc[g][i];
+    }
+  }
+  __syncthreads();
+  merge_warps<T, G>(&s_mx[0][0], &s_sum[0][0], &s_acc[0][0][0], hd, out, part_ms, part_acc, b, h, heads);
 }
 
 // Merges the parts of each (sequence, query head): grid (sequences * heads), block head_dim.
@@ -184,11 +283,24 @@ extern "C" __global__ void paged_decode_combine_f32(const float *part_ms, const 
     paged_decode<TYPE, G, DPL>(q, kc, vc, meta, out, part_ms, part_acc, heads, kv_heads, slots, meta_stride, scale); \
   }
 
-#define KERNELS_FOR(G)                \
-  KERNEL(__nv_bfloat16, bf16, G, 2)   \
-  KERNEL(__nv_bfloat16, bf16, G, 4)   \
-  KERNEL(float, f32, G, 2)            \
-  KERNEL(float, f32, G, 4)
+// The 16-lanes-per-key variant, named by the same DPL (head_dim / 32) as the kernel above.
+#define KERNEL_L16(TYPE, NAME, G, DPL)                                                                        \
+  extern "C" __global__ void paged_decode_l16_##NAME##_g##G##_d##DPL(                                      \
+      const TYPE *q, const TYPE *kc, const TYPE *vc, const uint32_t *meta, TYPE *out, float *part_ms,           \
+      float *part_acc, int heads, int kv_heads, int slots, int meta_stride, float scale) {                    \
+    paged_decode_l16<TYPE, G, 2 * DPL>(q, kc, vc, meta, out, part_ms, part_acc, heads, kv_heads, slots, meta_stride, \
+                                       scale);                                                               \
+  }
+
+#define KERNELS_FOR(G)                  \
+  KERNEL(__nv_bfloat16, bf16, G, 2)     \
+  KERNEL(__nv_bfloat16, bf16, G, 4)     \
+  KERNEL(float, f32, G, 2)              \
+  KERNEL(float, f32, G, 4)              \
+  KERNEL_L16(__nv_bfloat16, bf16, G, 2) \
+  KERNEL_L16(__nv_bfloat16, bf16, G, 4) \
+  KERNEL_L16(float, f32, G, 2)          \
+  KERNEL_L16(float, f32, G, 4)
 
 KERNELS_FOR(1)
 KERNELS_FOR(2)

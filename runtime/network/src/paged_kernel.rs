@@ -20,6 +20,20 @@ pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
 
+/// Lanes of a warp per key: 32 (the default), or 16 with `KINDLING_PAGED_LANES=16`, a variant
+/// whose dot products take fewer shuffles, kept beside the default until a benchmark picks one.
+/// Read once; the boot self-check checks whichever is chosen.
+pub fn lanes_per_key() -> usize {
+    static LANES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *LANES.get_or_init(|| match std::env::var("KINDLING_PAGED_LANES").as_deref() {
+        Ok("16") => {
+            tracing::info!("paged decode attention: 16 lanes per key (KINDLING_PAGED_LANES=16)");
+            16
+        }
+        _ => 32,
+    })
+}
+
 pub fn disable(reason: &str) {
     if ENABLED.swap(false, Ordering::Relaxed) {
         tracing::warn!(reason, "paged decode kernel disabled; decode attention gathers K/V instead");
@@ -113,9 +127,10 @@ mod cuda {
             let parts = self.parts.unwrap_or_else(|| parts(&dev, seqs, kv_heads, meta_stride)).max(1);
             let shape = Launch { seqs, heads, kv_heads, hd, slots, meta_stride, parts, scale: self.scale };
             let dpl = hd / 32;
+            let variant = if super::lanes_per_key() == 16 { "l16_" } else { "" };
             let slice = match (&q.slice, &k.slice, &v.slice) {
                 (CudaStorageSlice::BF16(q), CudaStorageSlice::BF16(k), CudaStorageSlice::BF16(v)) => {
-                    let kernel = format!("paged_decode_bf16_g{group}_d{dpl}");
+                    let kernel = format!("paged_decode_{variant}bf16_g{group}_d{dpl}");
                     let (q, k, v) = (q.slice(oq.0..oq.1), k.slice(ok.0..ok.1), v.slice(ov.0..ov.1));
                     CudaStorageSlice::BF16(launch(
                         &dev,
@@ -126,7 +141,7 @@ mod cuda {
                     )?)
                 }
                 (CudaStorageSlice::F32(q), CudaStorageSlice::F32(k), CudaStorageSlice::F32(v)) => {
-                    let kernel = format!("paged_decode_f32_g{group}_d{dpl}");
+                    let kernel = format!("paged_decode_{variant}f32_g{group}_d{dpl}");
                     let (q, k, v) = (q.slice(oq.0..oq.1), k.slice(ok.0..ok.1), v.slice(ov.0..ov.1));
                     CudaStorageSlice::F32(launch(
                         &dev,
