@@ -41,6 +41,32 @@ __device__ __forceinline__ void load_lanes(const T *p, float *out) {
   for (int i = 0; i < DPL; i++) out[i] = to_f(x.v[i]);
 }
 
+// This block's share of its sequence's visible keys, [first, end): an even share per part (some
+// parts may get none). meta row: (first visible key, keys, block table...).
+__device__ __forceinline__ void part_keys(const uint32_t *m, uint32_t *first, uint32_t *end) {
+  const uint32_t part = blockIdx.z, parts = gridDim.z;
+  const uint32_t span = (m[1] + parts - 1) / parts;
+  *first = m[0] + min(m[1], span * part);
+  *end = m[0] + min(m[1], span * (part + 1));
+}
+
+// A lane's N dimensions of each of the G query heads (pre-scaled), and an empty online softmax.
+template <typename T, int G, int N>
+__device__ __forceinline__ void start_heads(const T *q_row, int hd, float scale, float (&qv)[G][N],
+                                            float (&acc)[G][N], float (&mx)[G], float (&sum)[G]) {
+#pragma unroll
+  for (int g = 0; g < G; g++) {
+    mx[g] = -INFINITY;
+    sum[g] = 0.f;
+    load_lanes<T, N>(q_row + (size_t)g * hd, qv[g]);
+#pragma unroll
+    for (int i = 0; i < N; i++) {
+      qv[g][i] *= scale;
+      acc[g][i] = 0.f;
+    }
+  }
+}
+
 // Merges the warps' online-softmax states, left in shared memory as max and sum [WARPS][G] and
 // weighted values [WARPS][G][hd], and writes the block's result: the output when the keys are
 // not split, else this part's unnormalised state for paged_decode_combine.
@@ -76,26 +102,15 @@ template <typename T, int G, int DPL>
 __device__ void paged_decode(const T *q, const T *kc, const T *vc, const uint32_t *meta, T *out, float *part_ms,
                              float *part_acc, int heads, int kv_heads, int slots, int meta_stride, float scale) {
   const int hd = DPL * 32;
-  const int b = blockIdx.x, h = blockIdx.y, part = blockIdx.z, parts = gridDim.z;
+  const int b = blockIdx.x, h = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const uint32_t *m = meta + (size_t)b * meta_stride;
   const uint32_t *table = m + 2;
-  // This part's keys: an even share of the sequence's visible keys (some parts may get none).
-  const uint32_t span = (m[1] + parts - 1) / parts;
-  const uint32_t first = m[0] + min(m[1], span * part), end = m[0] + min(m[1], span * (part + 1));
+  uint32_t first, end;
+  part_keys(m, &first, &end);
 
   float qv[G][DPL], acc[G][DPL], mx[G], sum[G];
-#pragma unroll
-  for (int g = 0; g < G; g++) {
-    mx[g] = -INFINITY;
-    sum[g] = 0.f;
-    load_lanes<T, DPL>(q + ((size_t)b * heads + h * G + g) * hd + lane * DPL, qv[g]);
-#pragma unroll
-    for (int i = 0; i < DPL; i++) {
-      qv[g][i] *= scale;
-      acc[g][i] = 0.f;
-    }
-  }
+  start_heads<T, G, DPL>(q + ((size_t)b * heads + h * G) * hd + lane * DPL, hd, scale, qv, acc, mx, sum);
   for (uint32_t p0 = first + warp * KEYS; p0 < end; p0 += WARPS * KEYS) {
     float kv[KEYS][DPL], vv[KEYS][DPL];
 #pragma unroll
@@ -168,25 +183,15 @@ template <typename T, int G, int D>
 __device__ void paged_decode_l16(const T *q, const T *kc, const T *vc, const uint32_t *meta, T *out, float *part_ms,
                                  float *part_acc, int heads, int kv_heads, int slots, int meta_stride, float scale) {
   const int hd = D * 16;
-  const int b = blockIdx.x, h = blockIdx.y, part = blockIdx.z, parts = gridDim.z;
+  const int b = blockIdx.x, h = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, half = lane / 16, hl = lane % 16;
   const uint32_t *m = meta + (size_t)b * meta_stride;
   const uint32_t *table = m + 2;
-  const uint32_t span = (m[1] + parts - 1) / parts;
-  const uint32_t first = m[0] + min(m[1], span * part), end = m[0] + min(m[1], span * (part + 1));
+  uint32_t first, end;
+  part_keys(m, &first, &end);
 
   float qv[G][D], acc[G][D], mx[G], sum[G];
-#pragma unroll
-  for (int g = 0; g < G; g++) {
-    mx[g] = -INFINITY;
-    sum[g] = 0.f;
-    load_lanes<T, D>(q + ((size_t)b * heads + h * G + g) * hd + hl * D, qv[g]);
-#pragma unroll
-    for (int i = 0; i < D; i++) {
-      qv[g][i] *= scale;
-      acc[g][i] = 0.f;
-    }
-  }
+  start_heads<T, G, D>(q + ((size_t)b * heads + h * G) * hd + hl * D, hd, scale, qv, acc, mx, sum);
   for (uint32_t p0 = first + warp * 2; p0 < end; p0 += WARPS * 2) {
     const uint32_t p = p0 + half;
     const bool valid = p < end;
