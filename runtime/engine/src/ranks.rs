@@ -149,11 +149,6 @@ impl Drop for RankThread {
 }
 
 impl Ranks {
-    /// How many devices the model is split over.
-    pub fn count(&self) -> usize {
-        self.others.len() + 1
-    }
-
     /// A rank failed: the collective is aborted and the engine must stop.
     pub fn is_broken(&self) -> bool {
         self.broken

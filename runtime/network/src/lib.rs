@@ -425,8 +425,8 @@ impl Network {
         // Each block's output waits here to be added to the residual stream by the next norm,
         // so the add and the norm can run as one kernel.
         let mut delta: Option<Tensor> = None;
+        timer.mark("embed");
         for (l, layer) in self.layers.iter().enumerate() {
-            timer.mark(if l == 0 { "embed" } else { "down_proj" });
             let h = add_norm(&mut x, delta.take(), &layer.attn_norm, fused)?;
             timer.mark("norm");
             let qkv = layer.qkv.forward(&h)?;
@@ -443,17 +443,17 @@ impl Network {
             let h = add_norm(&mut x, Some(o), &layer.mlp_norm, fused)?;
             timer.mark("norm");
             delta = Some(self.all_ranks(layer.mlp.forward(&h, c.intermediate_size, fused, &mut timer)?)?);
+            timer.mark("down_proj");
         }
-        timer.mark("down_proj");
-        if plan.samples == 0 {
-            return Tensor::zeros((0, c.vocab_size), DType::F32, &self.device);
-        }
-        let mut last = x.index_select(&plan.sample_rows, 0)?;
-        if let Some(d) = delta {
-            last = (last + d.index_select(&plan.sample_rows, 0)?)?;
-        }
-        let last = self.norm.forward(&last)?;
-        let logits = self.lm_head.forward(&last)?.to_dtype(DType::F32)?;
+        let logits = if plan.samples == 0 {
+            Tensor::zeros((0, c.vocab_size), DType::F32, &self.device)?
+        } else {
+            let mut last = x.index_select(&plan.sample_rows, 0)?;
+            if let Some(d) = delta {
+                last = (last + d.index_select(&plan.sample_rows, 0)?)?;
+            }
+            self.lm_head.forward(&self.norm.forward(&last)?)?.to_dtype(DType::F32)?
+        };
         timer.mark("lm_head");
         timer.finish();
         Ok(logits)
