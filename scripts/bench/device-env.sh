@@ -4,6 +4,8 @@
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+# NVLink multicast stays off on the lent machines (it can take the host's shared GPUs down).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 # NCCL (tensor parallelism) comes with PyTorch's wheels.
 NCCL_LIB=$(python3 -c 'import os, nvidia.nccl as n; print(os.path.join(list(n.__path__)[0], "lib"))' 2>/dev/null)
 [ -n "$NCCL_LIB" ] && export LD_LIBRARY_PATH=$NCCL_LIB:$LD_LIBRARY_PATH

@@ -20,7 +20,7 @@ pub mod scheduler;
 pub mod sequence;
 pub mod worker;
 
-pub use candle_core::Device;
+pub use candle_core::{DType, Device};
 pub use chat_template::ChatMessage;
 pub use checkpoint::{Architecture, Checkpoint};
 pub use checkpoint_pool::{CheckpointPool, PoolStats};

@@ -5,7 +5,11 @@
 //! block id names the same slots on every rank.
 //!
 //! Each rank loads its part of the weights over its own device's link at the same time, so a
-//! split model reaches its first token sooner than it could over one link.
+//! split model reaches its first token sooner than it could over one link. Rank 0 loads on the
+//! starting thread and every other rank on the thread that will run it: no thread that loaded
+//! onto a GPU ends as soon as it is done. (With the loads on short-lived threads, an 8B start on
+//! two GPUs never came back: both parts landed, the loading threads never finished, and three
+//! threads spun with both GPUs idle.)
 //!
 //! A rank whose step fails aborts the group's collective, so no rank waits forever for it; the
 //! engine then fails its sequences and stops, and the next request loads the model afresh.
@@ -175,6 +179,11 @@ impl Ranks {
         if lead_result.is_err() {
             self.lead_collective.abort();
         }
+        tracing::debug!(
+            tokens = batch.tokens.len(),
+            ok = lead_result.is_ok(),
+            "tensor parallel: rank 0 queued its step"
+        );
         for (rank, was_sent) in self.others.iter().zip(sent) {
             if !was_sent {
                 continue;
@@ -208,6 +217,7 @@ fn run_rank(
             let _gate = graphs::shared();
             network.forward(&batch, &kv).map(drop).map_err(EngineError::from)
         };
+        tracing::debug!(ok = result.is_ok(), "tensor parallel: a rank's thread queued its step");
         if result.is_err() {
             collective.abort();
         }
@@ -219,6 +229,65 @@ fn run_rank(
     let _gate = graphs::shared();
     drop(kv);
     drop(network);
+}
+
+/// What loading one rank gives: its network, its KV cache, and how long its weights took to land.
+type Loaded = (Network, KvStorage, Duration);
+
+/// A rank thread's word on its load: how long its weights took to land, and its KV cache's bytes.
+type LoadReport = (Duration, u64);
+
+/// Everything a rank needs to load its part of the weights onto its device.
+struct RankLoad {
+    pooled: Arc<PooledCheckpoint>,
+    device: Device,
+    shard: Shard,
+    collective: Arc<dyn Collective>,
+    local: crate::network::NetConfig,
+    kv: crate::engine::KvPlan,
+    how: crate::network::WeightHandling,
+    started: Instant,
+}
+
+impl RankLoad {
+    fn load(self) -> Result<Loaded> {
+        let tensors = self.pooled.load_shard(&self.device, self.how.dtype, self.shard)?;
+        let h2d = self.started.elapsed();
+        let _gate = graphs::shared();
+        let config = self.pooled.ckpt.config.clone();
+        let network =
+            Network::new_rank(config, tensors, self.kv.context, self.how, &self.device, self.shard, self.collective)?;
+        let c = &self.local;
+        let storage =
+            KvStorage::new(c.num_layers, c.num_kv_heads, c.head_dim, self.kv.blocks, self.how.dtype, &self.device)?;
+        tracing::info!(rank = self.shard.rank, h2d_ms = h2d.as_millis() as u64, "tensor parallel: rank loaded");
+        Ok((network, storage, h2d))
+    }
+}
+
+/// Starts rank `load.shard.rank`'s thread, which loads its part, reports how that went on the
+/// returned channel, and then serves steps until the engine ends. The thread that loads a rank
+/// is the one that runs it: no thread that used a GPU for a load ends as soon as it is done.
+fn spawn_rank(name: &str, load: RankLoad) -> Result<(RankThread, Receiver<Result<LoadReport>>)> {
+    let (steps, steps_rx) = channel();
+    let (done_tx, done) = channel();
+    let (loaded_tx, loaded) = channel();
+    let collective = load.collective.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("rank{}-{name}", load.shard.rank))
+        .spawn(move || match load.load() {
+            Ok((network, storage, h2d)) => {
+                if loaded_tx.send(Ok((h2d, storage.bytes()))).is_ok() {
+                    run_rank(network, storage, collective, steps_rx, done_tx);
+                } else {
+                    let _gate = graphs::shared();
+                    drop((network, storage));
+                }
+            }
+            Err(e) => drop(loaded_tx.send(Err(e))),
+        })
+        .map_err(|e| EngineError::Load(format!("cannot start a rank's thread: {e}")))?;
+    Ok((RankThread { steps: Some(steps), done, thread: Some(thread) }, loaded))
 }
 
 /// One collective per device: threads sharing memory on CPUs, NCCL on CUDA GPUs.
@@ -242,7 +311,7 @@ fn collectives(devices: &[Device]) -> Result<Vec<Arc<dyn Collective>>> {
 /// `groups`. Blocking.
 pub fn start_tensor_parallel(
     name: &str,
-    pooled: &PooledCheckpoint,
+    pooled: &Arc<PooledCheckpoint>,
     pool_hit: bool,
     devices: &[Device],
     groups: &Arc<CollectiveGroups>,
@@ -252,79 +321,78 @@ pub fn start_tensor_parallel(
     if n < 2 {
         return Err(EngineError::InvalidParams(format!("tensor parallelism needs 2 or more devices, not {n}")));
     }
-    let ckpt = &pooled.ckpt;
     let dtype = config.dtype_for(&devices[0]);
     let how = config.weights_for(&devices[0]);
     // Every rank has the same share; it is refused here when the shapes do not split n ways.
-    let local = Shard::new(0, n)?.local_config(&ckpt.config)?;
+    let local = Shard::new(0, n)?.local_config(&pooled.ckpt.config)?;
     let kv = config.kv_plan(&local, dtype);
     let group = groups.take(devices)?;
     let collectives = group.collectives.clone();
     tracing::info!(model = name, ranks = n, "tensor parallel: collectives ready; loading each rank's part");
     let started = Instant::now();
-    type Built = (Network, KvStorage, Duration);
-    let built: Vec<Result<Built>> = std::thread::scope(|s| {
-        let loads: Vec<_> = devices
-            .iter()
-            .zip(&collectives)
-            .enumerate()
-            .map(|(rank, (device, collective))| {
-                let local = &local;
-                s.spawn(move || -> Result<Built> {
-                    let shard = Shard::new(rank, n)?;
-                    let tensors = pooled.load_shard(device, dtype, shard)?;
-                    let h2d = started.elapsed();
-                    let _gate = graphs::shared();
-                    let network = Network::new_rank(
-                        ckpt.config.clone(),
-                        tensors,
-                        kv.context,
-                        how,
-                        device,
-                        shard,
-                        collective.clone(),
-                    )?;
-                    let (layers, kv_heads, head_dim) = (local.num_layers, local.num_kv_heads, local.head_dim);
-                    let storage = KvStorage::new(layers, kv_heads, head_dim, kv.blocks, dtype, device)?;
-                    tracing::info!(rank, h2d_ms = h2d.as_millis() as u64, "tensor parallel: rank loaded");
-                    Ok((network, storage, h2d))
-                })
-            })
-            .collect();
-        loads
-            .into_iter()
-            .map(|l| l.join().unwrap_or_else(|_| Err(EngineError::Load("a rank's load panicked".into()))))
-            .collect()
-    });
-    let mut ranks = Vec::with_capacity(n);
-    for rank in built {
-        match rank {
-            Ok(rank) => ranks.push(rank),
+    let load = |rank: usize| -> Result<RankLoad> {
+        Ok(RankLoad {
+            pooled: pooled.clone(),
+            device: devices[rank].clone(),
+            shard: Shard::new(rank, n)?,
+            collective: collectives[rank].clone(),
+            local: local.clone(),
+            kv,
+            how,
+            started,
+        })
+    };
+    // Ranks 1.. load on their own threads while rank 0 loads here, all at once.
+    let mut others = Vec::with_capacity(n - 1);
+    let mut loaded = Vec::with_capacity(n - 1);
+    let mut failed = None;
+    for rank in 1..n {
+        match load(rank).and_then(|l| spawn_rank(name, l)) {
+            Ok((thread, report)) => {
+                others.push(thread);
+                loaded.push(report);
+            }
             Err(e) => {
-                let _gate = graphs::shared(); // what the other ranks loaded is freed inside it
-                drop(ranks);
-                // No step ran on the collectives: they can be lent again.
-                groups.give_back(group);
-                return Err(e);
+                failed = Some(e);
+                break;
             }
         }
     }
-    let h2d = ranks.iter().map(|(_, _, h2d)| *h2d).max().unwrap_or_default();
-    let kv_cache_bytes = ranks.iter().map(|(_, storage, _)| storage.bytes()).sum();
-    let mut ranks = ranks.into_iter().zip(collectives);
-    let ((network, storage, _), lead_collective) = ranks.next().expect("n >= 2");
-    let others = ranks
-        .enumerate()
-        .map(|(i, ((network, storage, _), collective))| {
-            let (steps, steps_rx) = channel();
-            let (done_tx, done) = channel();
-            let thread = std::thread::Builder::new()
-                .name(format!("rank{}-{name}", i + 1))
-                .spawn(move || run_rank(network, storage, collective, steps_rx, done_tx))
-                .map_err(|e| EngineError::Load(format!("cannot start a rank's thread: {e}")))?;
-            Ok(RankThread { steps: Some(steps), done, thread: Some(thread) })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let lead = if failed.is_none() { load(0).and_then(RankLoad::load).map(Some) } else { Ok(None) };
+    let mut h2d = Duration::ZERO;
+    let mut kv_cache_bytes = 0;
+    for report in loaded {
+        match report.recv() {
+            Ok(Ok((rank_h2d, bytes))) => {
+                h2d = h2d.max(rank_h2d);
+                kv_cache_bytes += bytes;
+            }
+            Ok(Err(e)) => drop(failed.get_or_insert(e)),
+            Err(_) => drop(failed.get_or_insert(EngineError::Load("a rank's thread ended while loading".into()))),
+        }
+    }
+    let (network, storage, lead_h2d) = match (lead, failed) {
+        (Ok(Some(lead)), None) => lead,
+        (lead, failed) => {
+            let error = match (failed, lead) {
+                (Some(e), lead) => {
+                    let _gate = graphs::shared(); // rank 0's part is freed inside it
+                    drop(lead);
+                    e
+                }
+                (None, Err(e)) => e,
+                (None, Ok(_)) => EngineError::Load("rank 0 was not loaded".into()),
+            };
+            // The loaded ranks' threads end (their channels close) and free what they loaded.
+            drop(others);
+            // No step ran on the collectives: they can be lent again.
+            groups.give_back(group);
+            return Err(error);
+        }
+    };
+    let h2d = h2d.max(lead_h2d);
+    let kv_cache_bytes = kv_cache_bytes + storage.bytes();
+    let lead_collective = collectives[0].clone();
     let load = LoadBreakdown {
         pool_hit,
         admit: if pool_hit { Duration::ZERO } else { pooled.admit_time() },
@@ -343,6 +411,7 @@ mod tests {
     use crate::CheckpointPool;
     use crate::params::SamplingParams;
     use crate::tiny_model::{TinySpec, make_tiny_model};
+    use candle_core::DType;
 
     fn greedy(max_tokens: u32) -> SamplingParams {
         SamplingParams { max_tokens, temperature: 0.0, ..Default::default() }
@@ -454,6 +523,31 @@ mod tests {
             assert_eq!(groups.check(&devices).unwrap(), 0.0, "{n} ranks, the same group again");
         }
         assert_eq!(groups.made(), 2, "one group per set of devices");
+    }
+
+    #[test]
+    fn a_rank_whose_load_fails_reports_it_and_its_thread_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        make_tiny_model(dir.path(), &TinySpec::new(crate::Architecture::Llama)).unwrap();
+        let pool = CheckpointPool::new(u64::MAX, None);
+        let (pooled, _) = pool.checkout(crate::Checkpoint::open(dir.path()).unwrap(), &|_| {}).unwrap();
+        let config = EngineConfig::default();
+        let local = Shard::new(0, 2).unwrap().local_config(&pooled.ckpt.config).unwrap();
+        // Rank 1 of 3 of a model whose 4 heads do not split 3 ways: its own load refuses it.
+        let load = RankLoad {
+            pooled: pooled.clone(),
+            device: Device::Cpu,
+            shard: Shard::new(1, 3).unwrap(),
+            collective: Arc::new(ThreadCollective::group(1).pop().unwrap()),
+            local: local.clone(),
+            kv: config.kv_plan(&local, DType::F32),
+            how: config.weights_for(&Device::Cpu),
+            started: Instant::now(),
+        };
+        let (thread, loaded) = spawn_rank("m", load).unwrap();
+        let report = loaded.recv_timeout(Duration::from_secs(30)).expect("the thread reports its load");
+        assert!(matches!(report, Err(EngineError::Load(_))), "{report:?}");
+        drop(thread); // joins: the thread ended after reporting
     }
 
     #[test]

@@ -229,6 +229,11 @@ mod cuda {
                 }
             }
             worker.warm_up()?;
+            match crate::network::host_copy::self_check(&worker.device) {
+                Ok(0) => tracing::info!("pitched column copies checked"),
+                Ok(wrong) => crate::network::host_copy::disable(&format!("self-check: {wrong} of 35 elements wrong")),
+                Err(e) => crate::network::host_copy::disable(&format!("self-check failed: {e}")),
+            }
             match crate::network::paged_kernel::self_check(&worker.device) {
                 Ok(diff) if diff < 0.02 => tracing::info!(max_abs_diff = diff, "paged decode kernel checked"),
                 Ok(diff) => crate::network::paged_kernel::disable(&format!("self-check differs by {diff}")),

@@ -15,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod fused;
 pub mod graphs;
+pub mod host_copy;
 pub mod kv_cache;
 pub mod paged_kernel;
 pub mod phases;

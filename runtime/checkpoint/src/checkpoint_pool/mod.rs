@@ -187,6 +187,10 @@ impl PooledCheckpoint {
             if part != Part::Whole && entry.dtype.is_quantized() {
                 return Err(crate::network::tensor_parallel::quantized(name).into());
             }
+            if let Some(columns) = self.pitched_columns(entry, part, device).map_err(err)? {
+                out.insert(name.clone(), Weight::Dense(columns.to_dtype(dtype).map_err(err)?));
+                continue;
+            }
             let (bytes, shape) = part_bytes(self.bytes(entry)?, &entry.shape, part)
                 .map_err(|e| CheckpointError::Load(format!("tensor {name}: {e}")))?;
             let (bytes, shape) = (bytes.as_ref(), shape.as_slice());
@@ -219,6 +223,26 @@ impl PooledCheckpoint {
         let _gate = crate::network::graphs::shared();
         device.synchronize().map_err(CheckpointError::load)?;
         Ok(out)
+    }
+
+    /// A part of columns of a float matrix copied straight onto a GPU as one pitched DMA
+    /// (`network::host_copy`); `None` where that does not apply and the columns are gathered on
+    /// the host instead.
+    fn pitched_columns(&self, entry: &TensorEntry, part: Part, device: &Device) -> candle_core::Result<Option<Tensor>> {
+        let Part::Rows { dim: 1, start, len } = part else { return Ok(None) };
+        let &[rows, cols] = entry.shape.as_slice() else { return Ok(None) };
+        let dtype = match entry.dtype {
+            WeightDType::Safetensors(Dtype::BF16) | WeightDType::Ggml(GgmlDType::BF16) => DType::BF16,
+            WeightDType::Safetensors(Dtype::F16) | WeightDType::Ggml(GgmlDType::F16) => DType::F16,
+            WeightDType::Safetensors(Dtype::F32) | WeightDType::Ggml(GgmlDType::F32) => DType::F32,
+            _ => return Ok(None),
+        };
+        if !device.is_cuda() {
+            return Ok(None);
+        }
+        let bytes = self.bytes(entry).map_err(candle_core::Error::wrap)?;
+        let _gate = crate::network::graphs::shared();
+        crate::network::host_copy::columns(bytes, [rows, cols], [start, len], dtype, device).transpose()
     }
 
     fn from_bytes<T: bytemuck_free::Pod + candle_core::WithDType>(
