@@ -520,6 +520,23 @@ fn corrupt_models_are_refused_at_registration() {
     hello_registered_models_unaffected(&server);
 }
 
+#[test]
+fn a_split_over_more_workers_than_the_server_has_is_refused_at_registration() {
+    let server = server_with_models();
+    let path = tiny_model("qwen2");
+    for (ranks, says) in [(2, "split over 2 workers: this server has 1"), (0, "split over 0 workers")] {
+        let body = json!({ "name": "split", "path": path, "tensor_parallel": ranks });
+        let answer = server.post_json("/admin/models", &body);
+        assert_eq!(answer.status, 400, "{}", answer.body);
+        assert_eq!(answer.json()["error"]["code"], "invalid_model", "{}", answer.body);
+        assert!(answer.json()["error"]["message"].as_str().unwrap().contains(says), "{}", answer.body);
+    }
+    // Whole (1) is what an absent field means.
+    let answer = server.post_json("/admin/models", &json!({ "name": "one", "path": path, "tensor_parallel": 1 }));
+    assert_eq!(answer.status, 201, "{}", answer.body);
+    assert_eq!(answer.json()["ranks"], 1);
+}
+
 fn hello_registered_models_unaffected(server: &Server) {
     let models = server.admin_call("GET", "/admin/models").json();
     assert_eq!(models.as_array().unwrap().len(), 2, "{models}");

@@ -68,3 +68,17 @@ for name in ${MODELS:-llama3.1-8b}; do
     for v in $BIG; do big $name ${v%%:*} $([ "$v" = "${v#*:}" ] || echo "${v#*:}" | tr , ' '); done
   fi
 done
+# Then the warm path through HTTP (SERVE=1, the default; needs the OpenAI plugin carried): each
+# model whole on one GPU (with the HF baseline) against `serve --tensor-parallel NAME=2`, which
+# the registry places over both GPUs, at LEVELS streams.
+if [ "${SERVE:-1}" = 1 ] && [ -f /tmp/openai-python.wasm ]; then
+  for name in ${MODELS:-llama3.1-8b}; do
+    bench_serve whole "$name" "$M/$name" --hf-python python3
+    "$BIN" bench serve --device cuda:0,cuda:1 --model "$name=$M/$name" --plugin /tmp/openai-python.wasm \
+      --concurrency ${LEVELS:-1,64} --prompt-tokens 128-512 --output-tokens 256 \
+      --serve-args "--kv-cache-gib 24 --max-step-tokens 4096 --tensor-parallel $name=2" \
+      --out "$OUT/serve-$name-tp2.json" 2>"/tmp/serve-$name-tp2.log" | tail -1 \
+      || { echo "bench serve $name tp2 failed"; grep -v " INFO " "/tmp/serve-$name-tp2.log" | tail -10; }
+    python3 scripts/bench/serve_summary.py "$OUT/serve-$name-tp2.json" tp2
+  done
+fi

@@ -116,6 +116,9 @@ enum ModelsCommand {
         /// first request is a pool hit.
         #[arg(long)]
         preload: bool,
+        /// Split it over N of the server's GPUs (tensor parallelism).
+        #[arg(long, value_name = "N")]
+        tensor_parallel: Option<usize>,
         #[command(flatten)]
         remote: Remote,
     },
@@ -232,9 +235,12 @@ fn main() -> anyhow::Result<()> {
             BenchCommand::Cluster(args) => bench_cluster::cluster(args),
         },
         Command::Models { command } => match command {
-            ModelsCommand::Add { name, path, preload, remote } => {
+            ModelsCommand::Add { name, path, preload, tensor_parallel, remote } => {
                 let path = std::fs::canonicalize(&path).with_context(|| format!("{}", path.display()))?;
-                let body = serde_json::json!({ "name": name, "path": path });
+                let mut body = serde_json::json!({ "name": name, "path": path });
+                if let Some(n) = tensor_parallel {
+                    body["tensor_parallel"] = n.into();
+                }
                 client::print_json(&remote, "POST", "/admin/models", Some(body))?;
                 if preload {
                     client::preload(&remote, &name)?;

@@ -25,6 +25,10 @@ pub struct ServeArgs {
     /// Register a model at start: NAME=PATH to an HF-format directory or a GGUF file. Repeatable.
     #[arg(long = "model", value_name = "NAME=PATH")]
     models: Vec<String>,
+    /// Split a model given with --model over N workers (tensor parallelism: each GPU holds its
+    /// share of the heads and MLP columns and loads it over its own link). NAME=N; repeatable.
+    #[arg(long = "tensor-parallel", value_name = "NAME=N")]
+    tensor_parallel: Vec<String>,
     /// Require this bearer token on the admin API.
     #[arg(long, env = "KINDLING_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
@@ -117,6 +121,25 @@ pub fn gib(v: f64) -> u64 {
 }
 
 /// Logs to stderr, filtered by `KINDLING_LOG` (default `info`).
+/// `--tensor-parallel NAME=N` flags as NAME -> N, each naming a model given with `--model`.
+fn tensor_parallel_specs(
+    specs: &[String],
+    models: &[String],
+) -> anyhow::Result<std::collections::HashMap<String, usize>> {
+    let mut splits = std::collections::HashMap::new();
+    for spec in specs {
+        let parsed = spec.split_once('=').and_then(|(name, n)| Some((name, n.parse::<usize>().ok()?)));
+        let Some((name, ranks)) = parsed else {
+            anyhow::bail!("--tensor-parallel {spec:?}: expected NAME=N, N a number of workers");
+        };
+        if !models.iter().any(|m| m.split_once('=').is_some_and(|(n, _)| n == name)) {
+            anyhow::bail!("--tensor-parallel {spec:?}: no --model {name}=PATH to split");
+        }
+        splits.insert(name.to_string(), ranks);
+    }
+    Ok(splits)
+}
+
 pub(crate) fn init_logging(json: bool) {
     let filter = EnvFilter::try_from_env("KINDLING_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
@@ -152,10 +175,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         };
         let workers = workers.into_iter().map(Arc::new).collect();
         let registry = Arc::new(ModelRegistry::with_workers(workers, pool, engine_config));
+        let splits = tensor_parallel_specs(&args.tensor_parallel, &args.models)?;
         for spec in &args.models {
             let (name, path) = spec.split_once('=').with_context(|| format!("--model {spec:?}: expected NAME=PATH"))?;
-            let entry = registry.register(name, path.as_ref()).with_context(|| format!("--model {spec}"))?;
-            tracing::info!(model = %entry.name, arch = entry.architecture, bytes = entry.weight_bytes, "registered model");
+            let ranks = splits.get(name).copied().unwrap_or(1);
+            let entry =
+                registry.register_split(name, path.as_ref(), ranks).with_context(|| format!("--model {spec}"))?;
+            tracing::info!(model = %entry.name, arch = entry.architecture, bytes = entry.weight_bytes, ranks, "registered model");
         }
         let mut config = ServerConfig::new(args.data_dir.clone());
         config.admin_token = args.admin_token.clone();
@@ -197,4 +223,20 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Guests were stopped by `serve`; do not wait on stragglers (e.g. a tokenizer call) for ever.
     runtime.shutdown_timeout(Duration::from_secs(5));
     served
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tensor_parallel_specs;
+
+    #[test]
+    fn tensor_parallel_flags_name_a_model_and_a_number() {
+        let models = ["big=/m/big".to_string(), "small=/m/small".to_string()];
+        let splits = tensor_parallel_specs(&["big=2".into()], &models).unwrap();
+        assert_eq!(splits.get("big"), Some(&2));
+        assert_eq!(splits.get("small"), None, "not split: whole on one worker");
+        for bad in ["big", "big=two", "big=-1", "other=2"] {
+            assert!(tensor_parallel_specs(&[bad.to_string()], &models).is_err(), "{bad}");
+        }
+    }
 }

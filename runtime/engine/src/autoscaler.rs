@@ -111,6 +111,28 @@ pub fn placement(need: u64, workers: &[WorkerView]) -> Result<(usize, Vec<String
     }
 }
 
+/// Where a model split over `ranks` workers goes, `need` bytes on each: `ranks` different
+/// workers, each picked as `placement` picks one among those not yet taken. An engine dropped to
+/// make room on one worker frees its share on every other worker it spans. Returns each worker's
+/// index, rank by rank, with the engines to drop there.
+pub fn placements(need: u64, ranks: usize, workers: &[WorkerView]) -> Result<Vec<(usize, Vec<String>)>, EngineError> {
+    if ranks > workers.len() {
+        return Err(EngineError::Load(format!("a model split over {ranks} workers, but there are {}", workers.len())));
+    }
+    let mut left: Vec<(usize, WorkerView)> = workers.iter().cloned().enumerate().collect();
+    let mut placed = Vec::with_capacity(ranks);
+    for _ in 0..ranks {
+        let views: Vec<WorkerView> = left.iter().map(|(_, w)| w.clone()).collect();
+        let (at, victims) = placement(need, &views)?;
+        let (worker, _) = left.remove(at);
+        for (_, w) in &mut left {
+            w.resident.retain(|r| !victims.contains(&r.name));
+        }
+        placed.push((worker, victims));
+    }
+    Ok(placed)
+}
+
 /// Puts engines idle for longer than `idle` to sleep (scale to zero: thread and KV cache freed,
 /// weights kept on the device until the memory is needed), checking every few seconds.
 pub fn spawn_idle_reaper(registry: Arc<ModelRegistry>, idle: Duration) -> tokio::task::JoinHandle<()> {
@@ -177,6 +199,20 @@ mod tests {
         let small = [worker(100, &[]), worker(120, &[])];
         assert!(matches!(placement(130, &small).unwrap_err(), EngineError::Load(_)));
         assert_eq!(placement(110, &small).unwrap(), (1, vec![]), "only the larger GPU can hold it");
+    }
+
+    #[test]
+    fn a_split_model_takes_different_workers_and_an_engine_dropped_for_it_frees_every_share() {
+        let free = [worker(100, &[r("a", 70, 0, true)]), worker(100, &[]), worker(100, &[])];
+        let placed = placements(50, 2, &free).unwrap();
+        assert_eq!(placed, [(1, vec![]), (2, vec![])], "the two roomiest, not the busy one");
+        // A split engine "s" holds 60 on both workers; dropping it makes room on both.
+        let split = [worker(100, &[r("s", 60, 100, false)]), worker(100, &[r("s", 60, 100, false)])];
+        let placed = placements(50, 2, &split).unwrap();
+        assert_eq!(placed, [(0, vec!["s".to_string()]), (1, vec![])]);
+        assert!(matches!(placements(50, 3, &split).unwrap_err(), EngineError::Load(_)), "more ranks than workers");
+        let busy = [worker(100, &[r("b", 60, 1, true)]), worker(100, &[])];
+        assert!(matches!(placements(50, 2, &busy).unwrap_err(), EngineError::Overloaded(_)));
     }
 
     #[test]

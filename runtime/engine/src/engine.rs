@@ -104,13 +104,16 @@ pub struct ModelInfo {
     /// Tokens one sequence may hold (prompt + completion).
     pub context: usize,
     pub load: LoadBreakdown,
+    /// Devices its weights are split over (tensor parallelism); 1: whole on one.
+    pub ranks: usize,
 }
 
 impl ModelInfo {
     /// A model loaded from `pooled` with a KV cache of `kv_cache_bytes`.
     pub fn of(name: &str, pooled: &PooledCheckpoint, kv_cache_bytes: u64, context: usize, load: LoadBreakdown) -> Self {
         let ckpt = &pooled.ckpt;
-        Self { name: name.to_string(), arch: ckpt.arch, weight_bytes: ckpt.weight_bytes, kv_cache_bytes, context, load }
+        let (weight_bytes, ranks) = (ckpt.weight_bytes, 1);
+        Self { name: name.to_string(), arch: ckpt.arch, weight_bytes, kv_cache_bytes, context, load, ranks }
     }
 }
 
@@ -454,8 +457,10 @@ pub fn spawn_engine(info: ModelInfo, parts: EngineParts, config: &EngineConfig) 
     let blocks = parts.storage.blocks;
     let alive = Arc::new(());
     let alive_token = Arc::downgrade(&alive);
-    // A tensor-parallel step is several devices' work; it is launched op by op.
-    let graphs = if parts.ranks.is_some() { None } else { DecodeGraphs::new(&parts.network, config.max_running) };
+    // A tensor-parallel step is several devices' work; it is launched op by op. Nor does a split
+    // engine sleep: it hands no dormant weights over (`take_dormant` gives nothing).
+    let split = parts.ranks.is_some();
+    let graphs = if split { None } else { DecodeGraphs::new(&parts.network, config.max_running) };
     let actor = Actor {
         graphs,
         parts,
@@ -481,7 +486,7 @@ pub fn spawn_engine(info: ModelInfo, parts: EngineParts, config: &EngineConfig) 
         last_used: Arc::new(AtomicU64::new(0)),
         epoch: Instant::now(),
         alive: alive_token,
-        dormant: Arc::new(std::sync::Mutex::new(Some(dormant_rx))),
+        dormant: Arc::new(std::sync::Mutex::new((!split).then_some(dormant_rx))),
     })
 }
 

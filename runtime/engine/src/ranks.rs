@@ -400,7 +400,7 @@ pub fn start_tensor_parallel(
         init: started.elapsed().saturating_sub(h2d),
         woke: false,
     };
-    let info = ModelInfo::of(name, pooled, kv_cache_bytes, kv.context, load);
+    let info = ModelInfo { ranks: n, ..ModelInfo::of(name, pooled, kv_cache_bytes, kv.context, load) };
     let ranks = Ranks { others, lead_collective, broken: false, lent: Some((group, groups.clone())) };
     spawn_engine(info, EngineParts::of(pooled, network, storage, Some(ranks)), config)
 }

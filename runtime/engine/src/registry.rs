@@ -17,11 +17,14 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::autoscaler::{Resident, WorkerView, placement};
+use crate::Device;
+use crate::autoscaler::{Resident, WorkerView, placements};
 use crate::checkpoint::Checkpoint;
 use crate::checkpoint_pool::{AdmitProgress, CheckpointPool, PoolStats};
 use crate::engine::{DormantReceiver, EngineConfig, EngineHandle, LoadBreakdown, start_engine, wake_engine};
 use crate::error::{EngineError, Result};
+use crate::network::tensor_parallel::Shard;
+use crate::ranks::{CollectiveGroups, start_tensor_parallel};
 use crate::worker::Worker;
 
 /// How a request came by its engine.
@@ -70,12 +73,15 @@ pub struct ModelEntry {
     pub path: PathBuf,
     pub architecture: &'static str,
     pub weight_bytes: u64,
-    /// Weights plus the KV cache its engine takes: what a load reserves.
+    /// Weights plus the KV cache its engine takes: what a load reserves (on each worker, for a
+    /// model split over several).
     pub engine_bytes: u64,
+    /// Workers (GPUs) its engine is split over by tensor parallelism; 1: whole on one.
+    pub ranks: usize,
     pub loaded: bool,
     /// Scaled to zero with its weights kept on the device (woken by the next request).
     pub asleep: bool,
-    /// The worker its engine runs (or sleeps) on.
+    /// The worker its engine runs (or sleeps) on; "cuda:0+cuda:1" for a split model.
     pub worker: Option<String>,
     pub tier: Tier,
 }
@@ -94,21 +100,25 @@ struct Registered {
     path: PathBuf,
     architecture: &'static str,
     weight_bytes: u64,
+    /// Per worker.
     engine_bytes: u64,
+    ranks: usize,
 }
 
 type LoadResult = Option<Result<EngineHandle>>;
 
+/// `workers` of a loading or ready engine: one, or a split engine's ranks in order; `reserved`
+/// and `bytes` are counted on each of them.
 enum Slot {
     Loading {
         id: u64,
-        worker: usize,
+        workers: Vec<usize>,
         reserved: u64,
         done: watch::Receiver<LoadResult>,
     },
     Ready {
         engine: EngineHandle,
-        worker: usize,
+        workers: Vec<usize>,
         bytes: u64,
     },
     /// Scaled to zero but its weights kept on the device while the memory is not needed: no
@@ -123,10 +133,15 @@ enum Slot {
 }
 
 impl Slot {
-    fn worker(&self) -> usize {
+    fn workers(&self) -> &[usize] {
         match self {
-            Slot::Loading { worker, .. } | Slot::Ready { worker, .. } | Slot::Asleep { worker, .. } => *worker,
+            Slot::Loading { workers, .. } | Slot::Ready { workers, .. } => workers,
+            Slot::Asleep { worker, .. } => std::slice::from_ref(worker),
         }
+    }
+
+    fn is_on(&self, worker: usize) -> bool {
+        self.workers().contains(&worker)
     }
 
     /// Bytes of a ready engine, or the weights of a sleeping one.
@@ -147,9 +162,10 @@ impl Slot {
     }
 }
 
-/// Dropped engines whose threads may still hold memory (in-flight generations finishing).
+/// Dropped engines whose threads may still hold memory (in-flight generations finishing):
+/// `bytes` on each of `workers`.
 struct Retiring {
-    worker: usize,
+    workers: Vec<usize>,
     bytes: u64,
     alive: Weak<()>,
 }
@@ -165,13 +181,13 @@ impl Residency {
     /// Bytes held on `worker` by loads in progress and by retiring engines: not evictable.
     fn pinned_bytes(&mut self, worker: usize) -> u64 {
         self.retiring.retain(|r| r.alive.strong_count() > 0);
-        let retiring: u64 = self.retiring.iter().filter(|r| r.worker == worker).map(|r| r.bytes).sum();
-        retiring + self.slots.values().filter(|s| s.worker() == worker).map(Slot::reserved_bytes).sum::<u64>()
+        let retiring: u64 = self.retiring.iter().filter(|r| r.workers.contains(&worker)).map(|r| r.bytes).sum();
+        retiring + self.slots.values().filter(|s| s.is_on(worker)).map(Slot::reserved_bytes).sum::<u64>()
     }
 
     /// Everything counted against `worker`'s budget.
     fn used_bytes(&mut self, worker: usize) -> u64 {
-        let ready: u64 = self.slots.values().filter(|s| s.worker() == worker).map(Slot::ready_bytes).sum();
+        let ready: u64 = self.slots.values().filter(|s| s.is_on(worker)).map(Slot::ready_bytes).sum();
         ready + self.pinned_bytes(worker)
     }
 
@@ -179,7 +195,7 @@ impl Residency {
     fn evictable_on(&self, worker: usize) -> Vec<Resident> {
         self.slots
             .iter()
-            .filter(|(_, s)| s.worker() == worker)
+            .filter(|(_, s)| s.is_on(worker))
             .filter_map(|(n, s)| match s {
                 Slot::Ready { engine, bytes, .. } => Some(Resident {
                     name: n.clone(),
@@ -195,8 +211,8 @@ impl Residency {
 
     fn remove(&mut self, name: &str) -> bool {
         match self.slots.remove(name) {
-            Some(Slot::Ready { engine, bytes, worker }) => {
-                self.retiring.push(Retiring { worker, bytes, alive: engine.alive_token() });
+            Some(Slot::Ready { engine, bytes, workers }) => {
+                self.retiring.push(Retiring { workers, bytes, alive: engine.alive_token() });
                 true
             }
             Some(asleep @ Slot::Asleep { .. }) => {
@@ -217,6 +233,8 @@ pub struct ModelRegistry {
     engine_config: EngineConfig,
     sources: RwLock<BTreeMap<String, Registered>>,
     residency: Arc<Mutex<Residency>>,
+    /// The collectives of split engines, made once per set of workers.
+    collectives: Arc<CollectiveGroups>,
 }
 
 /// A sleeping engine as eviction sees it: idle since it fell asleep, and before any awake one.
@@ -254,20 +272,42 @@ impl ModelRegistry {
     /// A registry over several workers (one per GPU), sharing one checkpoint pool.
     pub fn with_workers(workers: Vec<Arc<Worker>>, pool: Arc<CheckpointPool>, engine_config: EngineConfig) -> Self {
         assert!(!workers.is_empty(), "a registry needs a worker");
-        Self { workers, pool, engine_config, sources: RwLock::default(), residency: Arc::default() }
+        Self {
+            workers,
+            pool,
+            engine_config,
+            sources: RwLock::default(),
+            residency: Arc::default(),
+            collectives: CollectiveGroups::new(),
+        }
     }
 
     /// Registers (or re-points) `name` at a checkpoint directory after checking it opens.
     /// A running engine for the old directory is dropped.
     pub fn register(&self, name: &str, dir: &Path) -> Result<ModelEntry> {
+        self.register_split(name, dir, 1)
+    }
+
+    /// Registers `name` to be split over `ranks` workers by tensor parallelism (1: whole on one
+    /// worker). Refused when the registry has fewer workers or the model's shapes do not split
+    /// `ranks` ways.
+    pub fn register_split(&self, name: &str, dir: &Path, ranks: usize) -> Result<ModelEntry> {
         validate_model_name(name)?;
+        if ranks == 0 || ranks > self.workers.len() {
+            return Err(EngineError::InvalidParams(format!(
+                "model {name} split over {ranks} workers: this server has {} (--devices)",
+                self.workers.len()
+            )));
+        }
         let ckpt = Checkpoint::open(dir)?;
-        let kv = self.engine_config.kv_plan(&ckpt.config, self.engine_config.dtype_for(&self.workers[0].device));
+        let local = Shard::new(0, ranks)?.local_config(&ckpt.config)?;
+        let kv = self.engine_config.kv_plan(&local, self.engine_config.dtype_for(&self.workers[0].device));
         let entry = Registered {
             path: ckpt.dir.clone(),
             architecture: ckpt.arch.name(),
             weight_bytes: ckpt.weight_bytes,
-            engine_bytes: ckpt.weight_bytes + kv.bytes,
+            engine_bytes: ckpt.weight_bytes.div_ceil(ranks as u64) + kv.bytes,
+            ranks,
         };
         self.sources.write().expect("poisoned").insert(name.to_string(), entry);
         self.unload(name);
@@ -288,6 +328,7 @@ impl ModelRegistry {
             architecture: r.architecture,
             weight_bytes: r.weight_bytes,
             engine_bytes: r.engine_bytes,
+            ranks: r.ranks,
             loaded: self.loaded(name).is_some(),
             asleep: self.is_asleep(name),
             worker: self.worker_of(name),
@@ -318,18 +359,21 @@ impl ModelRegistry {
         }
     }
 
-    /// The checkpoint directory and engine footprint `name` is registered with.
-    fn source(&self, name: &str) -> Result<(PathBuf, u64)> {
+    /// The checkpoint directory, engine footprint (per worker) and ranks `name` is registered with.
+    fn source(&self, name: &str) -> Result<(PathBuf, u64, usize)> {
         match self.sources.read().expect("poisoned").get(name) {
-            Some(r) => Ok((r.path.clone(), r.engine_bytes)),
+            Some(r) => Ok((r.path.clone(), r.engine_bytes, r.ranks)),
             None => Err(EngineError::ModelNotFound(name.to_string())),
         }
     }
 
-    /// The label of the worker `name`'s engine runs (or loads) on.
+    /// The label of the worker `name`'s engine runs (or loads) on; a split engine's workers
+    /// joined by '+'.
     pub fn worker_of(&self, name: &str) -> Option<String> {
         let res = self.residency.lock().expect("poisoned");
-        res.slots.get(name).map(|s| self.workers[s.worker()].label.clone())
+        let labels =
+            |s: &Slot| s.workers().iter().map(|&w| self.workers[w].label.as_str()).collect::<Vec<_>>().join("+");
+        res.slots.get(name).map(labels)
     }
 
     /// The running engine for `name`, if any, without starting one.
@@ -342,7 +386,7 @@ impl ModelRegistry {
 
     /// The engine for `name`, starting it if needed. Concurrent callers share one load.
     pub async fn acquire(&self, name: &str) -> Result<Acquired> {
-        let (path, bytes) = self.source(name)?;
+        let (path, bytes, ranks) = self.source(name)?;
         let waiting_since = Instant::now();
         let mut done = {
             let mut res = self.residency.lock().expect("poisoned");
@@ -362,19 +406,22 @@ impl ModelRegistry {
                     let (tx, rx) = watch::channel(None);
                     let id = res.next_load;
                     res.next_load += 1;
-                    res.slots.insert(name.to_string(), Slot::Loading { id, worker, reserved: bytes, done: rx.clone() });
-                    self.spawn_load(name.to_string(), path, bytes, (id, worker), Some(dormant), tx);
+                    let workers = vec![worker];
+                    res.slots
+                        .insert(name.to_string(), Slot::Loading { id, workers, reserved: bytes, done: rx.clone() });
+                    self.spawn_load(name.to_string(), path, bytes, (id, vec![worker]), Some(dormant), tx);
                     rx
                 }
                 Some(Slot::Ready { .. }) | None => {
                     // Absent, or its engine thread died (it is dropped here and loaded afresh).
                     res.slots.remove(name);
-                    let worker = self.make_room(&mut res, name, bytes)?;
+                    let workers = self.make_room(&mut res, name, bytes, ranks)?;
                     let (tx, rx) = watch::channel(None);
                     let id = res.next_load;
                     res.next_load += 1;
-                    res.slots.insert(name.to_string(), Slot::Loading { id, worker, reserved: bytes, done: rx.clone() });
-                    self.spawn_load(name.to_string(), path, bytes, (id, worker), None, tx);
+                    let slot = Slot::Loading { id, workers: workers.clone(), reserved: bytes, done: rx.clone() };
+                    res.slots.insert(name.to_string(), slot);
+                    self.spawn_load(name.to_string(), path, bytes, (id, workers), None, tx);
                     rx
                 }
             }
@@ -392,19 +439,23 @@ impl ModelRegistry {
 
     /// Loads on a task of its own, so the result outlives any one waiter, then publishes it. With
     /// a sleeping engine's weights, wakes it instead (a load from the pool if they never come).
+    /// Over several workers, starts a split engine, one rank on each.
     fn spawn_load(
         &self,
         name: String,
         path: PathBuf,
         bytes: u64,
-        (id, at): (u64, usize),
+        (id, at): (u64, Vec<usize>),
         asleep: Option<DormantReceiver>,
         tx: watch::Sender<LoadResult>,
     ) {
         let (worker, pool, config, residency) =
-            (self.workers[at].clone(), self.pool.clone(), self.engine_config.clone(), self.residency.clone());
+            (self.workers[at[0]].clone(), self.pool.clone(), self.engine_config.clone(), self.residency.clone());
+        let split: Vec<Device> = at.iter().map(|&w| self.workers[w].device.clone()).collect();
+        let collectives = self.collectives.clone();
+        let labels = at.iter().map(|&w| self.workers[w].label.as_str()).collect::<Vec<_>>().join("+");
         tokio::spawn(async move {
-            tracing::info!(model = %name, path = %path.display(), worker = %worker.label, "cold start: loading model");
+            tracing::info!(model = %name, path = %path.display(), worker = %labels, "cold start: loading model");
             let loader_name = name.clone();
             let result = tokio::task::spawn_blocking(move || {
                 let log_progress = |p: AdmitProgress| {
@@ -416,6 +467,12 @@ impl ModelRegistry {
                     return wake_engine(dormant, &worker.device, &config);
                 }
                 pool.checkout_path_using(&path, &log_progress, |pooled, hit| {
+                    if split.len() > 1 {
+                        // Each rank takes its own worker's link at once; the link turns (below)
+                        // order the loads of one worker, which a split load spans several of.
+                        return start_tensor_parallel(&loader_name, pooled, hit, &split, &collectives, &config)
+                            .inspect_err(|_| pooled.abandon());
+                    }
                     let start = || start_engine(&loader_name, pooled, hit, &worker.device, &config);
                     // Loads from the pool take the link in turns, smallest first (see `link`). A
                     // miss copies each tensor as the disk delivers it, far below the link's speed,
@@ -438,11 +495,11 @@ impl ModelRegistry {
                 }
                 match &result {
                     Ok(engine) if ours => {
-                        res.slots.insert(name.clone(), Slot::Ready { engine: engine.clone(), worker: at, bytes });
+                        res.slots.insert(name.clone(), Slot::Ready { engine: engine.clone(), workers: at, bytes });
                     }
                     // Unloaded while loading: whoever waited still gets the engine; count it
                     // as retiring until they are done with it.
-                    Ok(engine) => res.retiring.push(Retiring { worker: at, bytes, alive: engine.alive_token() }),
+                    Ok(engine) => res.retiring.push(Retiring { workers: at, bytes, alive: engine.alive_token() }),
                     Err(_) => {}
                 }
             }
@@ -466,10 +523,10 @@ impl ModelRegistry {
         });
     }
 
-    /// Picks the worker for a load of `bytes` and drops least recently used idle engines there
-    /// until it fits, counting loads in progress and retiring engines as taken. Returns the
-    /// worker's index.
-    fn make_room(&self, res: &mut Residency, loading: &str, bytes: u64) -> Result<usize> {
+    /// Picks the worker for a load of `bytes` (`ranks` workers for a split model, `bytes` on
+    /// each) and drops least recently used idle engines there until it fits, counting loads in
+    /// progress and retiring engines as taken. Returns the workers' indices, rank by rank.
+    fn make_room(&self, res: &mut Residency, loading: &str, bytes: u64, ranks: usize) -> Result<Vec<usize>> {
         let views: Vec<WorkerView> = (0..self.workers.len())
             .map(|w| WorkerView {
                 budget: self.workers[w].memory_budget,
@@ -477,17 +534,19 @@ impl ModelRegistry {
                 resident: res.evictable_on(w),
             })
             .collect();
-        let (worker, victims) = placement(bytes, &views).map_err(|e| match e {
+        let placed = placements(bytes, ranks, &views).map_err(|e| match e {
             EngineError::Load(_) => EngineError::Load(format!(
                 "model {loading} needs {bytes} bytes (weights and KV cache), more than any worker's engine memory budget ({})",
                 self.workers.iter().map(|w| format!("{} {}", w.label, w.memory_budget)).collect::<Vec<_>>().join(", ")
             )),
             _ => EngineError::Overloaded(format!(
-                "not enough engine memory for model {loading}: {bytes} bytes needed, and on every worker the rest of the budget is held by engines that are busy or loading"
+                "not enough engine memory for model {loading}: {bytes} bytes needed on {ranks} worker(s), and the rest of the budget is held by engines that are busy or loading"
             )),
         })?;
-        self.evict(res, worker, &victims, loading);
-        Ok(worker)
+        for (worker, victims) in &placed {
+            self.evict(res, *worker, victims, loading);
+        }
+        Ok(placed.into_iter().map(|(worker, _)| worker).collect())
     }
 
     /// Makes room for `bytes` on one given worker (where a sleeping engine's weights are).
@@ -514,7 +573,7 @@ impl ModelRegistry {
     /// Admits `name`'s checkpoint to the pool ahead of the first request (page-in and pinning can
     /// take seconds for a large model), reporting progress. Returns whether it was already pooled.
     pub async fn preload(&self, name: &str, progress: impl Fn(AdmitProgress) + Send + Sync + 'static) -> Result<bool> {
-        let (path, _) = self.source(name)?;
+        let (path, ..) = self.source(name)?;
         let pool = self.pool.clone();
         tokio::task::spawn_blocking(move || pool.checkout_path(&path, &progress).map(|(_, hit)| hit))
             .await
@@ -560,7 +619,7 @@ impl ModelRegistry {
                 label: self.workers[w].label.clone(),
                 budget_bytes: self.workers[w].memory_budget,
                 resident_bytes: res.used_bytes(w),
-                engines: res.slots.values().filter(|s| s.worker() == w).count(),
+                engines: res.slots.values().filter(|s| s.is_on(w)).count(),
             })
             .collect()
     }
@@ -581,12 +640,14 @@ impl ModelRegistry {
 
     fn sleep_locked(res: &mut Residency, name: &str) -> bool {
         let Some(Slot::Ready { engine, .. }) = res.slots.get(name) else { return false };
+        // A split engine does not sleep (`take_dormant` gives nothing): it is dropped.
         let Some(dormant) = engine.take_dormant() else { return res.remove(name) };
-        let Some(Slot::Ready { engine, worker, bytes }) = res.slots.remove(name) else { unreachable!() };
+        let Some(Slot::Ready { engine, workers, bytes }) = res.slots.remove(name) else { unreachable!() };
+        let worker = workers[0];
         let weight_bytes = engine.info.weight_bytes.min(bytes);
         // Until the thread ends, its KV cache still holds memory.
         let alive = engine.alive_token();
-        res.retiring.push(Retiring { worker, bytes: bytes - weight_bytes, alive: alive.clone() });
+        res.retiring.push(Retiring { workers, bytes: bytes - weight_bytes, alive: alive.clone() });
         res.slots
             .insert(name.to_string(), Slot::Asleep { dormant, worker, weight_bytes, since: Instant::now(), alive });
         true
@@ -815,6 +876,54 @@ mod tests {
         assert!(registry.loaded("q").is_none(), "the least recently used engine made room");
         assert_eq!(registry.worker_of("q2").unwrap(), wq);
         assert_eq!(registry.worker_of("l").unwrap(), wl);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_split_model_spans_two_workers_generates_what_it_generates_whole_and_is_dropped_when_idle() {
+        let dir = models();
+        let registry = two_worker_registry(dir.path());
+        let whole = registry.list().into_iter().find(|e| e.name == "q").unwrap();
+        let entry = registry.register_split("s", &dir.path().join("q"), 2).unwrap();
+        assert_eq!((entry.ranks, whole.ranks), (2, 1));
+        assert!(entry.engine_bytes < whole.engine_bytes * 2 / 3, "each worker holds a share: {entry:?}");
+        let greedy = SamplingParams { max_tokens: 12, temperature: 0.0, ..Default::default() };
+        let acquired = registry.acquire("q").await.unwrap();
+        let (expected, _) = acquired.engine.generate("Once upon".into(), greedy.clone()).await.unwrap();
+        drop(acquired);
+        let split = registry.acquire("s").await.unwrap();
+        // Rank 0 goes where there is the most room (here cpu:1, as q's idle engine is on cpu:0).
+        assert_eq!(registry.worker_of("s").unwrap(), "cpu:1+cpu:0");
+        assert_eq!(registry.list().into_iter().find(|e| e.name == "s").unwrap().worker.unwrap(), "cpu:1+cpu:0");
+        assert_eq!(split.engine.info.ranks, 2, "a split engine");
+        let (text, _) = split.engine.generate("Once upon".into(), greedy).await.unwrap();
+        assert_eq!(text, expected, "split over two workers, the same greedy text");
+        for usage in registry.workers() {
+            assert!(usage.resident_bytes <= usage.budget_bytes, "{usage:?}");
+            assert!(usage.resident_bytes >= entry.engine_bytes, "the split counts on every worker: {usage:?}");
+        }
+        drop(split);
+        // Idle, a split engine is dropped rather than put to sleep, and comes back split.
+        assert!(registry.sleep_idle(Duration::ZERO).contains(&"s".to_string()));
+        assert!(!registry.is_asleep("s") && registry.loaded("s").is_none());
+        let again = registry.acquire("s").await.unwrap();
+        assert!(again.cold_start.unwrap().load.pool_hit);
+        assert_eq!(again.engine.info.ranks, 2);
+        assert!(["cpu:0+cpu:1", "cpu:1+cpu:0"].contains(&registry.worker_of("s").unwrap().as_str()));
+    }
+
+    #[test]
+    fn a_split_over_more_workers_than_there_are_or_that_does_not_divide_is_refused() {
+        let dir = models();
+        let two = two_worker_registry(dir.path());
+        let err = two.register_split("s", &dir.path().join("q"), 3).unwrap_err();
+        assert!(matches!(err, EngineError::InvalidParams(_)), "{err}");
+        assert!(!two.contains("s"));
+        let workers = (0..3).map(|_| Arc::new(Worker::cpu(u64::MAX))).collect();
+        let three =
+            ModelRegistry::with_workers(workers, Arc::new(CheckpointPool::new(1 << 30, None)), EngineConfig::default());
+        // 4 attention heads do not split 3 ways.
+        let err = three.register_split("s", &dir.path().join("q"), 3).unwrap_err();
+        assert!(matches!(err, EngineError::Load(_)), "{err}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

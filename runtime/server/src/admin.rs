@@ -339,14 +339,17 @@ async fn read_upload(
 struct AddModel {
     name: String,
     path: PathBuf,
+    /// Workers (GPUs) to split the model over by tensor parallelism; 1 (whole) when absent.
+    #[serde(default)]
+    tensor_parallel: Option<usize>,
 }
 
 async fn add_model(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
-    let add: AddModel = match read_json(req, "{\"name\", \"path\"}").await {
+    let add: AddModel = match read_json(req, "{\"name\", \"path\", \"tensor_parallel\"?}").await {
         Ok(a) => a,
         Err(resp) => return resp,
     };
-    match app.register_model(&add.name, &add.path).await {
+    match app.register_model(&add.name, &add.path, add.tensor_parallel.unwrap_or(1)).await {
         Ok(entry) => json(StatusCode::CREATED, &entry),
         Err(e @ ModelError::Invalid(_)) => error(ErrorCode::InvalidModel, e.to_string()),
         Err(e @ ModelError::Storage(_)) => storage_error(e),

@@ -397,15 +397,15 @@ impl App {
             self.synced_models.lock().expect("poisoned").remove(name);
             tracing::info!(model = %name, "model unregistered from the store");
         }
-        for (name, path) in stored {
+        for (name, record) in stored {
             if self.registry.contains(&name) {
                 continue;
             }
             let registry = self.registry.clone();
-            let (n, p) = (name.clone(), path.clone());
-            match tokio::task::spawn_blocking(move || registry.register(&n, &p)).await {
+            let (n, p, ranks) = (name.clone(), record.path.clone(), record.ranks);
+            match tokio::task::spawn_blocking(move || registry.register_split(&n, &p, ranks)).await {
                 Ok(Ok(_)) => {
-                    tracing::info!(model = %name, path = %path.display(), "registered model from the store");
+                    tracing::info!(model = %name, path = %record.path.display(), ranks, "registered model from the store");
                     self.synced_models.lock().expect("poisoned").insert(name);
                 }
                 Ok(Err(e)) => tracing::error!(model = %name, error = %e, "could not register stored model"),
@@ -415,15 +415,21 @@ impl App {
         Ok(())
     }
 
-    /// Registers a model and keeps it registered across restarts (and, with shared state, on
-    /// every node).
-    pub async fn register_model(&self, name: &str, path: &std::path::Path) -> Result<ModelEntry, ModelError> {
+    /// Registers a model, split over `ranks` workers (1: whole), and keeps it registered across
+    /// restarts (and, with shared state, on every node).
+    pub async fn register_model(
+        &self,
+        name: &str,
+        path: &std::path::Path,
+        ranks: usize,
+    ) -> Result<ModelEntry, ModelError> {
         let registry = self.registry.clone();
         let (n, p) = (name.to_string(), path.to_path_buf());
-        let entry = tokio::task::spawn_blocking(move || registry.register(&n, &p))
+        let entry = tokio::task::spawn_blocking(move || registry.register_split(&n, &p, ranks))
             .await
             .map_err(|e| ModelError::Internal(e.to_string()))??;
-        if let Err(e) = self.store.put_model(name, &entry.path).await {
+        let record = crate::store::ModelRecord { path: entry.path.clone(), ranks };
+        if let Err(e) = self.store.put_model(name, &record).await {
             self.registry.remove(name);
             return Err(e.into());
         }

@@ -48,7 +48,7 @@ error_codes! {
     BadRequest = "bad_request", BAD_REQUEST, Server, "malformed request (JSON, multipart, UTF-8); also raised by a handler's BadRequest";
     InvalidManifest = "invalid_manifest", BAD_REQUEST, Server, "the manifest does not parse or breaks a rule";
     InvalidComponent = "invalid_component", BAD_REQUEST, Server, "not a component, or one that imports what Kindling lacks or lacks the handler export";
-    InvalidModel = "invalid_model", BAD_REQUEST, Server, "a checkpoint that does not open";
+    InvalidModel = "invalid_model", BAD_REQUEST, Server, "a checkpoint that does not open, or a split it cannot take";
     UnknownModel = "unknown_model", BAD_REQUEST, Server, "a model name that is not registered";
     LimitOverCeiling = "limit_over_ceiling", BAD_REQUEST, Server, "a manifest limit over the server's ceiling";
     Unauthorized = "unauthorized", UNAUTHORIZED, Server, "missing or wrong credentials";

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use super::{DeleteCheck, DeployCheck, DeploymentRecord, StateStore, readable, storage, verified};
+use super::{DeleteCheck, DeployCheck, DeploymentRecord, ModelRecord, StateStore, readable, storage, verified};
 use crate::app::DeployError;
 use crate::tenant::TenantRecord;
 
@@ -126,13 +126,32 @@ impl FileStore {
         Ok(out)
     }
 
-    fn update_models<R>(&self, change: impl FnOnce(&mut BTreeMap<String, PathBuf>) -> R) -> io::Result<R> {
+    fn update_models<R>(&self, change: impl FnOnce(&mut BTreeMap<String, ModelRecord>) -> R) -> io::Result<R> {
         let _guard = self.lock.lock().expect("poisoned");
-        let mut models: BTreeMap<String, PathBuf> = read_json(&self.models_path())?;
+        let mut models = read_models(&self.models_path())?;
         let out = change(&mut models);
         write_json(&self.models_path(), &models)?;
         Ok(out)
     }
+}
+
+/// One entry of models.json: a record, or the bare path that stores before split models wrote.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum StoredModel {
+    Record(ModelRecord),
+    Path(PathBuf),
+}
+
+fn read_models(path: &Path) -> io::Result<BTreeMap<String, ModelRecord>> {
+    let stored: BTreeMap<String, StoredModel> = read_json(path)?;
+    Ok(stored
+        .into_iter()
+        .map(|(name, m)| match m {
+            StoredModel::Record(record) => (name, record),
+            StoredModel::Path(path) => (name, ModelRecord::whole(path)),
+        })
+        .collect())
 }
 
 /// Leftovers of writes a crash interrupted: never visible, safe to drop.
@@ -250,13 +269,13 @@ impl StateStore for FileStore {
         self.update_tenants(|t| t.remove(name).is_some())
     }
 
-    async fn load_models(&self) -> io::Result<BTreeMap<String, PathBuf>> {
-        read_json(&self.models_path())
+    async fn load_models(&self) -> io::Result<BTreeMap<String, ModelRecord>> {
+        read_models(&self.models_path())
     }
 
-    async fn put_model(&self, name: &str, path: &Path) -> io::Result<()> {
+    async fn put_model(&self, name: &str, record: &ModelRecord) -> io::Result<()> {
         self.update_models(|m| {
-            m.insert(name.to_string(), path.to_path_buf());
+            m.insert(name.to_string(), record.clone());
         })
     }
 
@@ -365,13 +384,25 @@ mod tests {
         assert!(store.insert_tenant("acme", &rec).await.unwrap());
         assert!(!store.insert_tenant("acme", &rec).await.unwrap(), "a second insert is refused");
         assert!(!store.update_tenant("nobody", &rec).await.unwrap());
-        store.put_model("a", Path::new("/models/a")).await.unwrap();
-        store.put_model("b", Path::new("/models/b.gguf")).await.unwrap();
+        store.put_model("a", &ModelRecord::whole("/models/a".into())).await.unwrap();
+        store.put_model("b", &ModelRecord::whole("/models/b.gguf".into())).await.unwrap();
+        let split = ModelRecord { path: "/models/c".into(), ranks: 2 };
+        store.put_model("c", &split).await.unwrap();
         assert!(store.remove_model("a").await.unwrap());
         let store = FileStore::open(dir.path()).unwrap();
         assert_eq!(store.load_tenants().await.unwrap().keys().collect::<Vec<_>>(), ["acme"]);
         let models = store.load_models().await.unwrap();
-        assert_eq!(models.into_iter().collect::<Vec<_>>(), [("b".to_string(), PathBuf::from("/models/b.gguf"))]);
+        let expected = [("b".to_string(), ModelRecord::whole("/models/b.gguf".into())), ("c".to_string(), split)];
+        assert_eq!(models.into_iter().collect::<Vec<_>>(), expected);
+    }
+
+    #[tokio::test]
+    async fn models_stored_as_bare_paths_load_as_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        fs::write(dir.path().join("models.json"), br#"{"old": "/models/old"}"#).unwrap();
+        let models = store.load_models().await.unwrap();
+        assert_eq!(models["old"], ModelRecord::whole("/models/old".into()));
     }
 
     #[tokio::test]

@@ -80,9 +80,9 @@ pub trait StateStore: Send + Sync {
     async fn update_tenant(&self, name: &str, record: &TenantRecord) -> io::Result<bool>;
     async fn delete_tenant(&self, name: &str) -> io::Result<bool>;
 
-    /// Models registered through the API: name → checkpoint path.
-    async fn load_models(&self) -> io::Result<BTreeMap<String, PathBuf>>;
-    async fn put_model(&self, name: &str, path: &std::path::Path) -> io::Result<()>;
+    /// Models registered through the API, by name.
+    async fn load_models(&self) -> io::Result<BTreeMap<String, ModelRecord>>;
+    async fn put_model(&self, name: &str, record: &ModelRecord) -> io::Result<()>;
     async fn remove_model(&self, name: &str) -> io::Result<bool>;
 
     /// Drops this node's cached copies of components none of `live` refers to (a shared store's
@@ -93,6 +93,26 @@ pub trait StateStore: Send + Sync {
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
     }
+}
+
+/// A model registered through the API: its checkpoint, and the workers its engine is split over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelRecord {
+    pub path: PathBuf,
+    /// Workers (GPUs) its engine is split over by tensor parallelism; 1: whole on one.
+    #[serde(default = "whole")]
+    pub ranks: usize,
+}
+
+impl ModelRecord {
+    /// A model loaded whole on one worker.
+    pub fn whole(path: PathBuf) -> Self {
+        Self { path, ranks: 1 }
+    }
+}
+
+fn whole() -> usize {
+    1
 }
 
 /// A storage failure as a deploy reports it.

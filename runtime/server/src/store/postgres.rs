@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ use tokio::sync::{Mutex, watch};
 use tokio_postgres::{AsyncMessage, Client};
 
 use super::s3::ComponentBlobs;
-use super::{DeleteCheck, DeployCheck, DeploymentRecord, StateStore, readable, storage};
+use super::{DeleteCheck, DeployCheck, DeploymentRecord, ModelRecord, StateStore, readable, storage};
 use crate::app::DeployError;
 use crate::tenant::TenantRecord;
 
@@ -31,6 +31,7 @@ const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS kindling_deployments (name text PRIMARY KEY, record text NOT NULL);
 CREATE TABLE IF NOT EXISTS kindling_tenants (name text PRIMARY KEY, record text NOT NULL);
 CREATE TABLE IF NOT EXISTS kindling_models (name text PRIMARY KEY, path text NOT NULL);
+ALTER TABLE kindling_models ADD COLUMN IF NOT EXISTS ranks integer NOT NULL DEFAULT 1;
 ";
 
 fn db(e: tokio_postgres::Error) -> io::Error {
@@ -307,21 +308,28 @@ impl StateStore for PostgresStore {
         Ok(self.change("DELETE FROM kindling_tenants WHERE name = $1", &[&name], "tenants").await? == 1)
     }
 
-    async fn load_models(&self) -> io::Result<BTreeMap<String, PathBuf>> {
+    async fn load_models(&self) -> io::Result<BTreeMap<String, ModelRecord>> {
         let guard = self.client().await?;
         let rows = guard
             .as_ref()
             .expect("connected")
-            .query("SELECT name, path FROM kindling_models", &[])
+            .query("SELECT name, path, ranks FROM kindling_models", &[])
             .await
             .map_err(db)?;
-        Ok(rows.iter().map(|row| (row.get::<_, String>(0), PathBuf::from(row.get::<_, String>(1)))).collect())
+        let record = |row: &tokio_postgres::Row| ModelRecord {
+            path: PathBuf::from(row.get::<_, String>(1)),
+            ranks: row.get::<_, i32>(2).max(1) as usize,
+        };
+        Ok(rows.iter().map(|row| (row.get::<_, String>(0), record(row))).collect())
     }
 
-    async fn put_model(&self, name: &str, path: &Path) -> io::Result<()> {
-        let path = path.to_str().ok_or_else(|| io::Error::other("model paths must be UTF-8 in a shared store"))?;
-        let sql = "INSERT INTO kindling_models (name, path) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET path = excluded.path";
-        self.change(sql, &[&name, &path], "models").await.map(drop)
+    async fn put_model(&self, name: &str, record: &ModelRecord) -> io::Result<()> {
+        let path =
+            record.path.to_str().ok_or_else(|| io::Error::other("model paths must be UTF-8 in a shared store"))?;
+        let ranks = i32::try_from(record.ranks).map_err(io::Error::other)?;
+        let sql = "INSERT INTO kindling_models (name, path, ranks) VALUES ($1, $2, $3) \
+                   ON CONFLICT (name) DO UPDATE SET path = excluded.path, ranks = excluded.ranks";
+        self.change(sql, &[&name, &path, &ranks], "models").await.map(drop)
     }
 
     async fn remove_model(&self, name: &str) -> io::Result<bool> {
