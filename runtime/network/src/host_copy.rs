@@ -52,7 +52,12 @@ pub fn columns(
     }
     #[cfg(feature = "cuda")]
     {
-        Some(cuda::columns(bytes, [rows, cols], [start, len], dtype, device))
+        let copy = match dtype {
+            DType::BF16 => cuda::copy::<half::bf16>,
+            DType::F16 => cuda::copy::<half::f16>,
+            _ => cuda::copy::<f32>,
+        };
+        Some(copy(bytes, [rows, cols], [start, len], device))
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -65,24 +70,9 @@ mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{DevicePtrMut, sys};
     use candle_core::cuda_backend::{CudaDType, CudaStorage};
     use candle_core::op::BackpropOp;
-    use candle_core::{DType, Device, Result, Storage, Tensor, bail};
+    use candle_core::{Device, Result, Storage, Tensor, bail};
 
-    pub fn columns(
-        bytes: &[u8],
-        [rows, cols]: [usize; 2],
-        [start, len]: [usize; 2],
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Tensor> {
-        match dtype {
-            DType::BF16 => copy::<half::bf16>(bytes, [rows, cols], [start, len], device),
-            DType::F16 => copy::<half::f16>(bytes, [rows, cols], [start, len], device),
-            DType::F32 => copy::<f32>(bytes, [rows, cols], [start, len], device),
-            other => bail!("pitched copy of {other:?}"),
-        }
-    }
-
-    fn copy<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+    pub fn copy<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
         bytes: &[u8],
         [rows, cols]: [usize; 2],
         [start, len]: [usize; 2],
