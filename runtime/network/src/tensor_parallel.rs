@@ -245,7 +245,19 @@ pub mod nccl {
     use crate::error::{NetworkError, Result};
 
     pub struct NcclCollective {
-        comm: Comm,
+        /// Dropped by hand (`Drop` below): cudarc's drop panics when NCCL cannot abort the
+        /// communicator, which is what happens when it is dropped as the process exits.
+        comm: std::mem::ManuallyDrop<Comm>,
+    }
+
+    impl Drop for NcclCollective {
+        fn drop(&mut self) {
+            // SAFETY: dropped once, here; nothing uses `comm` after.
+            let comm = unsafe { std::mem::ManuallyDrop::take(&mut self.comm) };
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(comm))).is_err() {
+                tracing::warn!("an NCCL communicator could not be aborted (the CUDA driver may be shutting down)");
+            }
+        }
     }
 
     // SAFETY: a communicator is used by one thread at a time: its rank's, which runs that rank's
@@ -263,7 +275,7 @@ pub mod nccl {
                 .map_err(NetworkError::load)?;
             let comms = Comm::from_devices(streams)
                 .map_err(|e| NetworkError::Load(format!("NCCL could not make a communicator: {e:?}")))?;
-            Ok(comms.into_iter().map(|comm| NcclCollective { comm }).collect())
+            Ok(comms.into_iter().map(|comm| NcclCollective { comm: std::mem::ManuallyDrop::new(comm) }).collect())
         }
     }
 
