@@ -288,8 +288,10 @@ fn part_bytes<'a>(
             let row = bytes.len() / shape[0].max(1);
             let elem = row / shape[1].max(1);
             out_shape[1] = len;
-            let gathered =
-                bytes.chunks_exact(row).flat_map(|r| &r[start * elem..(start + len) * elem]).copied().collect();
+            let mut gathered = Vec::with_capacity(shape[0] * len * elem);
+            for r in bytes.chunks_exact(row) {
+                gathered.extend_from_slice(&r[start * elem..(start + len) * elem]);
+            }
             Ok((Cow::Owned(gathered), out_shape))
         }
         Part::Rows { dim, .. } => Err(format!("cannot split dimension {dim} of a tensor of shape {shape:?}")),
