@@ -348,11 +348,12 @@ async fn tensor_parallel(
     // computes in f32 already.
     let greedy_text_f32 = if devices[0].is_cuda() {
         let f32 = kindling_engine::EngineConfig { dtype: Some(kindling_engine::DType::F32), ..one_sequence() };
-        let (pooled, hit) = pool.checkout_path(path, &|_| {})?;
-        let whole = {
-            let (name, pooled, device, f32) = (name.to_string(), pooled.clone(), devices[0].clone(), f32.clone());
-            tokio::task::spawn_blocking(move || {
-                kindling_engine::engine::start_engine(&name, &pooled, hit, &device, &f32)
+        let (whole, pooled, hit) = {
+            let (name, pool, path, device, f32) =
+                (name.to_string(), pool.clone(), path.to_path_buf(), devices[0].clone(), f32.clone());
+            tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                let (pooled, hit) = pool.checkout_path(&path, &|_| {})?;
+                Ok((kindling_engine::engine::start_engine(&name, &pooled, hit, &device, &f32)?, pooled, hit))
             })
             .await??
         };

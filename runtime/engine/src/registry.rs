@@ -371,9 +371,12 @@ impl ModelRegistry {
     /// joined by '+'.
     pub fn worker_of(&self, name: &str) -> Option<String> {
         let res = self.residency.lock().expect("poisoned");
-        let labels =
-            |s: &Slot| s.workers().iter().map(|&w| self.workers[w].label.as_str()).collect::<Vec<_>>().join("+");
-        res.slots.get(name).map(labels)
+        res.slots.get(name).map(|s| self.labels(s.workers()))
+    }
+
+    /// Workers' labels, rank 0 first, joined by '+'.
+    fn labels(&self, workers: &[usize]) -> String {
+        workers.iter().map(|&w| self.workers[w].label.as_str()).collect::<Vec<_>>().join("+")
     }
 
     /// The running engine for `name`, if any, without starting one.
@@ -406,9 +409,8 @@ impl ModelRegistry {
                     let (tx, rx) = watch::channel(None);
                     let id = res.next_load;
                     res.next_load += 1;
-                    let workers = vec![worker];
-                    res.slots
-                        .insert(name.to_string(), Slot::Loading { id, workers, reserved: bytes, done: rx.clone() });
+                    let slot = Slot::Loading { id, workers: vec![worker], reserved: bytes, done: rx.clone() };
+                    res.slots.insert(name.to_string(), slot);
                     self.spawn_load(name.to_string(), path, bytes, (id, vec![worker]), Some(dormant), tx);
                     rx
                 }
@@ -453,7 +455,7 @@ impl ModelRegistry {
             (self.workers[at[0]].clone(), self.pool.clone(), self.engine_config.clone(), self.residency.clone());
         let split: Vec<Device> = at.iter().map(|&w| self.workers[w].device.clone()).collect();
         let collectives = self.collectives.clone();
-        let labels = at.iter().map(|&w| self.workers[w].label.as_str()).collect::<Vec<_>>().join("+");
+        let labels = self.labels(&at);
         tokio::spawn(async move {
             tracing::info!(model = %name, path = %path.display(), worker = %labels, "cold start: loading model");
             let loader_name = name.clone();
