@@ -417,14 +417,20 @@ mod tests {
         SamplingParams { max_tokens, temperature: 0.0, ..Default::default() }
     }
 
+    /// A tiny model of `arch` in a temp dir (kept while the first value lives), checked into a pool.
+    fn pooled_tiny(arch: crate::Architecture) -> (tempfile::TempDir, Arc<PooledCheckpoint>) {
+        let dir = tempfile::tempdir().unwrap();
+        make_tiny_model(dir.path(), &TinySpec::new(arch)).unwrap();
+        let pool = CheckpointPool::new(u64::MAX, None);
+        let (pooled, _) = pool.checkout(crate::Checkpoint::open(dir.path()).unwrap(), &|_| {}).unwrap();
+        (dir, pooled)
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn a_model_split_over_two_ranks_generates_what_it_generates_whole() {
         let prompts = ["Once upon a time", "The lighthouse keeper climbed", "Seven ships"];
         for arch in [crate::Architecture::Llama, crate::Architecture::Qwen3, crate::Architecture::Opt] {
-            let dir = tempfile::tempdir().unwrap();
-            make_tiny_model(dir.path(), &TinySpec::new(arch)).unwrap();
-            let pool = CheckpointPool::new(u64::MAX, None);
-            let (pooled, _) = pool.checkout(crate::Checkpoint::open(dir.path()).unwrap(), &|_| {}).unwrap();
+            let (_dir, pooled) = pooled_tiny(arch);
             let config = EngineConfig::default();
             let whole = crate::engine::start_engine("whole", &pooled, true, &Device::Cpu, &config).unwrap();
             let groups = CollectiveGroups::new();
@@ -475,10 +481,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread")]
     async fn a_rank_that_fails_mid_step_fails_the_request_and_stops_the_engine_without_hanging() {
-        let dir = tempfile::tempdir().unwrap();
-        make_tiny_model(dir.path(), &TinySpec::new(crate::Architecture::Llama)).unwrap();
-        let pool = CheckpointPool::new(u64::MAX, None);
-        let (pooled, _) = pool.checkout(crate::Checkpoint::open(dir.path()).unwrap(), &|_| {}).unwrap();
+        let (_dir, pooled) = pooled_tiny(crate::Architecture::Llama);
         let mut group = ThreadCollective::group(2).into_iter().map(|c| Arc::new(c) as Arc<dyn Collective>);
         let (lead_collective, other) = (group.next().unwrap(), group.next().unwrap());
         // Rank 1's cache is one block: a prompt that needs a second block fails there only.
@@ -527,10 +530,7 @@ mod tests {
 
     #[test]
     fn a_rank_whose_load_fails_reports_it_and_its_thread_ends() {
-        let dir = tempfile::tempdir().unwrap();
-        make_tiny_model(dir.path(), &TinySpec::new(crate::Architecture::Llama)).unwrap();
-        let pool = CheckpointPool::new(u64::MAX, None);
-        let (pooled, _) = pool.checkout(crate::Checkpoint::open(dir.path()).unwrap(), &|_| {}).unwrap();
+        let (_dir, pooled) = pooled_tiny(crate::Architecture::Llama);
         let config = EngineConfig::default();
         let local = Shard::new(0, 2).unwrap().local_config(&pooled.ckpt.config).unwrap();
         // Rank 1 of 3 of a model whose 4 heads do not split 3 ways: its own load refuses it.
@@ -552,10 +552,7 @@ mod tests {
 
     #[test]
     fn a_shape_that_does_not_split_or_a_single_device_is_refused_before_loading() {
-        let dir = tempfile::tempdir().unwrap();
-        make_tiny_model(dir.path(), &TinySpec::new(crate::Architecture::Llama)).unwrap();
-        let pool = CheckpointPool::new(u64::MAX, None);
-        let (pooled, _) = pool.checkout(crate::Checkpoint::open(dir.path()).unwrap(), &|_| {}).unwrap();
+        let (_dir, pooled) = pooled_tiny(crate::Architecture::Llama);
         let (config, groups) = (EngineConfig::default(), CollectiveGroups::new());
         let err = start_tensor_parallel("m", &pooled, true, &[const { Device::Cpu }; 3], &groups, &config)
             .err()
