@@ -1,7 +1,7 @@
 //! With the `cuda` feature, compiles our kernels (kernels/*.cu) to PTX with nvcc, loaded at run
 //! time through candle's custom-module cache. Without it, nothing: CPU builds need no CUDA toolkit.
 
-const KERNELS: [&str; 2] = ["paged_decode", "fused"];
+const KERNELS: [&str; 3] = ["paged_attention", "fused", "skinny_matmul"];
 
 fn main() {
     for kernel in KERNELS {

@@ -19,7 +19,7 @@ generate() { # LABEL (env decides fused or not)
       | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["choices"][0]["text"]))'
   done; done > "$OUT/tiny-$1.txt"
   kill $pid; wait $pid 2>/dev/null
-  grep -E "fused layer kernels|paged decode kernel" "$OUT/tiny-$1.log" | sed 's/.*INFO //; s/.*WARN //' | head -3
+  grep -E "fused layer kernels|paged attention kernel" "$OUT/tiny-$1.log" | sed 's/.*INFO //; s/.*WARN //' | head -3
 }
 if [ -z "${SKIP_TINY:-}" ]; then
   generate fused

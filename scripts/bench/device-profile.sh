@@ -6,7 +6,7 @@
 # (kernel_profile.py: per kernel, per step). The raw CSVs come back xz'd. (3) phases: our own
 # CUDA-event timing of each phase of the forward pass (KINDLING_PROFILE_PHASES=1, eager), at 1,
 # 8 and 64 streams, far cheaper than ncu. (4) attention: Nsight Compute's full report (memory
-# throughput, occupancy, warp stalls) of a few paged decode attention kernels of a 64-stream
+# throughput, occupancy, warp stalls) of a few paged attention kernels of a 64-stream
 # decode, the only kernels it profiles, so it is quick. STEPS: any of floor ncu phases attention
 # (default floor phases).
 set -uo pipefail
@@ -32,7 +32,7 @@ for step in ${STEPS:-floor phases}; do
     # Skip boot, warm-up and prefill: the 64 streams' decode steps come after some 2,000 launches
     # of this kernel (32 layers per step).
     KINDLING_CUDA_GRAPHS=0 timeout ${NCU_TIMEOUT:-300} "$NCU" --target-processes all --set full \
-      --kernel-name regex:paged_decode_bf16 --launch-skip ${SKIP:-3000} --launch-count 3 -o /tmp/attention -f \
+      --kernel-name regex:paged_attention_bf16 --launch-skip ${SKIP:-3000} --launch-count 3 -o /tmp/attention -f \
       "$BIN" bench serve --device cuda --model llama3.1-8b=$M/llama3.1-8b --plugin /tmp/openai-python.wasm \
       --concurrency 64 --prompt-tokens 512-512 --output-tokens 160 \
       --serve-args "--kv-cache-gib 24 --max-step-tokens 4096" --out /tmp/attention.json >/tmp/attention.log 2>&1

@@ -16,6 +16,9 @@ nccl.all_reduce(xs)
 torch.cuda.synchronize(0); torch.cuda.synchronize(1)
 print("torch NCCL all_reduce of 32 MiB bf16:", sorted({float(v) for x in xs for v in x[::4096].tolist()}), "(expected [3.0])")
 PY
+# What the links move, pinned host memory to each GPU alone and to both at once, contiguous and
+# pitched (LINKS=0 skips): the floor for a split model's start.
+[ "${LINKS:-1}" = 1 ] && python3 scripts/bench/link_floor.py 4 "$OUT/link-floor.json"
 # The tiny model first (seconds): with NCCL's P2P on and off, and with our fused kernels off. Its
 # greedy text against the whole model's, in bf16 and in f32, shows whether the split is right on
 # these GPUs before the 8B is tried. NCCL's own log of the first run says which transport it took.

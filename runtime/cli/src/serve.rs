@@ -70,6 +70,10 @@ pub struct ServeArgs {
     /// default; activations are quantized to 8 bits). CPU default: dequantize to f32 at load.
     #[arg(long)]
     quantized_matmul: bool,
+    /// Compute dtype of every model's weights, activations and KV cache: f32 or bf16.
+    /// Default: f32 on CPU, bf16 on a GPU.
+    #[arg(long, value_parser = parse_dtype)]
+    dtype: Option<kindling_engine::DType>,
     /// Handler instances that may exist at once across all deployments (pooling allocator slots).
     #[arg(long, default_value_t = 128)]
     max_instances: u32,
@@ -121,6 +125,15 @@ pub fn gib(v: f64) -> u64 {
 }
 
 /// Logs to stderr, filtered by `KINDLING_LOG` (default `info`).
+/// `--dtype`: the compute dtypes a model may run in.
+fn parse_dtype(name: &str) -> Result<kindling_engine::DType, String> {
+    match name {
+        "f32" => Ok(kindling_engine::DType::F32),
+        "bf16" => Ok(kindling_engine::DType::BF16),
+        _ => Err(format!("{name:?} is not a compute dtype: use f32 or bf16")),
+    }
+}
+
 /// `--tensor-parallel NAME=N` flags as NAME -> N, each naming a model given with `--model`.
 fn tensor_parallel_specs(
     specs: &[String],
@@ -171,7 +184,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             kv_cache_bytes: gib(args.kv_cache_gib.unwrap_or(if worker.device.is_cpu() { 0.25 } else { 16.0 })),
             max_context: args.max_context,
             dequantize: if args.quantized_matmul { Some(false) } else { None },
-            ..EngineConfig::default()
+            dtype: args.dtype,
         };
         let workers = workers.into_iter().map(Arc::new).collect();
         let registry = Arc::new(ModelRegistry::with_workers(workers, pool, engine_config));
@@ -227,7 +240,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::tensor_parallel_specs;
+    use super::{parse_dtype, tensor_parallel_specs};
+
+    #[test]
+    fn dtype_flags_name_a_compute_dtype() {
+        assert_eq!(parse_dtype("f32"), Ok(kindling_engine::DType::F32));
+        assert_eq!(parse_dtype("bf16"), Ok(kindling_engine::DType::BF16));
+        for bad in ["int8", "f16"] {
+            assert!(parse_dtype(bad).unwrap_err().contains("f32 or bf16"), "{bad}");
+        }
+    }
 
     #[test]
     fn tensor_parallel_flags_name_a_model_and_a_number() {

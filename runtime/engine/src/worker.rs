@@ -234,10 +234,21 @@ mod cuda {
                 Ok(wrong) => crate::network::host_copy::disable(&format!("self-check: {wrong} of 35 elements wrong")),
                 Err(e) => crate::network::host_copy::disable(&format!("self-check failed: {e}")),
             }
-            match crate::network::paged_kernel::self_check(&worker.device) {
-                Ok(diff) if diff < 0.02 => tracing::info!(max_abs_diff = diff, "paged decode kernel checked"),
-                Ok(diff) => crate::network::paged_kernel::disable(&format!("self-check differs by {diff}")),
-                Err(e) => crate::network::paged_kernel::disable(&format!("self-check failed: {e}")),
+            crate::network::skinny::honour_env();
+            if crate::network::skinny::enabled() {
+                match crate::network::skinny::self_check(&worker.device) {
+                    Ok(diff) if diff < 0.02 => tracing::info!(max_rel_diff = diff, "skinny matmul kernel checked"),
+                    Ok(diff) => crate::network::skinny::disable(&format!("self-check differs by {diff}")),
+                    Err(e) => crate::network::skinny::disable(&format!("self-check failed: {e}")),
+                }
+            }
+            crate::network::paged_kernel::honour_env();
+            if crate::network::paged_kernel::enabled() {
+                match crate::network::paged_kernel::self_check(&worker.device) {
+                    Ok(diff) if diff < 0.02 => tracing::info!(max_abs_diff = diff, "paged attention kernel checked"),
+                    Ok(diff) => crate::network::paged_kernel::disable(&format!("self-check differs by {diff}")),
+                    Err(e) => crate::network::paged_kernel::disable(&format!("self-check failed: {e}")),
+                }
             }
             // Graphs ride on both kernels above; with either off they do not apply anyway.
             if crate::network::fused::applies(&worker.device) && crate::network::paged_kernel::enabled() {

@@ -36,20 +36,21 @@ struct QueryPass {
     mask: Option<Tensor>,
 }
 
-/// The decode tokens at the front of the batch (one token each), attended together.
-pub struct DecodeGroup {
-    seqs: usize,
-    keys: DecodeKeys,
+/// How a step's tokens reach their keys.
+pub enum StepAttention {
+    /// Every token of the step, decode and prefill alike, through the paged kernel in one launch:
+    /// it reads K/V in place (`KernelMeta`).
+    InPlace { meta: Tensor, table_width: usize },
+    /// Gathered: the decode tokens at the front of the batch together, then the other sequences
+    /// one by one.
+    Gathered { decode: Option<DecodeGroup>, seqs: Vec<SeqAttention> },
 }
 
-/// How the decode group reaches its keys.
-enum DecodeKeys {
-    /// The paged kernel reads them in place: `[seqs, 2 + max blocks]` u32 rows of
-    /// (first visible key, keys, block table).
-    InPlace { meta: Tensor },
-    /// Gathered in groups of consecutive sequences, each padded to its longest context and
-    /// masked; a group's gathered K/V and scores stay under `MAX_SCORES` elements.
-    Gathered(Vec<GatheredGroup>),
+/// The decode tokens at the front of the batch (one token each), gathered in groups of
+/// consecutive sequences, each padded to its longest context and masked; a group's gathered K/V
+/// and scores stay under `MAX_SCORES` elements.
+pub struct DecodeGroup {
+    groups: Vec<GatheredGroup>,
 }
 
 struct GatheredGroup {
@@ -69,9 +70,7 @@ pub struct StepPlan {
     /// Rows of the packed batch whose logits are wanted.
     pub sample_rows: Tensor,
     pub samples: usize,
-    pub decode: Option<DecodeGroup>,
-    /// The sequences after the decode group, one by one.
-    pub seqs: Vec<SeqAttention>,
+    pub attention: StepAttention,
 }
 
 /// First key position a query at `pos` may see.
@@ -84,12 +83,41 @@ fn decode_keys(chunk: &SeqChunk, window: Option<usize>) -> (usize, usize) {
     (first_visible(chunk.start, window), chunk.start + 1)
 }
 
-/// Appends one decode token's row of the paged kernel's metadata, `width` u32 long: (first
-/// visible key, keys, block table padded with zeros, which the kernel never reads).
-pub fn push_kernel_meta(chunk: &SeqChunk, window: Option<usize>, width: usize, meta: &mut Vec<u32>) {
-    let (lo, hi) = decode_keys(chunk, window);
-    meta.extend([lo as u32, (hi - lo) as u32]);
-    meta.extend(chunk.block_table.iter().copied().chain(std::iter::repeat(0)).take(width - 2));
+/// The paged kernel's metadata for a step: a row per query token, (first visible key, keys,
+/// table index), then each chunk's block table padded with zeros (which the kernel never reads)
+/// to `width` entries. A prefill token sees its sequence's keys up to its own position.
+#[derive(Debug, PartialEq)]
+pub struct KernelMeta {
+    rows: Vec<u32>,
+    tables: Vec<u32>,
+    width: usize,
+}
+
+impl KernelMeta {
+    pub fn new(width: usize) -> Self {
+        Self { rows: Vec::new(), tables: Vec::new(), width }
+    }
+
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// Adds a chunk: its block table, and a row per token.
+    pub fn push_chunk(&mut self, chunk: &SeqChunk, window: Option<usize>) {
+        let table = (self.tables.len() / self.width.max(1)) as u32;
+        self.tables.extend(chunk.block_table.iter().copied().chain(std::iter::repeat(0)).take(self.width));
+        for pos in chunk.start..chunk.start + chunk.len {
+            let lo = first_visible(pos, window);
+            self.rows.extend([lo as u32, (pos + 1 - lo) as u32, table]);
+        }
+    }
+
+    /// The rows, then the tables: what the kernel reads.
+    pub fn into_values(self) -> Vec<u32> {
+        let mut values = self.rows;
+        values.extend(self.tables);
+        values
+    }
 }
 
 fn decode_group(
@@ -99,15 +127,6 @@ fn decode_group(
     max_scores: usize,
 ) -> candle_core::Result<DecodeGroup> {
     let window = config.sliding_window;
-    if super::paged_kernel::applies(config, device) {
-        let width = 2 + chunks.iter().map(|c| c.block_table.len()).max().unwrap_or(0);
-        let mut meta = Vec::with_capacity(chunks.len() * width);
-        for c in chunks {
-            push_kernel_meta(c, window, width, &mut meta);
-        }
-        let meta = Tensor::from_vec(meta, (chunks.len(), width), device)?;
-        return Ok(DecodeGroup { seqs: chunks.len(), keys: DecodeKeys::InPlace { meta } });
-    }
     // Per sequence and key: its scores (one per query head) and its gathered K and V.
     let per_key = config.num_heads + 2 * config.kv_dim();
     let mut groups = Vec::new();
@@ -126,7 +145,7 @@ fn decode_group(
         groups.push(gathered_group(&rest[..n], keys, window, device)?);
         rest = &rest[n..];
     }
-    Ok(DecodeGroup { seqs: chunks.len(), keys: DecodeKeys::Gathered(groups) })
+    Ok(DecodeGroup { groups })
 }
 
 /// Decode tokens whose keys are gathered together, padded to `keys` (the longest).
@@ -190,16 +209,21 @@ fn seq_attention(
 impl StepPlan {
     /// A step of decode tokens only, every one sampled, whose inputs already lie on the device
     /// (a CUDA graph's fixed buffers): `positions` and `slots` `[seqs]`, `rows` `0..seqs`, and
-    /// the paged kernel's `meta` `[seqs, width]` (`push_kernel_meta`).
-    pub fn decode_in_place(positions: Tensor, slots: Tensor, rows: Tensor, meta: Tensor) -> candle_core::Result<Self> {
+    /// the paged kernel's `meta` (`KernelMeta`, tables `table_width` wide).
+    pub fn decode_in_place(
+        positions: Tensor,
+        slots: Tensor,
+        rows: Tensor,
+        meta: Tensor,
+        table_width: usize,
+    ) -> candle_core::Result<Self> {
         let seqs = positions.dim(0)?;
         Ok(Self {
             positions,
             slots,
             sample_rows: rows,
             samples: seqs,
-            decode: Some(DecodeGroup { seqs, keys: DecodeKeys::InPlace { meta } }),
-            seqs: Vec::new(),
+            attention: StepAttention::InPlace { meta, table_width },
         })
     }
 
@@ -218,19 +242,20 @@ impl StepPlan {
         let mut positions = Vec::with_capacity(n);
         let mut write = Vec::with_capacity(n);
         let mut sample_rows = Vec::new();
-        let mut seqs = Vec::with_capacity(batch.chunks.len());
+        let (window, heads) = (config.sliding_window, config.num_heads);
+        let in_place = super::paged_kernel::applies(config, device);
+        let mut seqs = Vec::with_capacity(if in_place { 0 } else { batch.chunks.len() });
         let decoding = batch.chunks.iter().take_while(|c| c.len == 1).count();
-        let decode = match decoding {
-            0 => None,
-            _ => Some(decode_group(&batch.chunks[..decoding], config, device, max_scores)?),
-        };
+        let width = batch.chunks.iter().map(|c| c.block_table.len()).max().unwrap_or(0);
+        let mut meta = KernelMeta::new(width);
         let mut offset = 0;
         for (i, chunk) in batch.chunks.iter().enumerate() {
             let range = chunk.start..chunk.start + chunk.len;
             positions.extend(range.clone().map(|p| p as u32));
             write.extend(slots(&chunk.block_table, range));
-            if i >= decoding {
-                let (window, heads) = (config.sliding_window, config.num_heads);
+            if in_place {
+                meta.push_chunk(chunk, window);
+            } else if i >= decoding {
                 seqs.push(seq_attention(chunk, offset, window, heads, max_scores, device)?);
             }
             offset += chunk.len;
@@ -241,14 +266,24 @@ impl StepPlan {
         if offset != n {
             candle_core::bail!("batch has {n} tokens but its chunks cover {offset}");
         }
+        let attention = if in_place {
+            let values = meta.into_values();
+            let len = values.len();
+            StepAttention::InPlace { meta: Tensor::from_vec(values, len, device)?, table_width: width }
+        } else {
+            let decode = match decoding {
+                0 => None,
+                _ => Some(decode_group(&batch.chunks[..decoding], config, device, max_scores)?),
+            };
+            StepAttention::Gathered { decode, seqs }
+        };
         let samples = sample_rows.len();
         Ok(Self {
             positions: Tensor::from_vec(positions, n, device)?,
             slots: Tensor::from_vec(write, n, device)?,
             sample_rows: Tensor::from_vec(sample_rows, samples, device)?,
             samples,
-            decode,
-            seqs,
+            attention,
         })
     }
 }
@@ -266,37 +301,36 @@ pub fn paged(
 ) -> candle_core::Result<Tensor> {
     let (kvh, hd, group) = (c.num_kv_heads, c.head_dim, c.num_heads / c.num_kv_heads);
     let scale = 1.0 / (hd as f64).sqrt();
-    let mut outs = Vec::with_capacity(plan.seqs.len() + 1);
-    if let Some(DecodeGroup { seqs, keys }) = &plan.decode {
-        let seqs = *seqs;
-        outs.push(match keys {
-            DecodeKeys::InPlace { meta } => {
-                let qd = q.narrow(0, 0, seqs)?.contiguous()?;
-                in_place(&qd, k_cache, v_cache, meta, scale as f32)?.reshape((seqs, kvh * group * hd))?
+    let (decode, seqs) = match &plan.attention {
+        StepAttention::InPlace { meta, table_width } => {
+            let tokens = q.dim(0)?;
+            let out = in_place(&q.contiguous()?, k_cache, v_cache, meta, *table_width, scale as f32)?;
+            return out.reshape((tokens, kvh * group * hd));
+        }
+        StepAttention::Gathered { decode, seqs } => (decode, seqs),
+    };
+    let mut outs = Vec::with_capacity(seqs.len() + 1);
+    if let Some(DecodeGroup { groups }) = decode {
+        let mut first = 0;
+        let mut parts = Vec::with_capacity(groups.len());
+        for g in groups {
+            let (n, keys) = (g.seqs, g.keys);
+            // q: [n, heads, hd] -> [kv_heads, n, group, hd]; keys: [kv_heads, n, keys, hd].
+            let qd = q.narrow(0, first, n)?.reshape((n, kvh, group, hd))?.transpose(0, 1)?.contiguous()?;
+            let gather = |cache: &Tensor| cache.index_select(&g.read_slots, 1)?.reshape((kvh, n, keys, hd));
+            let (ks, vs) = (gather(k_cache)?, gather(v_cache)?);
+            let mut scores = (qd.matmul(&ks.transpose(2, 3)?)?.to_dtype(DType::F32)? * scale)?;
+            if let Some(mask) = &g.mask {
+                scores = scores.broadcast_add(mask)?;
             }
-            DecodeKeys::Gathered(groups) => {
-                let mut first = 0;
-                let mut parts = Vec::with_capacity(groups.len());
-                for g in groups {
-                    let (n, keys) = (g.seqs, g.keys);
-                    // q: [n, heads, hd] -> [kv_heads, n, group, hd]; keys: [kv_heads, n, keys, hd].
-                    let qd = q.narrow(0, first, n)?.reshape((n, kvh, group, hd))?.transpose(0, 1)?.contiguous()?;
-                    let gather = |cache: &Tensor| cache.index_select(&g.read_slots, 1)?.reshape((kvh, n, keys, hd));
-                    let (ks, vs) = (gather(k_cache)?, gather(v_cache)?);
-                    let mut scores = (qd.matmul(&ks.transpose(2, 3)?)?.to_dtype(DType::F32)? * scale)?;
-                    if let Some(mask) = &g.mask {
-                        scores = scores.broadcast_add(mask)?;
-                    }
-                    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(vs.dtype())?;
-                    // [kv_heads, n, group, hd] -> [n, heads * hd]
-                    parts.push(probs.matmul(&vs)?.transpose(0, 1)?.reshape((n, kvh * group * hd))?);
-                    first += n;
-                }
-                Tensor::cat(&parts, 0)?
-            }
-        });
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(vs.dtype())?;
+            // [kv_heads, n, group, hd] -> [n, heads * hd]
+            parts.push(probs.matmul(&vs)?.transpose(0, 1)?.reshape((n, kvh * group * hd))?);
+            first += n;
+        }
+        outs.push(Tensor::cat(&parts, 0)?);
     }
-    for s in &plan.seqs {
+    for s in seqs {
         let keys = s.read_slots.dim(0)?;
         let (ks, vs) = (k_cache.index_select(&s.read_slots, 1)?, v_cache.index_select(&s.read_slots, 1)?);
         for pass in &s.passes {
@@ -321,16 +355,24 @@ pub fn paged(
     Tensor::cat(&outs, 0)
 }
 
-/// Decode attention by the paged kernel: `q` `[seqs, heads, hd]` -> `[seqs, heads, hd]`.
+/// Attention by the paged kernel: `q` `[tokens, heads, hd]` -> `[tokens, heads, hd]`.
 #[cfg(feature = "cuda")]
-fn in_place(q: &Tensor, k_cache: &Tensor, v_cache: &Tensor, meta: &Tensor, scale: f32) -> candle_core::Result<Tensor> {
-    q.apply_op3_no_bwd(k_cache, v_cache, &super::paged_kernel::PagedDecode { meta: meta.clone(), scale, parts: None })
+fn in_place(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    meta: &Tensor,
+    table_width: usize,
+    scale: f32,
+) -> candle_core::Result<Tensor> {
+    let op = super::paged_kernel::PagedAttention { meta: meta.clone(), table_width, scale, parts: None };
+    q.apply_op3_no_bwd(k_cache, v_cache, &op)
 }
 
 /// Without CUDA the kernel never applies (`paged_kernel::applies`), so this is unreachable.
 #[cfg(not(feature = "cuda"))]
-fn in_place(_: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, _: f32) -> candle_core::Result<Tensor> {
-    candle_core::bail!("the paged decode kernel needs a build with the cuda feature")
+fn in_place(_: &Tensor, _: &Tensor, _: &Tensor, _: &Tensor, _: usize, _: f32) -> candle_core::Result<Tensor> {
+    candle_core::bail!("the paged attention kernel needs a build with the cuda feature")
 }
 
 #[cfg(test)]
@@ -358,7 +400,8 @@ mod tests {
             let tokens = Tensor::new(batch.tokens.as_slice(), &Device::Cpu).unwrap();
             let run = |max_scores| {
                 let plan = StepPlan::with_score_budget(&batch, &c, &Device::Cpu, max_scores).unwrap();
-                let passes: Vec<usize> = plan.seqs.iter().map(|s| s.passes.len()).collect();
+                let StepAttention::Gathered { seqs, .. } = &plan.attention else { panic!("the CPU gathers") };
+                let passes: Vec<usize> = seqs.iter().map(|s| s.passes.len()).collect();
                 let logits = network.forward_planned(&tokens, &plan, &kv).unwrap().to_vec2::<f32>().unwrap();
                 (passes, logits)
             };
@@ -392,7 +435,7 @@ mod tests {
         let tokens = Tensor::new(decode.tokens.as_slice(), &Device::Cpu).unwrap();
         let run = |max_scores| {
             let plan = StepPlan::with_score_budget(&decode, &c, &Device::Cpu, max_scores).unwrap();
-            let Some(DecodeGroup { keys: DecodeKeys::Gathered(groups), .. }) = &plan.decode else {
+            let StepAttention::Gathered { decode: Some(DecodeGroup { groups }), .. } = &plan.attention else {
                 panic!("the CPU gathers decode keys")
             };
             let sizes: Vec<usize> = groups.iter().map(|g| g.seqs).collect();
@@ -405,5 +448,17 @@ mod tests {
         let worst = whole.iter().flatten().zip(grouped.iter().flatten()).map(|(a, b)| (a - b).abs());
         let worst = worst.fold(0f32, f32::max);
         assert!(worst < 1e-5, "groups change the logits by {worst}");
+    }
+
+    #[test]
+    fn kernel_meta_gives_each_token_its_causal_keys_and_its_table() {
+        // A decode token, then a 3-token prefill chunk at positions 5..8, with a window of 4.
+        let chunk = |start, len, block_table| SeqChunk { start, len, block_table, sample: true };
+        let mut meta = KernelMeta::new(3);
+        meta.push_chunk(&chunk(20, 1, vec![4, 2]), None);
+        meta.push_chunk(&chunk(5, 3, vec![7]), Some(4));
+        let rows = [0, 21, 0, 2, 4, 1, 3, 4, 1, 4, 4, 1];
+        let tables = [4, 2, 0, 7, 0, 0];
+        assert_eq!(meta.into_values(), [rows.as_slice(), tables.as_slice()].concat());
     }
 }

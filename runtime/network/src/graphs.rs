@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::Batch;
-use super::attention::push_kernel_meta;
+use super::attention::KernelMeta;
 
 static GATE: RwLock<()> = RwLock::new(());
 static ENABLED: AtomicBool = AtomicBool::new(cfg!(feature = "cuda"));
@@ -52,15 +52,15 @@ pub fn bucket(seqs: usize) -> usize {
 }
 
 /// The block-table entries a graph makes room for, for tables of up to `blocks` entries: a power
-/// of two of at least 16 (before the context's cap, which `meta_width` applies).
+/// of two of at least 16 (before the context's cap, which `table_width` applies).
 pub fn table_bucket(blocks: usize) -> usize {
     blocks.max(16).next_power_of_two()
 }
 
-/// Width of the kernel metadata rows (2 + block-table entries) for block tables of up to
-/// `blocks` entries: `table_bucket(blocks)`, at most `max_blocks`.
-pub fn meta_width(blocks: usize, max_blocks: usize) -> usize {
-    2 + table_bucket(blocks).min(max_blocks.max(blocks))
+/// Width of the kernel's block tables for tables of up to `blocks` entries: `table_bucket(blocks)`,
+/// at most `max_blocks`.
+pub fn table_width(blocks: usize, max_blocks: usize) -> usize {
+    table_bucket(blocks).min(max_blocks.max(blocks))
 }
 
 /// A decode step's inputs, padded to a graph's shape, as they go into its fixed buffers.
@@ -73,7 +73,7 @@ pub struct GraphInputs {
     pub tokens: Vec<u32>,
     pub positions: Vec<u32>,
     pub slots: Vec<u32>,
-    /// `[bucket, width]`, row-major.
+    /// The paged kernel's `KernelMeta`: `[bucket, 3]` rows, then `[bucket, width]` tables.
     pub meta: Vec<u32>,
 }
 
@@ -85,24 +85,24 @@ impl GraphInputs {
         let seqs = chunks.len();
         let decode_only = chunks.iter().all(|c| c.len == 1 && c.sample) && batch.tokens.len() == seqs;
         let longest = chunks.iter().map(|c| c.block_table.len()).max()?;
-        let (bucket, width) = (bucket(seqs), meta_width(longest, max_blocks));
+        let (bucket, width) = (bucket(seqs), table_width(longest, max_blocks));
         if !decode_only || bucket > max_seqs || longest > max_blocks {
             return None;
         }
         let padded = || (0..bucket).map(|i| if i < seqs { i } else { 0 });
-        let mut inputs = GraphInputs {
+        let mut meta = KernelMeta::new(width);
+        for i in padded() {
+            meta.push_chunk(&chunks[i], window);
+        }
+        Some(GraphInputs {
             seqs,
             bucket,
             width,
             tokens: padded().map(|i| batch.tokens[i]).collect(),
             positions: padded().map(|i| chunks[i].start as u32).collect(),
             slots: padded().map(|i| slot_of(&chunks[i])).collect(),
-            meta: Vec::with_capacity(bucket * width),
-        };
-        for i in padded() {
-            push_kernel_meta(&chunks[i], window, width, &mut inputs.meta);
-        }
-        Some(inputs)
+            meta: meta.into_values(),
+        })
     }
 }
 
@@ -218,7 +218,7 @@ mod cuda {
 
     impl DecodeGraphs {
         /// Graphs for `network`'s decode steps of up to `max_running` sequences, or `None` where
-        /// they do not apply (graphs off, no fused kernels or paged decode kernel for it).
+        /// they do not apply (graphs off, no fused kernels or paged attention kernel for it).
         pub fn new(network: &Network, max_running: usize) -> Option<Self> {
             let device = &network.device;
             if !ENABLED.load(Ordering::Relaxed)
@@ -240,7 +240,7 @@ mod cuda {
                     tokens: u32s(max_seqs)?,
                     positions: u32s(max_seqs)?,
                     slots: u32s(max_seqs)?,
-                    meta: u32s(max_seqs * (2 + max_blocks))?,
+                    meta: u32s(max_seqs * (3 + max_blocks))?,
                     rows: Tensor::arange(0u32, max_seqs as u32, device)?,
                     logits: Tensor::zeros((max_seqs, network.config.vocab_size), DType::F32, device)?,
                     graphs: HashMap::new(),
@@ -336,12 +336,13 @@ mod cuda {
         /// The token ids and step plan over the fixed buffers, shaped for `inputs`' graph.
         fn views(&self, inputs: &GraphInputs) -> candle_core::Result<(Tensor, StepPlan)> {
             let b = inputs.bucket;
-            let meta = self.meta.narrow(0, 0, b * inputs.width)?.reshape((b, inputs.width))?;
+            let meta = self.meta.narrow(0, 0, b * (3 + inputs.width))?;
             let plan = StepPlan::decode_in_place(
                 self.positions.narrow(0, 0, b)?,
                 self.slots.narrow(0, 0, b)?,
                 self.rows.narrow(0, 0, b)?,
                 meta,
+                inputs.width,
             )?;
             Ok((self.tokens.narrow(0, 0, b)?, plan))
         }
@@ -386,11 +387,11 @@ mod tests {
     }
 
     #[test]
-    fn meta_width_grows_in_powers_of_two_up_to_the_context() {
-        assert_eq!(meta_width(1, 512), 18);
-        assert_eq!(meta_width(17, 512), 34);
-        assert_eq!(meta_width(300, 512), 514);
-        assert_eq!(meta_width(40, 40), 42);
+    fn table_width_grows_in_powers_of_two_up_to_the_context() {
+        assert_eq!(table_width(1, 512), 16);
+        assert_eq!(table_width(17, 512), 32);
+        assert_eq!(table_width(300, 512), 512);
+        assert_eq!(table_width(40, 40), 40);
     }
 
     fn chunk(start: usize, table: Vec<u32>) -> SeqChunk {
@@ -402,15 +403,20 @@ mod tests {
         let batch =
             Batch { tokens: vec![7, 8, 9], chunks: vec![chunk(20, vec![4, 2]), chunk(0, vec![5]), chunk(3, vec![1])] };
         let inputs = GraphInputs::pack(&batch, None, 8, 64).expect("a decode step");
-        assert_eq!((inputs.seqs, inputs.bucket, inputs.width), (3, 4, 18));
+        assert_eq!((inputs.seqs, inputs.bucket, inputs.width), (3, 4, 16));
         assert_eq!(inputs.tokens, [7, 8, 9, 7]);
         assert_eq!(inputs.positions, [20, 0, 3, 20]);
         let b = BLOCK_SIZE as u32;
         assert_eq!(inputs.slots, [2 * b + 4, 5 * b, b + 3, 2 * b + 4]);
-        assert_eq!(inputs.meta.len(), 4 * 18);
-        assert_eq!(&inputs.meta[..4], &[0, 21, 4, 2]);
-        assert_eq!(&inputs.meta[18..21], &[0, 1, 5]);
-        assert_eq!(inputs.meta[..18], inputs.meta[3 * 18..], "the padding row is the first row");
+        let (rows, tables) = inputs.meta.split_at(4 * 3);
+        assert_eq!(
+            rows,
+            [0, 21, 0, 0, 1, 1, 0, 4, 2, 0, 21, 3],
+            "the padding row is the first row, with its own table"
+        );
+        assert_eq!(tables.len(), 4 * 16);
+        assert_eq!((&tables[..3], &tables[16..18], &tables[32..34]), (&[4, 2, 0][..], &[5, 0][..], &[1, 0][..]));
+        assert_eq!(tables[..16], tables[3 * 16..]);
     }
 
     #[test]

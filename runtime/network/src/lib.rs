@@ -20,6 +20,7 @@ pub mod kv_cache;
 pub mod paged_kernel;
 pub mod phases;
 pub mod rope;
+pub mod skinny;
 pub mod tensor_parallel;
 
 use std::collections::HashMap;
@@ -67,6 +68,7 @@ impl Linear {
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
+            Linear::Dense(w) if skinny::applies(x, w) => skinny::matmul_t(x, w),
             Linear::Dense(w) => x.matmul(&w.t()?),
             // Quantized matmuls take f32 activations.
             Linear::Quantized(q) => q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype()),
@@ -209,6 +211,8 @@ pub struct Network {
     /// Set on a rank of a tensor-parallel group: adds the ranks' partial sums after each
     /// layer's attention and MLP.
     collective: Option<Arc<dyn tensor_parallel::Collective>>,
+    /// The rows of the vocabulary this rank's head holds, when the head is split.
+    head_rows: Option<std::ops::Range<usize>>,
 }
 
 enum Positions {
@@ -362,6 +366,7 @@ impl Network {
             lm_head,
             positions,
             collective: None,
+            head_rows: None,
         })
     }
 
@@ -381,7 +386,24 @@ impl Network {
     ) -> Result<Self> {
         let mut network = Self::new(shard.local_config(&config)?, weights, context, how, device)?;
         network.collective = Some(collective);
+        if let Linear::Dense(head) = &network.lm_head {
+            let rows = head.dim(0).map_err(NetworkError::load)?;
+            if rows < config.vocab_size {
+                network.head_rows = Some(shard.rank * rows..(shard.rank + 1) * rows);
+            }
+        }
         Ok(network)
+    }
+
+    /// Logits over the whole vocabulary from this rank's `part` of them (its `head_rows`): placed
+    /// among zeros and summed over the ranks, which adds nothing but the other ranks' parts.
+    fn whole_vocabulary(&self, part: Tensor) -> candle_core::Result<Tensor> {
+        let Some(rows) = &self.head_rows else { return Ok(part) };
+        let (n, vocab) = (part.dim(0)?, self.config.vocab_size);
+        let (dtype, device) = (part.dtype(), part.device().clone());
+        let zeros = |len| Tensor::zeros((n, len), dtype, &device);
+        let placed = Tensor::cat(&[zeros(rows.start)?, part, zeros(vocab - rows.end)?], 1)?;
+        self.all_ranks(placed)
     }
 
     /// The sum of every rank's `partial` (itself when the network is not sharded).
@@ -453,7 +475,7 @@ impl Network {
             if let Some(d) = delta {
                 last = (last + d.index_select(&plan.sample_rows, 0)?)?;
             }
-            self.lm_head.forward(&self.norm.forward(&last)?)?.to_dtype(DType::F32)?
+            self.whole_vocabulary(self.lm_head.forward(&self.norm.forward(&last)?)?)?.to_dtype(DType::F32)?
         };
         timer.mark("lm_head");
         timer.finish();

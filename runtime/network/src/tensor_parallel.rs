@@ -1,9 +1,12 @@
 //! Tensor parallelism: one network split over several devices, Megatron-style. Rank `r` of `n`
 //! holds the `r`-th `1/n` of the attention heads (its rows of q/k/v, its columns of o_proj) and of
-//! the MLP's intermediate features (its rows of gate/up, its columns of down); norms, embeddings
-//! and the head are replicated. A layer's attention and MLP each end in a partial sum that the
-//! ranks add together (`Collective::all_reduce_sum`), so every rank carries the same hidden state
-//! and ends a step with the same logits. A rank's KV cache holds its own K/V heads only, so the
+//! the MLP's intermediate features (its rows of gate/up, its columns of down) and of the
+//! vocabulary (its rows of an untied head, when they divide); norms and embeddings are
+//! replicated. A layer's attention and MLP each end in a partial sum that the ranks add together
+//! (`Collective::all_reduce_sum`), so every rank carries the same hidden state; each rank's logits
+//! for its part of the vocabulary, placed among zeros, are summed the same way, so every rank ends
+//! a step with the same logits. Splitting the head matters for a start: each rank copies its
+//! share of the weights over its own link, and a replicated head is a large share to copy twice. A rank's KV cache holds its own K/V heads only, so the
 //! cache, like the weights, is split `n` ways.
 //!
 //! A rank's network is built with its `local_config` (heads, K/V heads and intermediate size
@@ -53,6 +56,8 @@ enum Split {
     Part { dim: usize },
     /// A bias added after the sum: rank 0 holds it, the others hold zeros, so it counts once.
     AfterSum,
+    /// The head: rows of the vocabulary when the ranks divide it, else all of it.
+    Vocab,
 }
 
 impl Shard {
@@ -94,6 +99,8 @@ impl Shard {
             Split::Part { dim: 1 }
         } else if part("o_proj.bias") || part("down_proj.bias") {
             Split::AfterSum
+        } else if name == "lm_head.weight" {
+            Split::Vocab
         } else {
             Split::Replicated
         }
@@ -107,6 +114,13 @@ impl Shard {
             Split::Replicated => Ok(Part::Whole),
             Split::AfterSum if self.rank == 0 => Ok(Part::Whole),
             Split::AfterSum => Ok(Part::Zeros),
+            Split::Vocab => Ok(match shape.first() {
+                Some(vocab) if vocab.is_multiple_of(self.ranks) => {
+                    let len = vocab / self.ranks;
+                    Part::Rows { dim: 0, start: self.rank * len, len }
+                }
+                _ => Part::Whole,
+            }),
             Split::Part { dim } => match shape.get(dim) {
                 Some(size) if size.is_multiple_of(self.ranks) => {
                     let len = size / self.ranks;
@@ -363,6 +377,7 @@ mod tests {
             let c = config(model_type, serde_json::json!({}));
             let weights = random_weights(&c);
             let whole = two_steps(&Network::new(c.clone(), dense(&weights), 64, F32, &Device::Cpu).unwrap());
+            let (c_vocab, untied) = (c.vocab_size, !c.tie_word_embeddings);
             let collectives = ThreadCollective::group(2);
             let ranks: Vec<_> = std::thread::scope(|s| {
                 let ranks: Vec<_> = collectives
@@ -377,6 +392,9 @@ mod tests {
                                 Network::new_rank(c, weights, 64, F32, &Device::Cpu, shard, Arc::new(collective))
                                     .unwrap();
                             assert_eq!(network.config.num_kv_heads, 1, "each rank caches half the K/V heads");
+                            let half = c_vocab / 2;
+                            let expected = untied.then(|| rank * half..(rank + 1) * half);
+                            assert_eq!(network.head_rows, expected, "an untied head holds its half of the vocabulary");
                             two_steps(&network)
                         })
                     })
@@ -420,6 +438,14 @@ mod tests {
         let err =
             Shard::new(1, 2).unwrap().slice("model.layers.0.self_attn.q_proj.weight", Weight::Quantized(Arc::new(q)));
         assert!(matches!(err, Err(NetworkError::Load(m)) if m.contains("quantized")));
+    }
+
+    #[test]
+    fn the_head_splits_by_vocabulary_when_the_ranks_divide_it() {
+        let shard = Shard::new(1, 2).unwrap();
+        assert_eq!(shard.part("lm_head.weight", &[96, 8]).unwrap(), Part::Rows { dim: 0, start: 48, len: 48 });
+        assert_eq!(shard.part("lm_head.weight", &[97, 8]).unwrap(), Part::Whole, "an odd vocabulary stays whole");
+        assert_eq!(shard.part("model.embed_tokens.weight", &[96, 8]).unwrap(), Part::Whole);
     }
 
     #[test]
