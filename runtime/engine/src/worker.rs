@@ -139,6 +139,21 @@ mod cuda {
         Ok(usize::try_from(count).unwrap_or(0))
     }
 
+    /// Logs a boot self-check that found at most `tolerance` of difference; else turns the
+    /// checked path off through `disable`, with why.
+    fn keep_if_checked<E: std::fmt::Display>(
+        what: &str,
+        check: std::result::Result<f32, E>,
+        tolerance: f32,
+        disable: fn(&str),
+    ) {
+        match check {
+            Ok(diff) if diff < tolerance => tracing::info!(max_diff = diff, "{what} checked"),
+            Ok(diff) => disable(&format!("self-check differs by {diff}")),
+            Err(e) => disable(&format!("self-check failed: {e}")),
+        }
+    }
+
     fn check(what: &str, r: sys::CUresult) -> Result<()> {
         if r == sys::CUresult::CUDA_SUCCESS { Ok(()) } else { Err(EngineError::Load(format!("{what} failed: {r:?}"))) }
     }
@@ -221,12 +236,9 @@ mod cuda {
             };
             crate::network::fused::honour_env();
             crate::network::graphs::honour_env();
-            if crate::network::fused::applies(&worker.device) {
-                match crate::network::fused::self_check(&worker.device) {
-                    Ok(diff) if diff < 0.02 => tracing::info!(max_rel_diff = diff, "fused layer kernels checked"),
-                    Ok(diff) => crate::network::fused::disable(&format!("self-check differs by {diff}")),
-                    Err(e) => crate::network::fused::disable(&format!("self-check failed: {e}")),
-                }
+            use crate::network::{fused, graphs, paged_kernel, skinny};
+            if fused::applies(&worker.device) {
+                keep_if_checked("fused layer kernels", fused::self_check(&worker.device), 0.02, fused::disable);
             }
             worker.warm_up()?;
             match crate::network::host_copy::self_check(&worker.device) {
@@ -234,31 +246,20 @@ mod cuda {
                 Ok(wrong) => crate::network::host_copy::disable(&format!("self-check: {wrong} of 35 elements wrong")),
                 Err(e) => crate::network::host_copy::disable(&format!("self-check failed: {e}")),
             }
-            crate::network::skinny::honour_env();
-            if crate::network::skinny::enabled() {
-                match crate::network::skinny::self_check(&worker.device) {
-                    Ok(diff) if diff < 0.02 => tracing::info!(max_rel_diff = diff, "skinny matmul kernel checked"),
-                    Ok(diff) => crate::network::skinny::disable(&format!("self-check differs by {diff}")),
-                    Err(e) => crate::network::skinny::disable(&format!("self-check failed: {e}")),
-                }
+            skinny::honour_env();
+            if skinny::enabled() {
+                keep_if_checked("skinny matmul kernel", skinny::self_check(&worker.device), 0.02, skinny::disable);
             }
-            crate::network::paged_kernel::honour_env();
-            if crate::network::paged_kernel::enabled() {
-                match crate::network::paged_kernel::self_check(&worker.device) {
-                    Ok(diff) if diff < 0.02 => tracing::info!(max_abs_diff = diff, "paged attention kernel checked"),
-                    Ok(diff) => crate::network::paged_kernel::disable(&format!("self-check differs by {diff}")),
-                    Err(e) => crate::network::paged_kernel::disable(&format!("self-check failed: {e}")),
-                }
+            paged_kernel::honour_env();
+            if paged_kernel::enabled() {
+                let check = paged_kernel::self_check(&worker.device);
+                keep_if_checked("paged attention kernel", check, 0.02, paged_kernel::disable);
             }
             // Graphs ride on both kernels above; with either off they do not apply anyway.
-            if crate::network::fused::applies(&worker.device) && crate::network::paged_kernel::enabled() {
+            if fused::applies(&worker.device) && paged_kernel::enabled() {
                 let check = super::graph_check_step(&worker.device)
-                    .and_then(|(network, kv, step)| Ok(crate::network::graphs::self_check(&network, &kv, &step)?));
-                match check {
-                    Ok(diff) if diff < 0.01 => tracing::info!(max_rel_diff = diff, "decode graphs checked"),
-                    Ok(diff) => crate::network::graphs::disable(&format!("self-check differs by {diff}")),
-                    Err(e) => crate::network::graphs::disable(&format!("self-check failed: {e}")),
-                }
+                    .and_then(|(network, kv, step)| Ok(graphs::self_check(&network, &kv, &step)?));
+                keep_if_checked("decode graphs", check, 0.01, graphs::disable);
             }
             // After the graph check, which captures: profiling turns graphs off.
             crate::network::phases::honour_env();

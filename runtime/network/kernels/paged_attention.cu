@@ -10,8 +10,14 @@
 // memory. With one part the block writes the output; with several it writes its unnormalised
 // (max, sum, weighted V) and `paged_attention_combine` merges the parts.
 //
-// Two kernels do this: `paged_attention_kpl` (the default) scores a key per lane; `paged_attention_warp`
-// (KINDLING_PAGED_KERNEL=warp, kept to compare against) spreads each key over a warp.
+// Each lane scores a whole key against the queries (held in shared memory, read as broadcasts)
+// with 16-byte loads and no shuffles; the warp then takes the online softmax of its 32 keys (one
+// max per query head), and for the weighted values each lane owns DPL = head_dim / 32
+// dimensions of V_KEYS keys' rows at a time, their weights read back from shared memory. (A
+// kernel that spread each key over a warp spent ~5 shuffles per key and query head summing its
+// dot products, about as many cycles as the key's bytes take to arrive, and read K/V at a third
+// of the bandwidth at 64 sequences.) Softmax sums stay per lane until the end.
+//
 // Inputs: q [rows, heads, head_dim]; k_cache, v_cache [kv_heads, slots, head_dim]; meta u32:
 // [rows, 3] (first visible key, keys, table index), then the block tables [tables, table_width].
 // Output: out [rows, heads, head_dim].
@@ -21,7 +27,6 @@
 
 #define BLOCK_SIZE 16
 #define WARPS 4
-#define KEYS 4
 
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -48,23 +53,6 @@ __device__ __forceinline__ void part_keys(const uint32_t *m, uint32_t *first, ui
   const uint32_t span = (m[1] + parts - 1) / parts;
   *first = m[0] + min(m[1], span * part);
   *end = m[0] + min(m[1], span * (part + 1));
-}
-
-// A lane's N dimensions of each of the G query heads (pre-scaled), and an empty online softmax.
-template <typename T, int G, int N>
-__device__ __forceinline__ void start_heads(const T *q_row, int hd, float scale, float (&qv)[G][N],
-                                            float (&acc)[G][N], float (&mx)[G], float (&sum)[G]) {
-#pragma unroll
-  for (int g = 0; g < G; g++) {
-    mx[g] = -INFINITY;
-    sum[g] = 0.f;
-    load_lanes<T, N>(q_row + (size_t)g * hd, qv[g]);
-#pragma unroll
-    for (int i = 0; i < N; i++) {
-      qv[g][i] *= scale;
-      acc[g][i] = 0.f;
-    }
-  }
 }
 
 // Merges the warps' online-softmax states, left in shared memory as max and sum [WARPS][G] and
@@ -96,84 +84,6 @@ __device__ void merge_warps(const float *s_mx, const float *s_sum, const float *
       part_acc[(row * parts + part) * hd + d] = V;
     }
   }
-}
-
-// A key per warp: each lane owns DPL = head_dim / 32 consecutive dimensions (one vector load per
-// row), and a warp takes KEYS keys at a time, loading all of their K and V before using any.
-template <typename T, int G, int DPL>
-__device__ void paged_attention_warp(const T *q, const T *kc, const T *vc, const uint32_t *meta, T *out, float *part_ms,
-                             float *part_acc, int heads, int kv_heads, int slots, int table_width, float scale) {
-  const int hd = DPL * 32;
-  const int b = blockIdx.x, h = blockIdx.y;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const uint32_t *m = meta + (size_t)b * 3;
-  const uint32_t *table = meta + (size_t)gridDim.x * 3 + (size_t)m[2] * table_width;
-  uint32_t first, end;
-  part_keys(m, &first, &end);
-
-  float qv[G][DPL], acc[G][DPL], mx[G], sum[G];
-  start_heads<T, G, DPL>(q + ((size_t)b * heads + h * G) * hd + lane * DPL, hd, scale, qv, acc, mx, sum);
-  for (uint32_t p0 = first + warp * KEYS; p0 < end; p0 += WARPS * KEYS) {
-    float kv[KEYS][DPL], vv[KEYS][DPL];
-#pragma unroll
-    for (int j = 0; j < KEYS; j++) {
-      const uint32_t p = p0 + j;
-      if (p < end) {
-        const size_t slot = (size_t)table[p / BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE;
-        const size_t at = ((size_t)h * slots + slot) * hd + lane * DPL;
-        load_lanes<T, DPL>(kc + at, kv[j]);
-        load_lanes<T, DPL>(vc + at, vv[j]);
-      } else {
-#pragma unroll
-        for (int i = 0; i < DPL; i++) kv[j][i] = vv[j][i] = 0.f;
-      }
-    }
-#pragma unroll
-    for (int g = 0; g < G; g++) {
-      float dot[KEYS];
-#pragma unroll
-      for (int j = 0; j < KEYS; j++) {
-        dot[j] = 0.f;
-#pragma unroll
-        for (int i = 0; i < DPL; i++) dot[j] += qv[g][i] * kv[j][i];
-      }
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) {
-#pragma unroll
-        for (int j = 0; j < KEYS; j++) dot[j] += __shfl_xor_sync(0xffffffff, dot[j], o);
-      }
-      float nm = mx[g];
-#pragma unroll
-      for (int j = 0; j < KEYS; j++)
-        if (p0 + j < end) nm = fmaxf(nm, dot[j]);
-      const float corr = __expf(mx[g] - nm);
-      sum[g] *= corr;
-#pragma unroll
-      for (int i = 0; i < DPL; i++) acc[g][i] *= corr;
-#pragma unroll
-      for (int j = 0; j < KEYS; j++) {
-        if (p0 + j >= end) continue;
-        const float w = __expf(dot[j] - nm);
-        sum[g] += w;
-#pragma unroll
-        for (int i = 0; i < DPL; i++) acc[g][i] += w * vv[j][i];
-      }
-      mx[g] = nm;
-    }
-  }
-  // Merge the warps: shared [WARPS][G] max and sum, [WARPS][G][hd] weighted values.
-  __shared__ float s_mx[WARPS][G], s_sum[WARPS][G], s_acc[WARPS][G][DPL * 32];
-#pragma unroll
-  for (int g = 0; g < G; g++) {
-    if (lane == 0) {
-      s_mx[warp][g] = mx[g];
-      s_sum[warp][g] = sum[g];
-    }
-#pragma unroll
-    for (int i = 0; i < DPL; i++) s_acc[warp][g][lane * DPL + i] = acc[g][i];
-  }
-  __syncthreads();
-  merge_warps<T, G>(&s_mx[0][0], &s_sum[0][0], &s_acc[0][0][0], hd, out, part_ms, part_acc, b, h, heads);
 }
 
 // 16 bytes of a cache row as floats: 8 bf16 or 4 f32.
@@ -208,15 +118,8 @@ struct Pack<float> {
 // Keys whose values a warp loads before using any.
 #define V_KEYS 8
 
-// The same attention with a key per lane (the default): the kernel above spends ~5 shuffles per
-// key and query head summing a dot product spread over 32 lanes, about as many cycles as the
-// key's bytes take to arrive, so it reaches a third of the bandwidth. Here each lane scores a
-// whole key against the queries (kept in shared memory, read as broadcasts) with 16-byte loads and
-// no shuffles; the warp then takes the chunk's online softmax (one max per chunk and query head),
-// and for the weighted values each lane owns DPL dimensions of V_KEYS keys' rows at a time, their
-// weights read back from shared memory. Softmax sums stay per lane until the end.
 template <typename T, int G, int DPL>
-__device__ void paged_attention_kpl(const T *q, const T *kc, const T *vc, const uint32_t *meta, T *out, float *part_ms,
+__device__ void paged_attention(const T *q, const T *kc, const T *vc, const uint32_t *meta, T *out, float *part_ms,
                                  float *part_acc, int heads, int kv_heads, int slots, int table_width, float scale) {
   constexpr int HD = DPL * 32, E = Pack<T>::N, LOADS = HD / E, BATCH = LOADS < 8 ? LOADS : 8;
   const int b = blockIdx.x, h = blockIdx.y;
@@ -356,31 +259,20 @@ extern "C" __global__ void paged_attention_combine_f32(const float *part_ms, con
   paged_attention_combine(part_ms, part_acc, out, parts, hd);
 }
 
-#define KERNEL(TYPE, NAME, G, DPL)                                                                         \
-  extern "C" __global__ void paged_attention_warp_##NAME##_g##G##_d##DPL(                                          \
-      const TYPE *q, const TYPE *kc, const TYPE *vc, const uint32_t *meta, TYPE *out, float *part_ms,           \
-      float *part_acc, int heads, int kv_heads, int slots, int table_width, float scale) {                    \
-    paged_attention_warp<TYPE, G, DPL>(q, kc, vc, meta, out, part_ms, part_acc, heads, kv_heads, slots, table_width, scale); \
-  }
-
-// The key-per-lane kernel (the default), named by the same DPL (head_dim / 32).
-#define KERNEL_KPL(TYPE, NAME, G, DPL)                                                                        \
+// Named by G (query heads per K/V head) and DPL (head_dim / 32).
+#define KERNEL(TYPE, NAME, G, DPL)                                                                        \
   extern "C" __global__ void paged_attention_##NAME##_g##G##_d##DPL(                                          \
       const TYPE *q, const TYPE *kc, const TYPE *vc, const uint32_t *meta, TYPE *out, float *part_ms,           \
       float *part_acc, int heads, int kv_heads, int slots, int table_width, float scale) {                    \
-    paged_attention_kpl<TYPE, G, DPL>(q, kc, vc, meta, out, part_ms, part_acc, heads, kv_heads, slots, table_width,  \
+    paged_attention<TYPE, G, DPL>(q, kc, vc, meta, out, part_ms, part_acc, heads, kv_heads, slots, table_width,  \
                                    scale);                                                                    \
   }
 
-#define KERNELS_FOR(G)                  \
-  KERNEL(__nv_bfloat16, bf16, G, 2)     \
-  KERNEL(__nv_bfloat16, bf16, G, 4)     \
-  KERNEL(float, f32, G, 2)              \
-  KERNEL(float, f32, G, 4)              \
-  KERNEL_KPL(__nv_bfloat16, bf16, G, 2) \
-  KERNEL_KPL(__nv_bfloat16, bf16, G, 4) \
-  KERNEL_KPL(float, f32, G, 2)          \
-  KERNEL_KPL(float, f32, G, 4)
+#define KERNELS_FOR(G)              \
+  KERNEL(__nv_bfloat16, bf16, G, 2) \
+  KERNEL(__nv_bfloat16, bf16, G, 4) \
+  KERNEL(float, f32, G, 2)          \
+  KERNEL(float, f32, G, 4)
 
 KERNELS_FOR(1)
 KERNELS_FOR(2)

@@ -21,20 +21,6 @@ pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
 
-/// Which kernel attends: a key per lane (the default), or a key per warp with
-/// `KINDLING_PAGED_KERNEL=warp`, the earlier kernel, kept beside it until a benchmark has compared
-/// them. Read once; the boot self-check checks whichever is chosen.
-pub fn warp_per_key() -> bool {
-    static WARP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *WARP.get_or_init(|| {
-        let warp = std::env::var("KINDLING_PAGED_KERNEL").as_deref() == Ok("warp");
-        if warp {
-            tracing::info!("paged attention: a key per warp (KINDLING_PAGED_KERNEL=warp)");
-        }
-        warp
-    })
-}
-
 /// `KINDLING_PAGED_KERNEL=off` turns the kernel off: attention gathers K/V (to compare against).
 pub fn honour_env() {
     if std::env::var("KINDLING_PAGED_KERNEL").is_ok_and(|v| v == "off") && ENABLED.swap(false, Ordering::Relaxed) {
@@ -144,10 +130,9 @@ mod cuda {
             let shape =
                 Launch { rows, heads, kv_heads, hd, slots, table_width: self.table_width, parts, scale: self.scale };
             let dpl = hd / 32;
-            let variant = if super::warp_per_key() { "warp_" } else { "" };
             let slice = match (&q.slice, &k.slice, &v.slice) {
                 (CudaStorageSlice::BF16(q), CudaStorageSlice::BF16(k), CudaStorageSlice::BF16(v)) => {
-                    let kernel = format!("paged_attention_{variant}bf16_g{group}_d{dpl}");
+                    let kernel = format!("paged_attention_bf16_g{group}_d{dpl}");
                     let (q, k, v) = (q.slice(oq.0..oq.1), k.slice(ok.0..ok.1), v.slice(ov.0..ov.1));
                     CudaStorageSlice::BF16(launch(
                         &dev,
@@ -158,7 +143,7 @@ mod cuda {
                     )?)
                 }
                 (CudaStorageSlice::F32(q), CudaStorageSlice::F32(k), CudaStorageSlice::F32(v)) => {
-                    let kernel = format!("paged_attention_{variant}f32_g{group}_d{dpl}");
+                    let kernel = format!("paged_attention_f32_g{group}_d{dpl}");
                     let (q, k, v) = (q.slice(oq.0..oq.1), k.slice(ok.0..ok.1), v.slice(ov.0..ov.1));
                     CudaStorageSlice::F32(launch(
                         &dev,
