@@ -213,6 +213,8 @@ pub struct Network {
     collective: Option<Arc<dyn tensor_parallel::Collective>>,
     /// The rows of the vocabulary this rank's head holds, when the head is split.
     head_rows: Option<std::ops::Range<usize>>,
+    /// The rows of the vocabulary this rank's embedding table holds, when it is split.
+    embed_rows: Option<std::ops::Range<usize>>,
 }
 
 enum Positions {
@@ -367,6 +369,7 @@ impl Network {
             positions,
             collective: None,
             head_rows: None,
+            embed_rows: None,
         })
     }
 
@@ -386,13 +389,30 @@ impl Network {
     ) -> Result<Self> {
         let mut network = Self::new(shard.local_config(&config)?, weights, context, how, device)?;
         network.collective = Some(collective);
+        // A part of the vocabulary (`Shard::part`) where the ranks divide it.
+        let part_of_vocabulary = |t: &Tensor| -> Result<Option<std::ops::Range<usize>>> {
+            let rows = t.dim(0).map_err(NetworkError::load)?;
+            Ok((rows < config.vocab_size).then(|| shard.rank * rows..(shard.rank + 1) * rows))
+        };
+        network.embed_rows = part_of_vocabulary(&network.embed)?;
         if let Linear::Dense(head) = &network.lm_head {
-            let rows = head.dim(0).map_err(NetworkError::load)?;
-            if rows < config.vocab_size {
-                network.head_rows = Some(shard.rank * rows..(shard.rank + 1) * rows);
-            }
+            network.head_rows = part_of_vocabulary(head)?;
         }
         Ok(network)
+    }
+
+    /// Each token's embedding. With the table split over ranks (`embed_rows`), a rank looks up
+    /// the tokens in its part and gives zeros for the others; the sum over the ranks is the
+    /// lookup.
+    fn embed_tokens(&self, tokens: &Tensor) -> candle_core::Result<Tensor> {
+        let Some(rows) = &self.embed_rows else { return self.embed.index_select(tokens, 0) };
+        let (start, end) = (rows.start as u32, rows.end as u32);
+        let inside = tokens.ge(start)?.mul(&tokens.lt(end)?)?;
+        let first = Tensor::full(start, tokens.shape(), tokens.device())?;
+        // Outside the part, the part's first row stands in (then zeroed), so nothing underflows.
+        let local = (inside.where_cond(tokens, &first)? - first)?;
+        let found = self.embed.index_select(&local, 0)?;
+        self.all_ranks(found.broadcast_mul(&inside.to_dtype(found.dtype())?.unsqueeze(1)?)?)
     }
 
     /// Logits over the whole vocabulary from this rank's `part` of them (its `head_rows`): placed
@@ -438,7 +458,7 @@ impl Network {
         let c = &self.config;
         let fused = fused::applies(&self.device);
         let mut timer = phases::PhaseTimer::start(&self.device, tokens.dim(0)?);
-        let mut x = self.embed.index_select(tokens, 0)?;
+        let mut x = self.embed_tokens(tokens)?;
         if let Positions::Learned(table) = &self.positions {
             x = (x + table.index_select(&plan.positions, 0)?)?;
         }

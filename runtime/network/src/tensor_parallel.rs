@@ -1,12 +1,13 @@
 //! Tensor parallelism: one network split over several devices, Megatron-style. Rank `r` of `n`
 //! holds the `r`-th `1/n` of the attention heads (its rows of q/k/v, its columns of o_proj) and of
 //! the MLP's intermediate features (its rows of gate/up, its columns of down) and of the
-//! vocabulary (its rows of an untied head, when they divide); norms and embeddings are
+//! vocabulary (its rows of the embedding table and of the head, when they divide); norms are
 //! replicated. A layer's attention and MLP each end in a partial sum that the ranks add together
-//! (`Collective::all_reduce_sum`), so every rank carries the same hidden state; each rank's logits
-//! for its part of the vocabulary, placed among zeros, are summed the same way, so every rank ends
-//! a step with the same logits. Splitting the head matters for a start: each rank copies its
-//! share of the weights over its own link, and a replicated head is a large share to copy twice. A rank's KV cache holds its own K/V heads only, so the
+//! (`Collective::all_reduce_sum`), so every rank carries the same hidden state. The embedding and
+//! the logits are sums too: each rank looks up the tokens in its part of the table (zeros for the
+//! others) and places its part of the logits among zeros. Splitting the vocabulary matters for a
+//! start: each rank copies its share of the weights over its own link, and a replicated table is
+//! a large share to copy twice. A rank's KV cache holds its own K/V heads only, so the
 //! cache, like the weights, is split `n` ways.
 //!
 //! A rank's network is built with its `local_config` (heads, K/V heads and intermediate size
@@ -56,7 +57,8 @@ enum Split {
     Part { dim: usize },
     /// A bias added after the sum: rank 0 holds it, the others hold zeros, so it counts once.
     AfterSum,
-    /// The head: rows of the vocabulary when the ranks divide it, else all of it.
+    /// The embedding table and the head: rows of the vocabulary when the ranks divide it, else
+    /// all of it.
     Vocab,
 }
 
@@ -99,7 +101,7 @@ impl Shard {
             Split::Part { dim: 1 }
         } else if part("o_proj.bias") || part("down_proj.bias") {
             Split::AfterSum
-        } else if name == "lm_head.weight" {
+        } else if name == "lm_head.weight" || name == "model.embed_tokens.weight" {
             Split::Vocab
         } else {
             Split::Replicated
@@ -377,7 +379,7 @@ mod tests {
             let c = config(model_type, serde_json::json!({}));
             let weights = random_weights(&c);
             let whole = two_steps(&Network::new(c.clone(), dense(&weights), 64, F32, &Device::Cpu).unwrap());
-            let (c_vocab, untied) = (c.vocab_size, !c.tie_word_embeddings);
+            let c_vocab = c.vocab_size;
             let collectives = ThreadCollective::group(2);
             let ranks: Vec<_> = std::thread::scope(|s| {
                 let ranks: Vec<_> = collectives
@@ -392,9 +394,9 @@ mod tests {
                                 Network::new_rank(c, weights, 64, F32, &Device::Cpu, shard, Arc::new(collective))
                                     .unwrap();
                             assert_eq!(network.config.num_kv_heads, 1, "each rank caches half the K/V heads");
-                            let half = c_vocab / 2;
-                            let expected = untied.then(|| rank * half..(rank + 1) * half);
-                            assert_eq!(network.head_rows, expected, "an untied head holds its half of the vocabulary");
+                            let half = Some(rank * c_vocab / 2..(rank + 1) * c_vocab / 2);
+                            assert_eq!(network.embed_rows, half, "the table holds its half of the vocabulary");
+                            assert_eq!(network.head_rows, half, "so does the head, tied or not");
                             two_steps(&network)
                         })
                     })
@@ -441,11 +443,14 @@ mod tests {
     }
 
     #[test]
-    fn the_head_splits_by_vocabulary_when_the_ranks_divide_it() {
+    fn the_vocabulary_splits_when_the_ranks_divide_it() {
         let shard = Shard::new(1, 2).unwrap();
         assert_eq!(shard.part("lm_head.weight", &[96, 8]).unwrap(), Part::Rows { dim: 0, start: 48, len: 48 });
         assert_eq!(shard.part("lm_head.weight", &[97, 8]).unwrap(), Part::Whole, "an odd vocabulary stays whole");
-        assert_eq!(shard.part("model.embed_tokens.weight", &[96, 8]).unwrap(), Part::Whole);
+        assert_eq!(
+            shard.part("model.embed_tokens.weight", &[96, 8]).unwrap(),
+            Part::Rows { dim: 0, start: 48, len: 48 }
+        );
     }
 
     #[test]
