@@ -368,7 +368,7 @@ pub fn start_engine(
         woke: false,
     };
     let info = ModelInfo::of(name, pooled, storage.bytes(), kv.context, load);
-    spawn_engine(info, EngineParts::of(pooled, network, storage, None), config)
+    spawn_engine(info, EngineParts::of(pooled, network, storage, None)?, config)
 }
 
 /// Everything the actor thread owns.
@@ -389,15 +389,15 @@ impl EngineParts {
         network: Network,
         storage: KvStorage,
         ranks: Option<crate::ranks::Ranks>,
-    ) -> Self {
-        Self {
+    ) -> Result<Self> {
+        Ok(Self {
             network,
             storage,
-            tokenizer: pooled.tokenizer.clone(),
+            tokenizer: pooled.tokenizer()?,
             eos: pooled.ckpt.eos_token_ids.clone(),
-            chat_template: pooled.chat_template.clone(),
+            chat_template: pooled.chat_template()?,
             ranks,
-        }
+        })
     }
 }
 

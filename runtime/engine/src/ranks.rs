@@ -402,7 +402,7 @@ pub fn start_tensor_parallel(
     };
     let info = ModelInfo { ranks: n, ..ModelInfo::of(name, pooled, kv_cache_bytes, kv.context, load) };
     let ranks = Ranks { others, lead_collective, broken: false, lent: Some((group, groups.clone())) };
-    spawn_engine(info, EngineParts::of(pooled, network, storage, Some(ranks)), config)
+    spawn_engine(info, EngineParts::of(pooled, network, storage, Some(ranks))?, config)
 }
 
 #[cfg(test)]
@@ -495,7 +495,7 @@ mod tests {
         let groups = CollectiveGroups::new();
         let group = Group { key: vec![], collectives: vec![lead_collective.clone()] };
         let ranks = Ranks { others, lead_collective, broken: false, lent: Some((group, groups.clone())) };
-        let parts = EngineParts::of(&pooled, network, storage, Some(ranks));
+        let parts = EngineParts::of(&pooled, network, storage, Some(ranks)).unwrap();
         let engine = spawn_engine(info, parts, &EngineConfig::default()).unwrap();
         let long = "the model reads the model for a sentence and the model reads ".repeat(4);
         let outcome = tokio::time::timeout(Duration::from_secs(30), engine.generate(long, greedy(4))).await;

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use candle_core::quantized::GgmlDType;
@@ -57,11 +57,12 @@ fn stamp(path: &std::path::Path) -> Result<FileStamp> {
 
 /// One checkpoint held by the pool (or, when it does not fit, held only while it loads), with the
 /// host-side state an engine needs besides weights: parsing a 150k-entry tokenizer.json takes
-/// longer than moving a 0.5B model's weights, so it is done once, at admission.
+/// longer than moving a 0.5B model's weights, so it is done once, at admission, while the files
+/// are read.
 pub struct PooledCheckpoint {
     pub ckpt: Checkpoint,
-    pub tokenizer: Arc<Tokenizer>,
-    pub chat_template: Arc<Option<ChatTemplate>>,
+    /// The tokenizer and chat template, or why they did not parse; set once during admission.
+    text: OnceLock<std::result::Result<TextParts, String>>,
     pages: Vec<Pages>,
     landed: Landed,
     stamps: Vec<FileStamp>,
@@ -77,6 +78,12 @@ pub struct PooledCheckpoint {
 struct AdmitTimes {
     page_in: Option<Duration>,
     pin: Option<Duration>,
+}
+
+/// What turns text into tokens and back for this checkpoint.
+struct TextParts {
+    tokenizer: Arc<Tokenizer>,
+    chat_template: Arc<Option<ChatTemplate>>,
 }
 
 impl Drop for PooledCheckpoint {
@@ -106,6 +113,35 @@ mod bytemuck_free {
 }
 
 impl PooledCheckpoint {
+    /// Parses the tokenizer and chat template (once; later calls do nothing). Always sets
+    /// `text`, a panic in the parser included, since a load may be waiting on it.
+    fn parse_text(&self) {
+        self.text.get_or_init(|| {
+            let parse = || self.ckpt.load_tokenizer().and_then(|t| Ok((t, self.ckpt.load_chat_template()?)));
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(parse)) {
+                Ok(Ok((tokenizer, template))) => {
+                    Ok(TextParts { tokenizer: Arc::new(tokenizer), chat_template: Arc::new(template) })
+                }
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("{}: the tokenizer's parser panicked", self.ckpt.dir.display())),
+            }
+        });
+    }
+
+    fn text(&self) -> Result<&TextParts> {
+        self.text.wait().as_ref().map_err(|e| CheckpointError::Load(e.clone()))
+    }
+
+    /// The checkpoint's tokenizer; during an admission, waits for it to be parsed.
+    pub fn tokenizer(&self) -> Result<Arc<Tokenizer>> {
+        Ok(self.text()?.tokenizer.clone())
+    }
+
+    /// The checkpoint's chat template, if it has one; during an admission, waits for it.
+    pub fn chat_template(&self) -> Result<Arc<Option<ChatTemplate>>> {
+        Ok(self.text()?.chat_template.clone())
+    }
+
     fn still_current(&self) -> bool {
         self.ckpt
             .weight_files
@@ -424,8 +460,11 @@ impl CheckpointPool {
         // The files are read on a thread of the scope and the load runs here: a thread that has
         // used the GPU must not be one the scope waits to end (the CUDA driver's clean-up of a
         // thread's state at its exit hung, waiting on the new engine's use of the device).
+        // The tokenizer parses on another (its ~0.2 s for a 128k vocabulary beside the read, not
+        // before it); the load asks for it when it starts the engine.
         let (read, used) = std::thread::scope(|s| {
             let reader = s.spawn(|| fill(&pooled, started, progress));
+            s.spawn(|| pooled.parse_text());
             let used = using(&pooled, false);
             (reader.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)), used)
         });
@@ -433,6 +472,7 @@ impl CheckpointPool {
             return Ok(used); // the load failed; its error is in `used`, the read stopped early
         }
         read?;
+        pooled.tokenizer()?; // a tokenizer that does not parse: nothing can use the checkpoint
         if fits {
             let mut entries = self.entries.lock().expect("poisoned");
             entries.insert(pooled.ckpt.dir.clone(), Entry { pooled: pooled.clone(), last_used: Instant::now() });
@@ -485,10 +525,10 @@ impl CheckpointPool {
         }
     }
 
-    /// A checkpoint about to be read in: its tokenizer parsed, memory for its files reserved (or,
-    /// with `KINDLING_POOL_READ=mmap`, the files mapped and faulted in already).
+    /// A checkpoint about to be read in: memory for its files reserved (or, with
+    /// `KINDLING_POOL_READ=mmap`, the files mapped and faulted in already); its tokenizer is
+    /// parsed next, beside the read (`parse_text`).
     fn start_admission(&self, ckpt: Checkpoint) -> Result<PooledCheckpoint> {
-        let (tokenizer, chat_template) = (ckpt.load_tokenizer()?, ckpt.load_chat_template()?);
         let mut pages = Vec::new();
         let mut stamps = Vec::new();
         let mapped = matches!(admission_read(), AdmissionRead::Mapped);
@@ -511,8 +551,7 @@ impl CheckpointPool {
         let landed = Landed::new(pages.iter().map(|p| p.len), mapped);
         Ok(PooledCheckpoint {
             ckpt,
-            tokenizer: Arc::new(tokenizer),
-            chat_template: Arc::new(chat_template),
+            text: OnceLock::new(),
             pages,
             landed,
             stamps,
@@ -548,6 +587,23 @@ mod tests {
         make_tiny_model(dir.path(), &TinySpec::new(arch)).unwrap();
         let ckpt = Checkpoint::open(dir.path()).unwrap();
         (dir, ckpt)
+    }
+
+    #[test]
+    fn the_tokenizer_parses_beside_the_read_and_a_bad_one_keeps_the_checkpoint_out() {
+        let (dir, ckpt) = tiny(Architecture::Llama);
+        let pool = CheckpointPool::new(u64::MAX, None);
+        let (pooled, hit) = pool.checkout(ckpt, &|_| {}).unwrap();
+        assert!(!hit);
+        assert!(pooled.tokenizer().unwrap().get_vocab_size(true) > 0, "parsed during the admission");
+        // A tokenizer that no longer parses: the admission fails with its error, pools nothing
+        // and leaves no load waiting for it.
+        let (bad_dir, bad) = tiny(Architecture::Qwen2);
+        std::fs::write(bad_dir.path().join("tokenizer.json"), b"{ not json").unwrap();
+        let err = pool.checkout(bad, &|_| {}).err().expect("a tokenizer that does not parse");
+        assert!(matches!(&err, CheckpointError::Load(m) if m.contains("tokenizer.json")), "{err}");
+        assert_eq!(pool.stats().entries, 1, "only the good checkpoint is pooled");
+        drop(dir);
     }
 
     #[test]
