@@ -1,10 +1,11 @@
-//! Attention over the paged cache. A step's index tensors (positions, cache slots to write, the
-//! slots each sequence reads, causal/window masks) are built once per step on the host and
-//! shared by every layer. Grouped-query attention folds the query heads of one K/V head into the
-//! row dimension, so K and V are never repeated per query head; scores are at most
-//! `[heads, chunk, context]`, never `[prompt, prompt]` for a whole long prompt, and a chunk whose
-//! scores would pass `MAX_SCORES` attends in passes of fewer queries, so a long context never
-//! makes a step's transient memory grow with it.
+//! Attention over the paged cache. A step's index tensors (positions, cache slots to write, and
+//! how each token reaches its keys) are built once per step on the host and shared by every
+//! layer. On a GPU every token of the step attends through our paged kernel in one launch,
+//! reading K/V in place (`KernelMeta`). Elsewhere K/V are gathered: grouped-query attention folds
+//! the query heads of one K/V head into the row dimension, so K and V are never repeated per
+//! query head; scores are at most `[heads, chunk, context]`, never `[prompt, prompt]` for a whole
+//! long prompt, and a chunk whose scores would pass `MAX_SCORES` attends in passes of fewer
+//! queries, so a long context never makes a step's transient memory grow with it.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -96,10 +97,6 @@ pub struct KernelMeta {
 impl KernelMeta {
     pub fn new(width: usize) -> Self {
         Self { rows: Vec::new(), tables: Vec::new(), width }
-    }
-
-    pub fn width(&self) -> usize {
-        self.width
     }
 
     /// Adds a chunk: its block table, and a row per token.

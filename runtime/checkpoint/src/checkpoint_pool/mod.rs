@@ -460,8 +460,8 @@ impl CheckpointPool {
         // The files are read on a thread of the scope and the load runs here: a thread that has
         // used the GPU must not be one the scope waits to end (the CUDA driver's clean-up of a
         // thread's state at its exit hung, waiting on the new engine's use of the device).
-        // The tokenizer parses on another (its ~0.2 s for a 128k vocabulary beside the read, not
-        // before it); the load asks for it when it starts the engine.
+        // The tokenizer parses on a thread of its own, beside the read rather than before it
+        // (about 0.2 s for a 128k vocabulary); the load waits for it only to start the engine.
         let (read, used) = std::thread::scope(|s| {
             let reader = s.spawn(|| fill(&pooled, started, progress));
             s.spawn(|| pooled.parse_text());
