@@ -389,14 +389,17 @@ impl Network {
     ) -> Result<Self> {
         let mut network = Self::new(shard.local_config(&config)?, weights, context, how, device)?;
         network.collective = Some(collective);
-        // A part of the vocabulary (`Shard::part`) where the ranks divide it.
-        let part_of_vocabulary = |t: &Tensor| -> Result<Option<std::ops::Range<usize>>> {
-            let rows = t.dim(0).map_err(NetworkError::load)?;
-            Ok((rows < config.vocab_size).then(|| shard.rank * rows..(shard.rank + 1) * rows))
-        };
-        network.embed_rows = part_of_vocabulary(&network.embed)?;
-        if let Linear::Dense(head) = &network.lm_head {
-            network.head_rows = part_of_vocabulary(head)?;
+        // The tables given split (`Shard::part`) hold the rows `vocab_rows` names.
+        if let Some(rows) = shard.vocab_rows(config.vocab_size) {
+            let holds_part = |t: &Tensor| t.dim(0).is_ok_and(|n| n == rows.len());
+            if holds_part(&network.embed) {
+                network.embed_rows = Some(rows.clone());
+            }
+            if let Linear::Dense(head) = &network.lm_head
+                && holds_part(head)
+            {
+                network.head_rows = Some(rows);
+            }
         }
         Ok(network)
     }

@@ -116,12 +116,9 @@ impl Shard {
             Split::Replicated => Ok(Part::Whole),
             Split::AfterSum if self.rank == 0 => Ok(Part::Whole),
             Split::AfterSum => Ok(Part::Zeros),
-            Split::Vocab => Ok(match shape.first() {
-                Some(vocab) if vocab.is_multiple_of(self.ranks) => {
-                    let len = vocab / self.ranks;
-                    Part::Rows { dim: 0, start: self.rank * len, len }
-                }
-                _ => Part::Whole,
+            Split::Vocab => Ok(match shape.first().and_then(|&vocab| self.vocab_rows(vocab)) {
+                Some(rows) => Part::Rows { dim: 0, start: rows.start, len: rows.len() },
+                None => Part::Whole,
             }),
             Split::Part { dim } => match shape.get(dim) {
                 Some(size) if size.is_multiple_of(self.ranks) => {
@@ -134,6 +131,13 @@ impl Shard {
                 ))),
             },
         }
+    }
+
+    /// The rows of a vocabulary of `vocab` entries this rank's embedding table and head hold:
+    /// its `1/n` when the ranks divide it; `None` when every rank holds all of it.
+    pub fn vocab_rows(&self, vocab: usize) -> Option<std::ops::Range<usize>> {
+        let len = vocab / self.ranks;
+        (self.ranks > 1 && vocab.is_multiple_of(self.ranks)).then(|| self.rank * len..(self.rank + 1) * len)
     }
 
     /// This rank's part of every weight of a model (`slice` of each).
