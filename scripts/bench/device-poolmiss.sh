@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# Runs on the lent GPU machine: a pool miss from disk (the model's files dropped from the page
-# cache) against reading the same files with 1 and 8 parallel readers, in the same run.
+# Runs on the lent GPU machine: RUNS (default 3) pool misses from disk (the model's files dropped
+# from the page cache), each against reading the same files with 8 and 16 parallel readers just
+# before (and 1, the first time), in the same run.
 set -uo pipefail
 source "$(dirname "$0")/device-env.sh"
 python3 scripts/bench/make_models.py $M qwen3-0.6b llama3.1-8b 2>&1 | grep made
 df -h "$M" | tail -1
-# Admission by parallel reads (the default) and by faulting in an mmap, each against the disk.
+# Admission by parallel reads (the default) and by faulting in an mmap, each against the disk;
+# READS="parallel:KINDLING_POOL_HUGEPAGES=0 parallel" adds environment to a run.
+n=0
 for read in ${READS:-parallel mmap}; do
-  echo "== admission: $read"
-  KINDLING_POOL_READ=$read "$BIN" bench coldstart --device cuda:0 --pool-miss --runs 1 --skip-fresh \
-    --model qwen3-0.6b=$M/qwen3-0.6b --model llama3.1-8b=$M/llama3.1-8b \
-    --out "$OUT/pool-miss-$read.json" 2>&1 | grep -E "disk|miss|admission|warm pool, run" | grep -v " INFO "
+  n=$((n + 1))
+  echo "== admission: $read (run $n)"
+  env KINDLING_POOL_READ=${read%%:*} $([ "$read" = "${read#*:}" ] || echo "${read#*:}" | tr , ' ') "$BIN" bench coldstart --device cuda:0 --pool-miss --runs ${RUNS:-3} --skip-fresh \
+    $(for m in ${MODELS:-qwen3-0.6b llama3.1-8b}; do echo --model $m=$M/$m; done) \
+    --out "$OUT/pool-miss-$n.json" > "/tmp/pool-miss-$n.log" 2>&1
+  grep -E "disk|miss|admission|warm pool, run" "/tmp/pool-miss-$n.log" | grep -v " INFO "
+  grep -E " WARN |checked" "/tmp/pool-miss-$n.log" | sed 's/\x1b\[[0-9;]*m//g' | cut -c 1-200 | head -12
 done

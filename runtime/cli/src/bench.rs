@@ -28,8 +28,8 @@ pub struct ColdstartArgs {
     /// worker, and report the stream's time per output token before and during their loads.
     #[arg(long)]
     warm_traffic: bool,
-    /// Then, per model, a pool miss with its files dropped from the page cache, against reading
-    /// the same files from disk with 1 and with several parallel readers (the same run).
+    /// Then, per model, `--runs` pool misses with its files dropped from the page cache, each
+    /// against reading the same files from disk with several parallel readers just before.
     #[arg(long)]
     pool_miss: bool,
     /// Then, per model, split it over the first N workers (tensor parallelism) and scale it from
@@ -251,7 +251,7 @@ pub fn coldstart(args: ColdstartArgs) -> anyhow::Result<()> {
         }
         if args.pool_miss {
             for (name, path) in &models {
-                results["models"][name.as_str()]["pool_miss"] = pool_miss(&registry, &pool, name, path).await?;
+                results["models"][name.as_str()]["pool_miss"] = pool_miss(&registry, &pool, name, path, args.runs).await?;
             }
         }
         if args.warm_traffic {
@@ -429,8 +429,11 @@ async fn wake_from_sleep(registry: &ModelRegistry, name: &str, runs: usize) -> a
 }
 
 /// Drops `files` from the page cache (clean pages of unmapped files: the pool must not hold them).
-fn drop_from_page_cache(files: &[PathBuf]) -> anyhow::Result<()> {
+/// Returns the fraction of their pages still cached afterwards (`mincore`): the kernel may keep
+/// some, and a measurement "from disk" says how far that held.
+fn drop_from_page_cache(files: &[PathBuf]) -> anyhow::Result<f64> {
     use std::os::fd::AsRawFd;
+    let (mut cached, mut pages) = (0usize, 0usize);
     for path in files {
         let file = std::fs::File::open(path)?;
         // Dirty pages (a file just written) are not dropped: write them out first.
@@ -438,8 +441,24 @@ fn drop_from_page_cache(files: &[PathBuf]) -> anyhow::Result<()> {
         // SAFETY: a valid open descriptor; the call only advises the kernel.
         let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
         anyhow::ensure!(rc == 0, "posix_fadvise({}) failed: {rc}", path.display());
+        let len = file.metadata()?.len() as usize;
+        if len == 0 {
+            continue;
+        }
+        // SAFETY: a read-only shared map of the file, used only for `mincore`, which reads nothing.
+        let map =
+            unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0) };
+        anyhow::ensure!(map != libc::MAP_FAILED, "mmap({}) failed", path.display());
+        let mut resident = vec![0u8; len.div_ceil(4096)];
+        // SAFETY: `resident` holds one byte per page of the mapping.
+        let rc = unsafe { libc::mincore(map, len, resident.as_mut_ptr()) };
+        // SAFETY: the mapping made above, unmapped once.
+        unsafe { libc::munmap(map, len) };
+        anyhow::ensure!(rc == 0, "mincore({}) failed", path.display());
+        cached += resident.iter().filter(|&&r| r & 1 == 1).count();
+        pages += resident.len();
     }
-    Ok(())
+    Ok(if pages == 0 { 0.0 } else { cached as f64 / pages as f64 })
 }
 
 /// Reads every byte of `files` with `readers` threads (disjoint 16 MiB pieces, in order), as the
@@ -476,57 +495,82 @@ fn read_with(files: &[PathBuf], readers: usize) -> anyhow::Result<f64> {
     Ok(secs(started.elapsed()))
 }
 
-/// A pool miss from disk: the model's engine unloaded, its checkpoint dropped from the pool and
-/// its files from the page cache, then the first request. Against the same files read with 1 and
-/// 8 readers after dropping them the same way.
-async fn pool_miss(registry: &ModelRegistry, pool: &CheckpointPool, name: &str, path: &Path) -> anyhow::Result<Value> {
+/// Pool misses from disk, `rounds` times: each round reads the model's files with 8 readers and
+/// with the admission's own number (and, the first time, 1), each after dropping them from the
+/// page cache, then unloads the model, drops its checkpoint from the pool and its files from the
+/// page cache, and sends the first request. Disk speed drifts between reads, so each miss is set
+/// against the best read of its own round, and the medians over rounds are reported.
+async fn pool_miss(
+    registry: &ModelRegistry,
+    pool: &CheckpointPool,
+    name: &str,
+    path: &Path,
+    rounds: usize,
+) -> anyhow::Result<Value> {
     let files = Checkpoint::open(path)?.weight_files;
     let bytes: u64 = files.iter().map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0)).sum();
-    let mut disk = serde_json::Map::new();
-    for readers in [1, 8] {
-        drop_from_page_cache(&files)?;
-        let s = read_with(&files, readers)?;
-        eprintln!("[{name}] disk, {readers} reader(s): {s:.3} s ({:.2} GB/s)", bytes as f64 / s / 1e9);
-        disk.insert(format!("readers_{readers}_s"), json!(s));
-    }
-    let best = disk.values().filter_map(Value::as_f64).fold(f64::INFINITY, f64::min);
-    registry.unload(name);
-    tokio::time::sleep(Duration::from_millis(300)).await; // the engine frees its memory
-    anyhow::ensure!(pool.evict(path), "{name}'s checkpoint is still in use; cannot measure a miss");
-    drop_from_page_cache(&files)?;
-    let started = Instant::now();
-    let acquired = registry.acquire(name).await?;
-    acquired.engine.generate(PROMPT.into(), first_token_params()).await?;
-    let wall = secs(started.elapsed());
-    let load = acquired.engine.info.load;
-    anyhow::ensure!(!load.pool_hit, "{name} was a pool hit");
-    // Pinning follows the read in the background; wait for it to report (a CPU pool pins nothing).
-    let mut phases = pool.admission_phases(path).unwrap_or_default();
-    for _ in 0..100 {
-        if phases.1.is_some() || !pool.pins() {
-            break;
+    let admission_readers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(16);
+    let (mut results, mut over, mut tails) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds.max(1) {
+        let mut disk = serde_json::Map::new();
+        let mut cached_before = serde_json::Map::new();
+        let readers: &[usize] = if round == 0 { &[1, 8, admission_readers] } else { &[8, admission_readers] };
+        for &readers in readers {
+            let cached = drop_from_page_cache(&files)?;
+            let s = read_with(&files, readers)?;
+            eprintln!(
+                "[{name}] round {round}: disk, {readers} reader(s): {s:.3} s ({:.2} GB/s; {:.1}% cached before)",
+                bytes as f64 / s / 1e9,
+                cached * 100.0
+            );
+            disk.insert(format!("readers_{readers}_s"), json!(s));
+            cached_before.insert(format!("readers_{readers}"), json!(cached));
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        phases = pool.admission_phases(path).unwrap_or_default();
+        let best = disk.values().filter_map(Value::as_f64).fold(f64::INFINITY, f64::min);
+        registry.unload(name);
+        tokio::time::sleep(Duration::from_millis(300)).await; // the engine frees its memory
+        anyhow::ensure!(pool.evict(path), "{name}'s checkpoint is still in use; cannot measure a miss");
+        let cached = drop_from_page_cache(&files)?;
+        cached_before.insert("miss".into(), json!(cached));
+        let started = Instant::now();
+        let acquired = registry.acquire(name).await?;
+        acquired.engine.generate(PROMPT.into(), first_token_params()).await?;
+        let wall = secs(started.elapsed());
+        let load = acquired.engine.info.load;
+        anyhow::ensure!(!load.pool_hit, "{name} was a pool hit");
+        drop(acquired);
+        // The last cell may still be registering; wait for it to report (a CPU pool pins
+        // nothing).
+        let mut phases = pool.admission_phases(path).unwrap_or_default();
+        for _ in 0..100 {
+            if phases.1.is_some() || !pool.pins() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            phases = pool.admission_phases(path).unwrap_or_default();
+        }
+        let (page_in, pin) = (secs(phases.0), secs(phases.1.unwrap_or_default()));
+        eprintln!(
+            "[{name}] round {round}: pool miss from disk ({:.1}% cached before): {wall:.3} s; its read {page_in:.3} s \
+             (its cells registered beside it in {pin:.3} s), first token {:.3} s after the read; best disk read {best:.3} s; \
+             over it by {:.3} s",
+            cached * 100.0,
+            wall - page_in,
+            wall - best
+        );
+        over.push(wall - best);
+        tails.push(wall - page_in);
+        results.push(json!({
+            "disk": disk, "cached_fraction": cached_before, "best_disk_s": best, "miss_s": wall,
+            "admit_s": secs(load.admit), "page_in_s": page_in, "pin_s": pin, "h2d_s": secs(load.h2d),
+            "over_disk_s": wall - best, "after_read_s": wall - page_in,
+        }));
     }
-    let (page_in, pin) = (phases.0, phases.1.unwrap_or_default());
+    let (over, tail) = (median(&mut over), median(&mut tails));
     eprintln!(
-        "[{name}] admission: page-in {:.3} s, then pinned in the background in {:.3} s",
-        page_in.as_secs_f64(),
-        pin.as_secs_f64()
+        "[{name}] pool miss over the disk read: median {over:.3} s; first token after the read: median {tail:.3} s"
     );
-    eprintln!(
-        "[{name}] pool miss from disk: {wall:.3} s (admit {:.3} s, h2d {:.3} s); best disk read {best:.3} s; over it by {:.3} s",
-        load.admit.as_secs_f64(),
-        load.h2d.as_secs_f64(),
-        wall - best
-    );
-    drop(acquired);
-    Ok(json!({
-        "bytes": bytes, "disk": disk, "best_disk_s": best, "miss_s": wall,
-        "admit_s": secs(load.admit), "page_in_s": secs(page_in), "pin_s": secs(pin),
-        "h2d_s": secs(load.h2d), "over_disk_s": wall - best,
-    }))
+    Ok(json!({ "bytes": bytes, "rounds": results, "over_disk_median_s": over, "after_read_median_s": tail }))
 }
 
 /// Starts every model of `models` from zero at once: for each, its name, the seconds from

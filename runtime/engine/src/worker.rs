@@ -226,25 +226,28 @@ mod cuda {
                 drop(reserve);
                 stream.synchronize().map_err(EngineError::load)?;
             }
+            let pinner = Arc::new(CudaPinner { ctx });
             let mut worker = Worker {
                 device,
                 label: format!("cuda:{ordinal}"),
                 memory_budget: (total as u64).saturating_sub(4 << 30),
                 boot_time: Default::default(),
-                pinner: Some(Arc::new(CudaPinner { ctx })),
+                pinner: Some(pinner.clone()),
                 link: Default::default(),
             };
             crate::network::fused::honour_env();
             crate::network::graphs::honour_env();
-            use crate::network::{fused, graphs, paged_kernel, skinny};
+            use crate::network::{fused, graphs, host_copy, paged_kernel, skinny};
             if fused::applies(&worker.device) {
                 keep_if_checked("fused layer kernels", fused::self_check(&worker.device), 0.02, fused::disable);
             }
             worker.warm_up()?;
-            match crate::network::host_copy::self_check(&worker.device) {
-                Ok(0) => tracing::info!("pitched column copies checked"),
-                Ok(wrong) => crate::network::host_copy::disable(&format!("self-check: {wrong} of 35 elements wrong")),
-                Err(e) => crate::network::host_copy::disable(&format!("self-check failed: {e}")),
+            // Copies from memory pinned in cells, the way the checkpoint pool pins its pages.
+            let pin = |bytes: &[u8]| pinner.pin(bytes).map_err(|e| e.to_string());
+            match host_copy::self_check(&worker.device, &pin, &|bytes| pinner.unpin(bytes)) {
+                Ok(0) => tracing::info!("cell-wise host copies checked"),
+                Ok(wrong) => host_copy::disable(&format!("self-check: {wrong} elements wrong")),
+                Err(e) => host_copy::disable(&format!("self-check failed: {e}")),
             }
             skinny::honour_env();
             if skinny::enabled() {

@@ -1,18 +1,23 @@
 //! Reading a checkpoint into the pool: the pages a file is read into, how far each file has
-//! landed (loads wait on it), the parallel readers that fill them, and pinning afterwards.
+//! landed (loads wait on it), the parallel readers that fill them, and the pinning of each cell
+//! as it is read.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::Instant;
+use std::sync::{Arc, Condvar, Mutex, mpsc};
+use std::time::{Duration, Instant};
 
 use memmap2::{Advice, Mmap, MmapMut};
 
 use super::{AdmitProgress, PooledCheckpoint};
 use crate::error::{CheckpointError, Result};
 
-/// How much is read per step of making pages resident (and per progress report).
-const RESIDENCY_CHUNK: usize = 256 << 20;
+/// How much is read per step of making pages resident (and per progress report), and pinned per
+/// registration: the pool's default cell.
+pub(super) const CELL: usize = 256 << 20;
+
+/// Bytes `a..b` of file `file`'s pages, registered with the pinner.
+pub(super) type Registration = (usize, usize, usize);
 
 /// A checkpoint file's bytes in the pool's memory. The admission's readers write them while a
 /// load may already copy what has landed, so they are only ever viewed below the file's landed
@@ -53,12 +58,6 @@ impl Pages {
         // SAFETY: in bounds (caller); written and published before the landed mark passed them.
         unsafe { std::slice::from_raw_parts(self.ptr.add(a), b - a) }
     }
-
-    /// The whole file, once all of it has landed.
-    pub(super) fn all(&self) -> &[u8] {
-        // SAFETY: only called on complete checkpoints (pinning, unpinning).
-        unsafe { self.range(0, self.len) }
-    }
 }
 
 /// How far each file has been read into its pages, contiguously from the start; loads wait on it.
@@ -91,9 +90,10 @@ impl Landed {
         }
     }
 
+    /// Marks bytes `..to` of `file` landed (never moving a mark back).
     pub(super) fn advance(&self, file: usize, to: usize) {
         let _held = self.failed.lock().expect("poisoned"); // no waiter misses the wake-up
-        self.marks[file].store(to, Ordering::Release);
+        self.marks[file].fetch_max(to, Ordering::Release);
         self.moved.notify_all();
     }
 
@@ -103,99 +103,152 @@ impl Landed {
     }
 }
 
-/// Reads the files of an admission into its pages, from several threads reading 16 MiB pieces
-/// at once, one RESIDENCY_CHUNK at a time, each chunk marked landed as it completes. Faulting an
-/// mmap of the file in page by page ran at 1.7 GB/s on the lent H100 host, where parallel reads of
-/// the same (cached) file ran at 36 GB/s.
+/// Reads the files of an admission into its pages from several threads, each taking the next
+/// 16 MiB piece (in file order, with no pause between cells). A cell whose pieces, and every
+/// piece before it, have all been read is handed on, in order: to the pinning thread
+/// (`pin_cells`), which marks it landed once registered, or straight to landed. Faulting an mmap
+/// of the file in page by page ran at 1.7 GB/s on the lent H100 host, where parallel reads of the
+/// same (cached) file ran at 36 GB/s.
 pub(super) fn fill(
-    pooled: &PooledCheckpoint,
+    pooled: &Arc<PooledCheckpoint>,
     started: Instant,
     progress: &(dyn Fn(AdmitProgress) + Sync),
 ) -> Result<()> {
-    use std::os::unix::fs::FileExt;
     const PIECE: usize = 16 << 20;
+    let cell = pooled.cell;
+    let pin = pin_cells(pooled.clone());
+    let hand_on = |i: usize, a: usize, b: usize| match &pin {
+        Some(cells) if cells.send((i, a, b)).is_ok() => {}
+        _ => pooled.landed.advance(i, b),
+    };
+    let cells_of = |i: usize| {
+        let len = pooled.pages[i].len;
+        (0..len).step_by(cell).map(move |a| (i, a, (a + cell).min(len)))
+    };
+    let files = 0..pooled.pages.len();
+    if matches!(pooled.pages.first().map(|p| &p.owner), Some(PagesOwner::Mapped(_))) {
+        // Faulted in by `start_admission`, and landed already: only pinning is left.
+        files.flat_map(cells_of).for_each(|(i, a, b)| hand_on(i, a, b));
+        pooled.times.lock().expect("poisoned").page_in.get_or_insert(started.elapsed());
+        return Ok(());
+    }
+    // Pieces never cross a cell, so a cell is done when its own pieces are.
+    let cells: Vec<_> = files.flat_map(cells_of).collect();
+    let pieces: Vec<(usize, usize, usize, usize)> = (cells.iter().enumerate())
+        .flat_map(|(c, &(i, a, b))| (a..b).step_by(PIECE).map(move |at| (c, i, at, PIECE.min(b - at))))
+        .collect();
+    let opened: Vec<File> = (pooled.ckpt.weight_files.iter())
+        .map(|path| File::open(path).map_err(|e| CheckpointError::Load(format!("{}: {e}", path.display()))))
+        .collect::<Result<_>>()
+        .inspect_err(|e| pooled.landed.fail(e.to_string()))?;
     let total = pooled.ckpt.weight_bytes;
-    let mut resident = 0u64;
-    let mapped = matches!(pooled.pages.first().map(|p| &p.owner), Some(PagesOwner::Mapped(_)));
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(16);
-    let result = (|| -> Result<()> {
-        if mapped {
-            return Ok(()); // faulted in by `start_admission`
+    let next = AtomicUsize::new(0);
+    // Pieces still unread per cell, the first cell not yet handed on, and the bytes before it.
+    let unread: Vec<_> = cells.iter().map(|&(_, a, b)| (b - a).div_ceil(PIECE)).collect();
+    let frontier = Mutex::new((unread, 0usize, 0u64));
+    let read = |(c, i, at, len): (usize, usize, usize, usize)| -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        if pooled.is_abandoned() {
+            return Err(CheckpointError::Load("the load gave up on this read".into()));
         }
-        for (i, path) in pooled.ckpt.weight_files.iter().enumerate() {
-            let err = |e: std::io::Error| CheckpointError::Load(format!("{}: {e}", path.display()));
-            let file = File::open(path).map_err(err)?;
-            let pages = &pooled.pages[i];
-            for chunk_start in (0..pages.len).step_by(RESIDENCY_CHUNK) {
-                let chunk_end = (chunk_start + RESIDENCY_CHUNK).min(pages.len);
-                let next = AtomicUsize::new(chunk_start);
-                std::thread::scope(|s| {
-                    let readers: Vec<_> = (0..threads)
-                        .map(|_| {
-                            s.spawn(|| -> std::io::Result<()> {
-                                loop {
-                                    if pooled.is_abandoned() {
-                                        return Err(std::io::Error::other("the load gave up on this read"));
-                                    }
-                                    let at = next.fetch_add(PIECE, Ordering::Relaxed);
-                                    if at >= chunk_end {
-                                        return Ok(());
-                                    }
-                                    let len = PIECE.min(chunk_end - at);
-                                    // SAFETY: `at..at + len` is in bounds, given to this reader
-                                    // alone, and not landed yet, so nothing reads it meanwhile.
-                                    let piece = unsafe { std::slice::from_raw_parts_mut(pages.ptr.add(at), len) };
-                                    file.read_exact_at(piece, at as u64)?;
-                                }
-                            })
-                        })
-                        .collect();
-                    readers.into_iter().try_for_each(|r| r.join().expect("reader thread"))
-                })
-                .map_err(err)?;
-                let last = i + 1 == pooled.pages.len() && chunk_end == pages.len;
-                if last {
-                    // Before the last bytes land, so a load that waited for them sees it.
-                    pooled.times.lock().expect("poisoned").page_in = Some(started.elapsed());
-                }
-                pooled.landed.advance(i, chunk_end);
-                resident += (chunk_end - chunk_start) as u64;
-                progress(AdmitProgress { resident_bytes: resident, total_bytes: total });
+        let pages = &pooled.pages[i];
+        // SAFETY: `at..at + len` is in bounds, given to this reader alone, and not landed yet,
+        // so nothing reads it meanwhile.
+        let piece = unsafe { std::slice::from_raw_parts_mut(pages.ptr.add(at), len) };
+        (opened[i].read_exact_at(piece, at as u64))
+            .map_err(|e| CheckpointError::Load(format!("{}: {e}", pooled.ckpt.weight_files[i].display())))?;
+        let mut held = frontier.lock().expect("poisoned");
+        let (unread, first, resident) = &mut *held;
+        unread[c] -= 1;
+        while *first < cells.len() && unread[*first] == 0 {
+            let (i, a, b) = cells[*first];
+            *first += 1;
+            if *first == cells.len() {
+                // Before the last bytes land, so a load that waited for them sees it.
+                pooled.times.lock().expect("poisoned").page_in = Some(started.elapsed());
             }
+            hand_on(i, a, b);
+            *resident += (b - a) as u64;
+            progress(AdmitProgress { resident_bytes: *resident, total_bytes: total });
         }
         Ok(())
-    })();
-    match &result {
-        Ok(()) => {
+    };
+    let result = std::thread::scope(|s| {
+        let readers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    loop {
+                        let Some(&piece) = pieces.get(next.fetch_add(1, Ordering::Relaxed)) else { return Ok(()) };
+                        if let Err(e) = read(piece) {
+                            next.store(pieces.len(), Ordering::Relaxed); // the others stop too
+                            return Err(e);
+                        }
+                    }
+                })
+            })
+            .collect();
+        readers.into_iter().map(|r| r.join().expect("reader thread")).collect::<Result<Vec<()>>>()
+    });
+    match result {
+        Ok(_) => {
             pooled.times.lock().expect("poisoned").page_in.get_or_insert(started.elapsed());
+            Ok(())
         }
-        Err(e) => pooled.landed.fail(e.to_string()),
+        Err(e) => {
+            pooled.landed.fail(e.to_string());
+            Err(e)
+        }
     }
-    result
 }
 
-/// Registers an admitted checkpoint's pages for DMA, off the path of the load that admitted it
-/// (16 GB take about 0.4 s): later loads from the pool copy at the link's full speed.
-pub(super) fn pin_in_background(pooled: Arc<PooledCheckpoint>) {
-    let Some(pinner) = pooled.pinner.clone() else { return };
+/// Starts the thread that registers an admission's cells for DMA as they are read in, each on its
+/// own, and marks each landed once registered: a miss's own copies are DMA, as a hit's are, and
+/// the registrations (about 10 ms per 256 MiB) hide behind the disk. On the lent H200 the first
+/// token came 0.04 s after the read ended this way, 0.07 s with no pinning at all, and 0.5 s when
+/// the pages were pinned after the load instead: the registrations then held up the new engine's
+/// first steps. A cell that cannot be registered (the memory-lock limit) ends the pinning; the
+/// rest land unpinned and copy through the driver's staging buffer. `None` where nothing is
+/// pinned (no GPU, or copies onto it do not honour cells): the readers mark cells landed.
+fn pin_cells(pooled: Arc<PooledCheckpoint>) -> Option<mpsc::Sender<Registration>> {
+    let pinner = pooled.pinner.clone().filter(|_| pooled.may_pin())?;
+    let (cells, read) = mpsc::channel::<Registration>();
+    // Not a thread the admission joins: a thread that has used the driver can hang at its exit
+    // while an engine uses the device, and the load never waits for it to end.
     let spawned = std::thread::Builder::new().name("pool-pin".into()).spawn(move || {
-        let started = Instant::now();
-        let mut done = Vec::new();
-        for pages in &pooled.pages {
-            match pinner.pin(pages.all()) {
-                Ok(()) => done.push(pages),
-                Err(e) => {
-                    done.iter().for_each(|p| pinner.unpin(p.all()));
-                    tracing::warn!(error = %e, "could not pin checkpoint pages; loads will use pageable copies");
-                    return;
+        let mut spent = Duration::ZERO;
+        let mut pinning = true;
+        let mut pinned_bytes = 0;
+        for (file, a, b) in read {
+            if pinning && !pooled.is_abandoned() {
+                let started = Instant::now();
+                // SAFETY: read in whole (sent after its pieces were read) and never written again.
+                let bytes = unsafe { pooled.pages[file].range(a, b) };
+                match pinner.pin(bytes) {
+                    Ok(()) => {
+                        pooled.registered.lock().expect("poisoned").push((file, a, b));
+                        pinned_bytes += b - a;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not pin checkpoint pages; the rest copy from pageable memory");
+                        pinning = false;
+                    }
                 }
+                spent += started.elapsed();
             }
+            pooled.landed.advance(file, b);
         }
-        pooled.times.lock().expect("poisoned").pin = Some(started.elapsed());
-        pooled.pinned.store(true, Ordering::Release);
+        if pinned_bytes == pooled.pages.iter().map(|p| p.len).sum::<usize>() {
+            pooled.times.lock().expect("poisoned").pin = Some(spent);
+            pooled.pinned.store(true, Ordering::Release);
+        }
     });
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "could not start pinning checkpoint pages; loads will use pageable copies");
+    match spawned {
+        Ok(_) => Some(cells),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not start pinning checkpoint pages; loads copy from pageable memory");
+            None
+        }
     }
 }
 
@@ -222,8 +275,8 @@ pub(super) fn map_resident(file: &File, mut progress: impl FnMut(usize)) -> std:
     let map = unsafe { Mmap::map(file) }?;
     let _ = map.advise(Advice::WillNeed);
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(16);
-    for (k, chunk) in map.chunks(RESIDENCY_CHUNK).enumerate() {
-        let offset = k * RESIDENCY_CHUNK;
+    for (k, chunk) in map.chunks(CELL).enumerate() {
+        let offset = k * CELL;
         let per = chunk.len().div_ceil(threads).next_multiple_of(PAGE).max(PAGE);
         std::thread::scope(|s| {
             for start in (offset..offset + chunk.len()).step_by(per) {

@@ -5,7 +5,12 @@
 //!
 //! A miss overlaps reading with loading: the load starts as the first bytes are read and copies
 //! each tensor once the bytes under it have landed (`Landed`), so it ends a moment after the read
-//! does; pinning for later hits happens after, in the background.
+//! does. The pages are pinned in cells (256 MiB), each registered as it is read and before it is
+//! marked landed, so a miss's copies are DMA like a hit's.
+//!
+//! Invariant: the driver refuses a copy that reads across two registrations, so every copy from
+//! the pool's pages onto a GPU is cut at the cells' edges (`network::host_copy`), and cells are
+//! pinned only where copies honour them (`host_copy::cells_honoured`).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -29,7 +34,7 @@ use crate::network::Weight;
 use crate::network::tensor_parallel::{Part, Shard};
 
 mod admission;
-use admission::{AdmissionRead, Landed, Pages, admission_read, fill, map_resident, pin_in_background};
+use admission::{AdmissionRead, CELL, Landed, Pages, Registration, admission_read, fill, map_resident};
 
 /// Makes host memory DMA-able by an accelerator (cuMemHostRegister on CUDA).
 pub trait HostPinner: Send + Sync {
@@ -67,13 +72,19 @@ pub struct PooledCheckpoint {
     landed: Landed,
     stamps: Vec<FileStamp>,
     pinner: Option<Arc<dyn HostPinner>>,
+    /// The pages' registrations are this many bytes each, counted from each file's start.
+    cell: usize,
+    /// What the pinner has registered, unpinned when the checkpoint goes.
+    registered: Mutex<Vec<Registration>>,
+    /// Every cell registered.
     pinned: AtomicBool,
     /// Set by a miss's load that failed: its read stops and nothing is pooled.
     abandoned: AtomicBool,
     times: Mutex<AdmitTimes>,
 }
 
-/// How an admission went: reading the files in, and pinning them (after, in the background).
+/// How an admission went: reading the files in, and pinning them (the time spent registering
+/// cells, beside the read).
 #[derive(Debug, Clone, Copy, Default)]
 struct AdmitTimes {
     page_in: Option<Duration>,
@@ -88,8 +99,11 @@ struct TextParts {
 
 impl Drop for PooledCheckpoint {
     fn drop(&mut self) {
-        if let (true, Some(p)) = (*self.pinned.get_mut(), &self.pinner) {
-            self.pages.iter().for_each(|m| p.unpin(m.all()));
+        if let Some(p) = &self.pinner {
+            for &(file, a, b) in self.registered.get_mut().expect("poisoned").iter() {
+                // SAFETY: registered cells were read in whole before they were registered.
+                p.unpin(unsafe { self.pages[file].range(a, b) });
+            }
         }
     }
 }
@@ -223,11 +237,17 @@ impl PooledCheckpoint {
             if part != Part::Whole && entry.dtype.is_quantized() {
                 return Err(crate::network::tensor_parallel::quantized(name).into());
             }
-            if let Some(columns) = self.pitched_columns(entry, part, device).map_err(err)? {
-                out.insert(name.clone(), Weight::Dense(columns.to_dtype(dtype).map_err(err)?));
+            if let Some(copied) = self.copied_to_gpu(entry, part, device).map_err(err)? {
+                out.insert(name.clone(), Weight::Dense(copied.to_dtype(dtype).map_err(err)?));
                 continue;
             }
-            let (bytes, shape) = part_bytes(self.bytes(entry)?, &entry.shape, part)
+            let mut bytes = Cow::Borrowed(self.bytes(entry)?);
+            if device.is_cuda() && self.may_pin() && self.crosses_cells(entry) {
+                // What goes through candle is copied in one piece, which the driver refuses
+                // across two registrations: from the host's own memory, then.
+                bytes = Cow::Owned(bytes.into_owned());
+            }
+            let (bytes, shape) = part_bytes(&bytes, &entry.shape, part)
                 .map_err(|e| CheckpointError::Load(format!("tensor {name}: {e}")))?;
             let (bytes, shape) = (bytes.as_ref(), shape.as_slice());
             // Per tensor, not across the load: a miss waits here for the disk, and a decode
@@ -261,24 +281,51 @@ impl PooledCheckpoint {
         Ok(out)
     }
 
-    /// A part of columns of a float matrix copied straight onto a GPU as one pitched DMA
-    /// (`network::host_copy`); `None` where that does not apply and the columns are gathered on
-    /// the host instead.
-    fn pitched_columns(&self, entry: &TensorEntry, part: Part, device: &Device) -> candle_core::Result<Option<Tensor>> {
-        let Part::Rows { dim: 1, start, len } = part else { return Ok(None) };
-        let &[rows, cols] = entry.shape.as_slice() else { return Ok(None) };
+    /// A float tensor's `part` copied straight from the pages onto a GPU (`network::host_copy`):
+    /// cut at the cells' edges, and a part of columns as pitched copies rather than gathered on
+    /// the host. `None` where that does not apply (not a GPU, not a float tensor, the copies
+    /// turned off): the part goes through the host and candle.
+    fn copied_to_gpu(&self, entry: &TensorEntry, part: Part, device: &Device) -> candle_core::Result<Option<Tensor>> {
+        use crate::network::host_copy::{self, Block, Cells};
         let dtype = match entry.dtype {
             WeightDType::Safetensors(Dtype::BF16) | WeightDType::Ggml(GgmlDType::BF16) => DType::BF16,
             WeightDType::Safetensors(Dtype::F16) | WeightDType::Ggml(GgmlDType::F16) => DType::F16,
             WeightDType::Safetensors(Dtype::F32) | WeightDType::Ggml(GgmlDType::F32) => DType::F32,
             _ => return Ok(None),
         };
-        if !device.is_cuda() {
+        if !device.is_cuda() || !host_copy::enabled() {
             return Ok(None);
         }
+        let (a, b) = entry.offsets;
+        let mut shape = entry.shape.clone();
+        let block = match (part, shape.as_slice()) {
+            (Part::Whole, _) => Block::span(0, b.saturating_sub(a)),
+            (Part::Rows { dim: 0, start, len }, [rows, ..]) => {
+                let row = b.saturating_sub(a) / (*rows).max(1);
+                shape[0] = len;
+                Block::span(start * row, len * row)
+            }
+            (Part::Rows { dim: 1, start, len }, &[rows, cols]) => {
+                shape[1] = len;
+                Block::columns([rows, cols], [start, len], dtype.size_in_bytes())
+            }
+            _ => return Ok(None), // no such part: `part_bytes` says why
+        };
         let bytes = self.bytes(entry).map_err(candle_core::Error::wrap)?;
+        let cells = Cells { offset: a, cell: self.cell };
         let _gate = crate::network::graphs::shared();
-        crate::network::host_copy::columns(bytes, [rows, cols], [start, len], dtype, device).transpose()
+        host_copy::to_device(bytes, cells, block, dtype, &shape, device).transpose()
+    }
+
+    /// Whether cells of these pages are (or are about to be) registered with a pinner.
+    fn may_pin(&self) -> bool {
+        self.pinner.is_some() && crate::network::host_copy::cells_honoured()
+    }
+
+    /// Whether a tensor's bytes lie in more than one cell (registration) of its file.
+    fn crosses_cells(&self, entry: &TensorEntry) -> bool {
+        let (a, b) = entry.offsets;
+        b > a && a / self.cell != (b - 1) / self.cell
     }
 
     fn from_bytes<T: bytemuck_free::Pod + candle_core::WithDType>(
@@ -350,6 +397,8 @@ struct Entry {
 pub struct CheckpointPool {
     capacity_bytes: u64,
     pinner: Option<Arc<dyn HostPinner>>,
+    /// Bytes per read step and per registration (`CELL`; tests use a few pages).
+    cell: usize,
     entries: Mutex<HashMap<PathBuf, Entry>>,
     /// Admissions read whole files; one at a time keeps them from fighting over the disk.
     admit_lock: Mutex<()>,
@@ -357,7 +406,13 @@ pub struct CheckpointPool {
 
 impl CheckpointPool {
     pub fn new(capacity_bytes: u64, pinner: Option<Arc<dyn HostPinner>>) -> Self {
-        Self { capacity_bytes, pinner, entries: Mutex::default(), admit_lock: Mutex::new(()) }
+        Self { capacity_bytes, pinner, cell: CELL, entries: Mutex::default(), admit_lock: Mutex::new(()) }
+    }
+
+    /// Reads and pins in cells of `bytes` (rounded up to whole 4 KiB pages) instead of 256 MiB.
+    pub fn with_cell_bytes(mut self, bytes: usize) -> Self {
+        self.cell = bytes.max(1).next_multiple_of(4096);
+        self
     }
 
     pub fn stats(&self) -> PoolStats {
@@ -392,7 +447,7 @@ impl CheckpointPool {
     }
 
     /// How the pooled checkpoint at `dir` was admitted: reading its pages in, and pinning them
-    /// (`None` until the background pinning is done).
+    /// (`None` until every cell is pinned).
     pub fn admission_phases(&self, dir: &Path) -> Option<(Duration, Option<Duration>)> {
         let entries = self.entries.lock().expect("poisoned");
         entries.get(dir).map(|e| {
@@ -477,8 +532,6 @@ impl CheckpointPool {
             let mut entries = self.entries.lock().expect("poisoned");
             entries.insert(pooled.ckpt.dir.clone(), Entry { pooled: pooled.clone(), last_used: Instant::now() });
             Self::evict_over_capacity(&mut entries, self.capacity_bytes, &pooled.ckpt.dir);
-            drop(entries);
-            pin_in_background(pooled);
         } else {
             tracing::warn!(
                 model = %pooled.ckpt.dir.display(),
@@ -544,7 +597,9 @@ impl CheckpointPool {
                 // empty file, which cannot be mapped with length 0.
                 let memory = memmap2::MmapOptions::new().len(len.max(1)).map_anon().map_err(err)?;
                 #[cfg(target_os = "linux")]
-                let _ = memory.advise(Advice::HugePage);
+                if huge_pages() {
+                    let _ = memory.advise(Advice::HugePage);
+                }
                 Pages::read(memory, len)
             });
         }
@@ -556,11 +611,19 @@ impl CheckpointPool {
             landed,
             stamps,
             pinner: self.pinner.clone(),
+            cell: self.cell,
+            registered: Mutex::default(),
             pinned: AtomicBool::new(false),
             abandoned: AtomicBool::new(false),
             times: Mutex::default(),
         })
     }
+}
+
+/// Whether the pool's memory asks for transparent huge pages (`KINDLING_POOL_HUGEPAGES=0` turns
+/// that off, to compare the two on a host).
+fn huge_pages() -> bool {
+    std::env::var("KINDLING_POOL_HUGEPAGES").as_deref() != Ok("0")
 }
 
 #[cfg(test)]
@@ -704,11 +767,63 @@ mod tests {
         let pool = CheckpointPool::new(a.weight_bytes.max(b.weight_bytes) + 1, Some(pinner.clone()));
         drop(pool.checkout(a.clone(), &|_| {}).unwrap());
         assert!(pool.contains(&a));
-        until(|| pinner.0.load(Ordering::SeqCst) == 1); // pinned in the background
+        until(|| pinner.0.load(Ordering::SeqCst) == 1); // pinned as it was read
         drop(pool.checkout(b.clone(), &|_| {}).unwrap());
         until(|| pinner.0.load(Ordering::SeqCst) == 2);
         assert!(pool.contains(&b) && !pool.contains(&a), "a was least recently used");
         assert_eq!(pinner.1.load(Ordering::SeqCst), 1, "evicting a unpins its pages");
+    }
+
+    /// Records what is pinned and unpinned, as (address, length).
+    #[derive(Default)]
+    struct RecordingPinner {
+        pinned: Mutex<Vec<(usize, usize)>>,
+        unpinned: Mutex<Vec<(usize, usize)>>,
+    }
+
+    impl HostPinner for RecordingPinner {
+        fn pin(&self, bytes: &[u8]) -> Result<()> {
+            self.pinned.lock().unwrap().push((bytes.as_ptr() as usize, bytes.len()));
+            Ok(())
+        }
+        fn unpin(&self, bytes: &[u8]) {
+            self.unpinned.lock().unwrap().push((bytes.as_ptr() as usize, bytes.len()));
+        }
+    }
+
+    #[test]
+    fn a_miss_pins_each_cell_as_it_is_read_and_unpins_them_all_when_it_goes() {
+        let (_d, ckpt) = tiny(Architecture::Llama);
+        let file_len = std::fs::metadata(&ckpt.weight_files[0]).unwrap().len() as usize;
+        let pinner = Arc::new(RecordingPinner::default());
+        let pool = CheckpointPool::new(1 << 30, Some(pinner.clone())).with_cell_bytes(4096);
+        let (tensors, hit) = pool
+            .checkout_path_using(&ckpt.dir, &|_| {}, |pooled, hit| (pooled.load_tensors(&Device::Cpu, DType::F32), hit))
+            .unwrap();
+        assert!(!hit);
+        let reference = candle_core::safetensors::load(&ckpt.weight_files[0], &Device::Cpu).unwrap();
+        let tensors = tensors.unwrap();
+        for (name, t) in &reference {
+            let crate::network::Weight::Dense(ours) = &tensors[name] else { panic!("{name} is not dense") };
+            let diff = (ours - t.to_dtype(DType::F32).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name}");
+        }
+        // Every cell was registered before it landed, so all are registered once the load is done.
+        let mut pinned = pinner.pinned.lock().unwrap().clone();
+        pinned.sort();
+        assert_eq!(pinned.len(), file_len.div_ceil(4096), "one registration per 4 KiB cell");
+        let start = pinned[0].0;
+        assert_eq!(start % 4096, 0, "cells start on pages");
+        for (k, &(at, len)) in pinned.iter().enumerate() {
+            assert_eq!(at, start + k * 4096, "cells tile the file in order, without overlap");
+            assert_eq!(len, 4096.min(file_len - k * 4096));
+        }
+        assert!(pinner.unpinned.lock().unwrap().is_empty(), "pooled: still pinned");
+        until(|| pool.stats().pinned_bytes == ckpt.weight_bytes);
+        until(|| pool.evict(&ckpt.dir)); // once the pinning thread has let go of it
+        let mut unpinned = pinner.unpinned.lock().unwrap().clone();
+        unpinned.sort();
+        assert_eq!(unpinned, pinned, "evicted: every registration released");
     }
 
     fn until(done: impl Fn() -> bool) {
