@@ -2,8 +2,9 @@
 //! registers its pages for DMA in fixed cells (one registration per cell, each made as the cell
 //! is read in), and the driver refuses a copy whose source runs across two registrations
 //! (`CUDA_ERROR_INVALID_VALUE`), so every copy here is cut at the cells' edges. The same copies
-//! take a range of a matrix's columns as one pitched DMA (`cuMemcpy2D`) instead of gathering it on
-//! the host first: a tensor-parallel rank loads its part of the o and down projections that way.
+//! take a range of a matrix's columns as pitched DMAs (`cuMemcpy2D`, one per run of rows within a
+//! cell) instead of gathering it on the host first: a tensor-parallel rank loads its part of the
+//! o and down projections that way.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
