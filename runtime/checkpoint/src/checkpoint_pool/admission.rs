@@ -125,15 +125,14 @@ pub(super) fn fill(
         let len = pooled.pages[i].len;
         (0..len).step_by(cell).map(move |a| (i, a, (a + cell).min(len)))
     };
-    let files = 0..pooled.pages.len();
+    let cells: Vec<_> = (0..pooled.pages.len()).flat_map(cells_of).collect();
     if matches!(pooled.pages.first().map(|p| &p.owner), Some(PagesOwner::Mapped(_))) {
         // Faulted in by `start_admission`, and landed already: only pinning is left.
-        files.flat_map(cells_of).for_each(|(i, a, b)| hand_on(i, a, b));
+        cells.iter().for_each(|&(i, a, b)| hand_on(i, a, b));
         pooled.times.lock().expect("poisoned").page_in.get_or_insert(started.elapsed());
         return Ok(());
     }
     // Pieces never cross a cell, so a cell is done when its own pieces are.
-    let cells: Vec<_> = files.flat_map(cells_of).collect();
     let pieces: Vec<(usize, usize, usize, usize)> = (cells.iter().enumerate())
         .flat_map(|(c, &(i, a, b))| (a..b).step_by(PIECE).map(move |at| (c, i, at, PIECE.min(b - at))))
         .collect();
