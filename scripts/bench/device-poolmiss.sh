@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine: RUNS (default 3) pool misses from disk (the model's files dropped
-# from the page cache), each against reading the same files with 8 and 16 parallel readers just
-# before (and 1, the first time), in the same run.
+# from the page cache), each against reading the same files just before with 8 and 16 buffered
+# readers (and 1, the first time) and 16 direct ones, in the same run.
 set -uo pipefail
 source "$(dirname "$0")/device-env.sh"
 python3 scripts/bench/make_models.py $M qwen3-0.6b llama3.1-8b 2>&1 | grep made
 df -h "$M" | tail -1
-# Admission by parallel reads (the default) and by faulting in an mmap, each against the disk;
-# READS="parallel:KINDLING_POOL_HUGEPAGES=0 parallel" adds environment to a run.
+# Each entry of READS is a KINDLING_POOL_READ: buffered (the default), direct or mmap, each
+# against the disk; READS="direct:KINDLING_POOL_PIN=ahead buffered" adds environment to a run.
+# Every miss's greedy text is checked against the pooled copy's (the bench fails otherwise).
 n=0
-for read in ${READS:-parallel mmap}; do
+for read in ${READS:-buffered direct}; do
   n=$((n + 1))
   echo "== admission: $read (run $n)"
   env KINDLING_POOL_READ=${read%%:*} $([ "$read" = "${read#*:}" ] || echo "${read#*:}" | tr , ' ') "$BIN" bench coldstart --device cuda:0 --pool-miss --runs ${RUNS:-3} --skip-fresh \

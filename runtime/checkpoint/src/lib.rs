@@ -7,13 +7,14 @@
 pub mod chat_template;
 pub mod checkpoint;
 pub mod checkpoint_pool;
+pub mod direct_io;
 pub mod error;
 pub mod gguf;
 pub mod tiny_model;
 
 pub use chat_template::ChatMessage;
 pub use checkpoint::{Architecture, Checkpoint};
-pub use checkpoint_pool::{CheckpointPool, HostPinner, PoolStats};
+pub use checkpoint_pool::{CheckpointPool, HostPinner, HostRange, PoolStats};
 pub use error::CheckpointError;
 /// The network crate, under the name this crate's modules use for it.
 use kindling_network as network;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use kindling_engine::{Checkpoint, CheckpointPool, ModelRegistry, SamplingParams};
+use kindling_engine::{Checkpoint, CheckpointPool, ModelRegistry, SamplingParams, direct_io};
 use serde_json::{Value, json};
 
 #[derive(clap::Args)]
@@ -32,6 +32,9 @@ pub struct ColdstartArgs {
     /// against reading the same files from disk with several parallel readers just before.
     #[arg(long)]
     pool_miss: bool,
+    /// With `--pool-miss`: skip the disk reads, only the misses and their text checks.
+    #[arg(long)]
+    no_disk_reads: bool,
     /// Then, per model, split it over the first N workers (tensor parallelism) and scale it from
     /// the pool: time to first token against the single-worker runs above, and its greedy text
     /// against the single worker's (the same run).
@@ -251,7 +254,7 @@ pub fn coldstart(args: ColdstartArgs) -> anyhow::Result<()> {
         }
         if args.pool_miss {
             for (name, path) in &models {
-                results["models"][name.as_str()]["pool_miss"] = pool_miss(&registry, &pool, name, path, args.runs).await?;
+                results["models"][name.as_str()]["pool_miss"] = pool_miss(&registry, &pool, name, path, args.runs, !args.no_disk_reads).await?;
             }
         }
         if args.warm_traffic {
@@ -433,7 +436,7 @@ async fn wake_from_sleep(registry: &ModelRegistry, name: &str, runs: usize) -> a
 /// some, and a measurement "from disk" says how far that held.
 fn drop_from_page_cache(files: &[PathBuf]) -> anyhow::Result<f64> {
     use std::os::fd::AsRawFd;
-    let (mut cached, mut pages) = (0usize, 0usize);
+    let (mut cached, mut total) = (0.0, 0u64);
     for path in files {
         let file = std::fs::File::open(path)?;
         // Dirty pages (a file just written) are not dropped: write them out first.
@@ -441,51 +444,52 @@ fn drop_from_page_cache(files: &[PathBuf]) -> anyhow::Result<f64> {
         // SAFETY: a valid open descriptor; the call only advises the kernel.
         let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
         anyhow::ensure!(rc == 0, "posix_fadvise({}) failed: {rc}", path.display());
-        let len = file.metadata()?.len() as usize;
-        if len == 0 {
-            continue;
-        }
-        // SAFETY: a read-only shared map of the file, used only for `mincore`, which reads nothing.
-        let map =
-            unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0) };
-        anyhow::ensure!(map != libc::MAP_FAILED, "mmap({}) failed", path.display());
-        let mut resident = vec![0u8; len.div_ceil(4096)];
-        // SAFETY: `resident` holds one byte per page of the mapping.
-        let rc = unsafe { libc::mincore(map, len, resident.as_mut_ptr()) };
-        // SAFETY: the mapping made above, unmapped once.
-        unsafe { libc::munmap(map, len) };
-        anyhow::ensure!(rc == 0, "mincore({}) failed", path.display());
-        cached += resident.iter().filter(|&&r| r & 1 == 1).count();
-        pages += resident.len();
+        let len = file.metadata()?.len();
+        cached += direct_io::cached_fraction(&file)? * len as f64;
+        total += len;
     }
-    Ok(if pages == 0 { 0.0 } else { cached as f64 / pages as f64 })
+    Ok(if total == 0 { 0.0 } else { cached / total as f64 })
 }
 
 /// Reads every byte of `files` with `readers` threads (disjoint 16 MiB pieces, in order), as the
-/// disk baseline: seconds taken.
-fn read_with(files: &[PathBuf], readers: usize) -> anyhow::Result<f64> {
+/// disk baseline: seconds taken. `direct` reads around the page cache (`O_DIRECT`) into huge
+/// pages, as the pool's admission does; otherwise through it, into ordinary buffers.
+fn read_with(files: &[PathBuf], readers: usize, direct: bool) -> anyhow::Result<f64> {
     use std::os::unix::fs::FileExt;
-    const PIECE: u64 = 16 << 20;
-    let pieces: Vec<(usize, u64, u64)> = files
+    const PIECE: usize = 16 << 20;
+    let pieces: Vec<(usize, u64, usize)> = files
         .iter()
         .enumerate()
-        .map(|(i, p)| Ok((i, std::fs::metadata(p)?.len())))
+        .map(|(i, p)| Ok((i, std::fs::metadata(p)?.len() as usize)))
         .collect::<anyhow::Result<Vec<_>>>()?
         .into_iter()
-        .flat_map(|(i, len)| (0..len.div_ceil(PIECE)).map(move |k| (i, k * PIECE, PIECE.min(len - k * PIECE))))
+        .flat_map(|(i, len)| (0..len.div_ceil(PIECE)).map(move |k| (i, (k * PIECE) as u64, PIECE.min(len - k * PIECE))))
         .collect();
     let opened: Vec<std::fs::File> = files.iter().map(std::fs::File::open).collect::<std::io::Result<_>>()?;
+    let direct: Vec<std::fs::File> = if direct {
+        files.iter().map(|p| direct_io::open_direct(p)).collect::<std::io::Result<_>>()?
+    } else {
+        Vec::new()
+    };
     let next = std::sync::atomic::AtomicUsize::new(0);
     let started = Instant::now();
     std::thread::scope(|s| {
         let workers: Vec<_> = (0..readers)
             .map(|_| {
                 s.spawn(|| -> std::io::Result<()> {
-                    let mut buf = vec![0u8; PIECE as usize];
+                    let mut buf = memmap2::MmapOptions::new().len(PIECE).map_anon()?;
+                    if !direct.is_empty() {
+                        #[cfg(target_os = "linux")]
+                        let _ = buf.advise(memmap2::Advice::HugePage);
+                    }
+                    buf.fill(0);
                     loop {
                         let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let Some(&(file, offset, len)) = pieces.get(k) else { return Ok(()) };
-                        opened[file].read_exact_at(&mut buf[..len as usize], offset)?;
+                        match direct.get(file) {
+                            Some(d) => direct_io::read_exact_direct(d, &opened[file], &mut buf, len, offset)?,
+                            None => opened[file].read_exact_at(&mut buf[..len], offset)?,
+                        }
                     }
                 })
             })
@@ -495,9 +499,9 @@ fn read_with(files: &[PathBuf], readers: usize) -> anyhow::Result<f64> {
     Ok(secs(started.elapsed()))
 }
 
-/// Pool misses from disk, `rounds` times: each round reads the model's files with 8 readers and
-/// with the admission's own number (and, the first time, 1), each after dropping them from the
-/// page cache, then unloads the model, drops its checkpoint from the pool and its files from the
+/// Pool misses from disk, `rounds` times: each round reads the model's files with 8 buffered
+/// readers and with the admission's own number (and, the first time, 1), and with that number of
+/// direct readers, each after dropping them from the page cache, then unloads the model, drops its checkpoint from the pool and its files from the
 /// page cache, and sends the first request. Disk speed drifts between reads, so each miss is set
 /// against the best read of its own round, and the medians over rounds are reported.
 async fn pool_miss(
@@ -506,25 +510,34 @@ async fn pool_miss(
     name: &str,
     path: &Path,
     rounds: usize,
+    disk_reads: bool,
 ) -> anyhow::Result<Value> {
     let files = Checkpoint::open(path)?.weight_files;
     let bytes: u64 = files.iter().map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0)).sum();
     let admission_readers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(16);
+    // Each miss's greedy text must be what the pooled copy gives: a read that put a byte wrong
+    // would show here, not in the timings.
+    let pooled_text = registry.acquire(name).await?.engine.generate(PROMPT.into(), text_check_params()).await?.0;
     let (mut results, mut over, mut tails) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds.max(1) {
         let mut disk = serde_json::Map::new();
         let mut cached_before = serde_json::Map::new();
-        let readers: &[usize] = if round == 0 { &[1, 8, admission_readers] } else { &[8, admission_readers] };
-        for &readers in readers {
+        let buffered: &[usize] = if round == 0 { &[1, 8, admission_readers] } else { &[8, admission_readers] };
+        // Direct reads only where the file system takes them (not tmpfs before Linux 6.6).
+        let direct = files.iter().all(|f| direct_io::open_direct(f).is_ok()).then_some((admission_readers, true));
+        let reads = buffered.iter().map(|&n| (n, false)).chain(direct).filter(|_| disk_reads);
+        for (readers, direct) in reads {
             let cached = drop_from_page_cache(&files)?;
-            let s = read_with(&files, readers)?;
+            let s = read_with(&files, readers, direct)?;
+            let how = if direct { "direct" } else { "buffered" };
             eprintln!(
-                "[{name}] round {round}: disk, {readers} reader(s): {s:.3} s ({:.2} GB/s; {:.1}% cached before)",
+                "[{name}] round {round}: disk, {readers} reader(s), {how}: {s:.3} s ({:.2} GB/s; {:.1}% cached before)",
                 bytes as f64 / s / 1e9,
                 cached * 100.0
             );
-            disk.insert(format!("readers_{readers}_s"), json!(s));
-            cached_before.insert(format!("readers_{readers}"), json!(cached));
+            let key = if direct { format!("direct_{readers}") } else { format!("readers_{readers}") };
+            disk.insert(format!("{key}_s"), json!(s));
+            cached_before.insert(key, json!(cached));
         }
         let best = disk.values().filter_map(Value::as_f64).fold(f64::INFINITY, f64::min);
         registry.unload(name);
@@ -538,6 +551,11 @@ async fn pool_miss(
         let wall = secs(started.elapsed());
         let load = acquired.engine.info.load;
         anyhow::ensure!(!load.pool_hit, "{name} was a pool hit");
+        let text = acquired.engine.generate(PROMPT.into(), text_check_params()).await?.0;
+        anyhow::ensure!(
+            text == pooled_text,
+            "{name}: the miss's text {text:?} differs from the pooled checkpoint's {pooled_text:?}"
+        );
         drop(acquired);
         // The last cell may still be registering; wait for it to report (a CPU pool pins
         // nothing).

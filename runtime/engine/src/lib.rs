@@ -28,7 +28,7 @@ pub use engine::{EngineConfig, EngineHandle, EngineStats, GenerationStream, Load
 pub use error::EngineError;
 /// The network (with its paged KV layout) and the checkpoints live in crates of their own; these
 /// keep their engine paths.
-pub use kindling_checkpoint::{chat_template, checkpoint, checkpoint_pool, gguf, tiny_model};
+pub use kindling_checkpoint::{chat_template, checkpoint, checkpoint_pool, direct_io, gguf, tiny_model};
 pub use kindling_network::{self as network, kv_cache};
 pub use params::SamplingParams;
 pub use registry::{Acquired, ColdStart, ModelEntry, ModelRegistry};

@@ -129,7 +129,7 @@ mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{CudaContext, sys};
 
     use super::Worker;
-    use crate::checkpoint_pool::HostPinner;
+    use crate::checkpoint_pool::{HostPinner, HostRange};
     use crate::error::{EngineError, Result};
     use kindling_checkpoint::CheckpointError;
 
@@ -158,20 +158,20 @@ mod cuda {
         if r == sys::CUresult::CUDA_SUCCESS { Ok(()) } else { Err(EngineError::Load(format!("{what} failed: {r:?}"))) }
     }
 
-    /// Registers mmapped checkpoint pages with the driver (read-only), so copies from them are
-    /// DMA at full PCIe speed instead of going through a pageable staging buffer.
+    /// Registers checkpoint pages with the driver (for the device to read), so copies from them
+    /// are DMA at full PCIe speed instead of going through a pageable staging buffer.
     struct CudaPinner {
         ctx: Arc<CudaContext>,
     }
 
-    fn page_span(bytes: &[u8]) -> (*mut std::ffi::c_void, usize) {
-        (bytes.as_ptr() as *mut std::ffi::c_void, bytes.len().next_multiple_of(4096))
+    fn page_span(range: HostRange) -> (*mut std::ffi::c_void, usize) {
+        (range.start as *mut std::ffi::c_void, range.len.next_multiple_of(4096))
     }
 
     impl HostPinner for CudaPinner {
-        fn pin(&self, bytes: &[u8]) -> std::result::Result<(), CheckpointError> {
+        fn pin(&self, range: HostRange) -> std::result::Result<(), CheckpointError> {
             self.ctx.bind_to_thread().map_err(CheckpointError::load)?;
-            let (ptr, len) = page_span(bytes);
+            let (ptr, len) = page_span(range);
             let flags = sys::CU_MEMHOSTREGISTER_READ_ONLY | sys::CU_MEMHOSTREGISTER_PORTABLE;
             // SAFETY: ptr/len cover a live mapping that outlives the registration (unpin runs
             // before the map is dropped).
@@ -181,10 +181,10 @@ mod cuda {
             }
         }
 
-        fn unpin(&self, bytes: &[u8]) {
+        fn unpin(&self, range: HostRange) {
             if self.ctx.bind_to_thread().is_ok() {
                 // SAFETY: the same pointer `pin` registered.
-                let _ = unsafe { sys::cuMemHostUnregister(page_span(bytes).0) };
+                let _ = unsafe { sys::cuMemHostUnregister(page_span(range).0) };
             }
         }
     }
@@ -243,8 +243,8 @@ mod cuda {
             }
             worker.warm_up()?;
             // Copies from memory pinned in cells, the way the checkpoint pool pins its pages.
-            let pin = |bytes: &[u8]| pinner.pin(bytes).map_err(|e| e.to_string());
-            match host_copy::self_check(&worker.device, &pin, &|bytes| pinner.unpin(bytes)) {
+            let pin = |bytes: &[u8]| pinner.pin(HostRange::of(bytes)).map_err(|e| e.to_string());
+            match host_copy::self_check(&worker.device, &pin, &|bytes| pinner.unpin(HostRange::of(bytes))) {
                 Ok(0) => tracing::info!("cell-wise host copies checked"),
                 Ok(wrong) => host_copy::disable(&format!("self-check: {wrong} elements wrong")),
                 Err(e) => host_copy::disable(&format!("self-check failed: {e}")),

@@ -168,15 +168,18 @@ pub fn self_check(
     const PAGE: usize = 4096;
     const CELLS: usize = 4;
     let values: Vec<f32> = (0..(CELLS * PAGE / 4) as u32).map(|i| i as f32).collect();
-    // Page-aligned memory, as the pool's is; each page registered on its own.
+    // Page-aligned memory, as the pool's is, faulted in writable and each page registered on its
+    // own. The pool may register a cell before its readers write it, so the values are written
+    // only after the registrations: the copies must see them.
     let mut memory = memmap2::MmapOptions::new().len(CELLS * PAGE).map_anon().map_err(candle_core::Error::wrap)?;
-    memory.iter_mut().zip(values.iter().flat_map(|v| v.to_le_bytes())).for_each(|(m, b)| *m = b);
-    let mut registered = Vec::new();
+    memory.fill(0);
+    let mut registered = 0;
     let outcome = (|| -> Result<usize> {
-        for page in memory.chunks(PAGE) {
-            register(page).map_err(candle_core::Error::Msg)?;
-            registered.push(page);
+        for k in 0..CELLS {
+            register(&memory[k * PAGE..(k + 1) * PAGE]).map_err(candle_core::Error::Msg)?;
+            registered += 1;
         }
+        memory.iter_mut().zip(values.iter().flat_map(|v| v.to_le_bytes())).for_each(|(m, b)| *m = b);
         let cells = Cells { offset: 0, cell: PAGE };
         // A span across every page, from inside the first to inside the last.
         let (start, len) = (100, CELLS * PAGE / 4 - 200);
@@ -193,7 +196,7 @@ pub fn self_check(
         wrong += compare(to_device(bytes, shifted, block, DType::F32, &[rows, 250], device), &expected)?;
         Ok(wrong)
     })();
-    registered.into_iter().for_each(release);
+    (0..registered).for_each(|k| release(&memory[k * PAGE..(k + 1) * PAGE]));
     outcome
 }
 

@@ -5,8 +5,9 @@
 //!
 //! A miss overlaps reading with loading: the load starts as the first bytes are read and copies
 //! each tensor once the bytes under it have landed (`Landed`), so it ends a moment after the read
-//! does. The pages are pinned in cells (256 MiB), each registered as it is read and before it is
-//! marked landed, so a miss's copies are DMA like a hit's.
+//! does. The pages are pinned in cells (256 MiB), each registered as it is read (or, for direct
+//! reads with `KINDLING_POOL_PIN=ahead`, before) and before it is marked landed, so a miss's
+//! copies are DMA like a hit's.
 //!
 //! Invariant: the driver refuses a copy that reads across two registrations, so every copy from
 //! the pool's pages onto a GPU is cut at the cells' edges (`network::host_copy`), and cells are
@@ -34,13 +35,29 @@ use crate::network::Weight;
 use crate::network::tensor_parallel::{Part, Shard};
 
 mod admission;
-use admission::{AdmissionRead, CELL, Landed, Pages, Registration, admission_read, fill, map_resident};
+use admission::{AdmissionRead, CELL, Landed, Pages, PinOrder, Registration, admission_from_env, fill, map_resident};
 
 /// Makes host memory DMA-able by an accelerator (cuMemHostRegister on CUDA).
 pub trait HostPinner: Send + Sync {
-    /// Pins `bytes` read-only; `unpin` is called with the same slice before it is unmapped.
-    fn pin(&self, bytes: &[u8]) -> Result<()>;
-    fn unpin(&self, bytes: &[u8]);
+    /// Pins the pages of `range` for the device to read; `unpin` is called with the same range
+    /// before the memory is unmapped. The memory may still be written (by the pool's readers)
+    /// while it is pinned, and the device must then see those writes.
+    fn pin(&self, range: HostRange) -> Result<()>;
+    fn unpin(&self, range: HostRange);
+}
+
+/// Host memory by address: what a pinner registers. An address, not a slice, because the pool
+/// registers cells that its readers are still writing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HostRange {
+    pub start: usize,
+    pub len: usize,
+}
+
+impl HostRange {
+    pub fn of(bytes: &[u8]) -> Self {
+        Self { start: bytes.as_ptr() as usize, len: bytes.len() }
+    }
 }
 
 /// Progress of a long admission, for logs and progress bars.
@@ -74,6 +91,8 @@ pub struct PooledCheckpoint {
     pinner: Option<Arc<dyn HostPinner>>,
     /// The pages' registrations are this many bytes each, counted from each file's start.
     cell: usize,
+    read: AdmissionRead,
+    pin_order: PinOrder,
     /// What the pinner has registered, unpinned when the checkpoint goes.
     registered: Mutex<Vec<Registration>>,
     /// Every cell registered.
@@ -101,8 +120,7 @@ impl Drop for PooledCheckpoint {
     fn drop(&mut self) {
         if let Some(p) = &self.pinner {
             for &(file, a, b) in self.registered.get_mut().expect("poisoned").iter() {
-                // SAFETY: registered cells were read in whole before they were registered.
-                p.unpin(unsafe { self.pages[file].range(a, b) });
+                p.unpin(self.pages[file].address(a, b));
             }
         }
     }
@@ -399,6 +417,8 @@ pub struct CheckpointPool {
     pinner: Option<Arc<dyn HostPinner>>,
     /// Bytes per read step and per registration (`CELL`; tests use a few pages).
     cell: usize,
+    read: AdmissionRead,
+    pin_order: PinOrder,
     entries: Mutex<HashMap<PathBuf, Entry>>,
     /// Admissions read whole files; one at a time keeps them from fighting over the disk.
     admit_lock: Mutex<()>,
@@ -406,7 +426,9 @@ pub struct CheckpointPool {
 
 impl CheckpointPool {
     pub fn new(capacity_bytes: u64, pinner: Option<Arc<dyn HostPinner>>) -> Self {
-        Self { capacity_bytes, pinner, cell: CELL, entries: Mutex::default(), admit_lock: Mutex::new(()) }
+        let (read, pin_order) = admission_from_env();
+        let (entries, admit_lock) = (Mutex::default(), Mutex::new(()));
+        Self { capacity_bytes, pinner, cell: CELL, read, pin_order, entries, admit_lock }
     }
 
     /// Reads and pins in cells of `bytes` (rounded up to whole 4 KiB pages) instead of 256 MiB.
@@ -584,7 +606,7 @@ impl CheckpointPool {
     fn start_admission(&self, ckpt: Checkpoint) -> Result<PooledCheckpoint> {
         let mut pages = Vec::new();
         let mut stamps = Vec::new();
-        let mapped = matches!(admission_read(), AdmissionRead::Mapped);
+        let mapped = self.read == AdmissionRead::Mapped;
         for path in &ckpt.weight_files {
             let err = |e: std::io::Error| CheckpointError::Load(format!("{}: {e}", path.display()));
             stamps.push(stamp(path)?);
@@ -593,9 +615,11 @@ impl CheckpointPool {
             } else {
                 let len = usize::try_from(stamps.last().expect("pushed").len)
                     .map_err(|e| CheckpointError::Load(e.to_string()))?;
-                // Anonymous memory (huge pages where the kernel gives them): one byte for an
-                // empty file, which cannot be mapped with length 0.
-                let memory = memmap2::MmapOptions::new().len(len.max(1)).map_anon().map_err(err)?;
+                // Anonymous memory (huge pages where the kernel gives them), to the end of the
+                // file's last block (a direct read fills it whole); one block for an empty file,
+                // which cannot be mapped with length 0.
+                let room = len.max(1).next_multiple_of(crate::direct_io::ALIGN);
+                let memory = memmap2::MmapOptions::new().len(room).map_anon().map_err(err)?;
                 #[cfg(target_os = "linux")]
                 if huge_pages() {
                     let _ = memory.advise(Advice::HugePage);
@@ -612,6 +636,8 @@ impl CheckpointPool {
             stamps,
             pinner: self.pinner.clone(),
             cell: self.cell,
+            read: self.read,
+            pin_order: self.pin_order,
             registered: Mutex::default(),
             pinned: AtomicBool::new(false),
             abandoned: AtomicBool::new(false),
@@ -636,11 +662,11 @@ mod tests {
     struct CountingPinner(AtomicUsize, AtomicUsize);
 
     impl HostPinner for CountingPinner {
-        fn pin(&self, _: &[u8]) -> Result<()> {
+        fn pin(&self, _: HostRange) -> Result<()> {
             self.0.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
-        fn unpin(&self, _: &[u8]) {
+        fn unpin(&self, _: HostRange) {
             self.1.fetch_add(1, Ordering::SeqCst);
         }
     }
@@ -782,21 +808,32 @@ mod tests {
     }
 
     impl HostPinner for RecordingPinner {
-        fn pin(&self, bytes: &[u8]) -> Result<()> {
-            self.pinned.lock().unwrap().push((bytes.as_ptr() as usize, bytes.len()));
+        fn pin(&self, range: HostRange) -> Result<()> {
+            self.pinned.lock().unwrap().push((range.start, range.len));
             Ok(())
         }
-        fn unpin(&self, bytes: &[u8]) {
-            self.unpinned.lock().unwrap().push((bytes.as_ptr() as usize, bytes.len()));
+        fn unpin(&self, range: HostRange) {
+            self.unpinned.lock().unwrap().push((range.start, range.len));
         }
     }
 
     #[test]
-    fn a_miss_pins_each_cell_as_it_is_read_and_unpins_them_all_when_it_goes() {
+    fn a_miss_pins_each_cell_once_ahead_of_its_read_and_unpins_them_all_when_it_goes() {
+        a_miss_pins_each_cell_once(PinOrder::Ahead);
+    }
+
+    #[test]
+    fn a_miss_pins_each_cell_once_as_it_is_read_and_unpins_them_all_when_it_goes() {
+        a_miss_pins_each_cell_once(PinOrder::Behind);
+    }
+
+    fn a_miss_pins_each_cell_once(order: PinOrder) {
         let (_d, ckpt) = tiny(Architecture::Llama);
         let file_len = std::fs::metadata(&ckpt.weight_files[0]).unwrap().len() as usize;
         let pinner = Arc::new(RecordingPinner::default());
-        let pool = CheckpointPool::new(1 << 30, Some(pinner.clone())).with_cell_bytes(4096);
+        let mut pool = CheckpointPool::new(1 << 30, Some(pinner.clone())).with_cell_bytes(4096);
+        (pool.read, pool.pin_order) = (AdmissionRead::Direct, order);
+        drop_from_page_cache(&ckpt.weight_files);
         let (tensors, hit) = pool
             .checkout_path_using(&ckpt.dir, &|_| {}, |pooled, hit| (pooled.load_tensors(&Device::Cpu, DType::F32), hit))
             .unwrap();
@@ -824,6 +861,74 @@ mod tests {
         let mut unpinned = pinner.unpinned.lock().unwrap().clone();
         unpinned.sort();
         assert_eq!(unpinned, pinned, "evicted: every registration released");
+    }
+
+    #[test]
+    fn a_sharded_checkpoint_read_direct_equals_candles_reading_in_both_pin_orders() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = TinySpec::new(Architecture::Llama);
+        (spec.hidden_size, spec.intermediate_size, spec.num_hidden_layers) = (256, 1024, 3);
+        make_tiny_model(dir.path(), &spec).unwrap();
+        shard(dir.path(), 3);
+        let ckpt = Checkpoint::open(dir.path()).unwrap();
+        assert_eq!(ckpt.weight_files.len(), 3);
+        for order in [PinOrder::Ahead, PinOrder::Behind] {
+            drop_from_page_cache(&ckpt.weight_files);
+            let pinner = Arc::new(RecordingPinner::default());
+            // Many cells per file, each several read pieces' worth of pages.
+            let mut pool = CheckpointPool::new(1 << 40, Some(pinner.clone())).with_cell_bytes(64 << 10);
+            (pool.read, pool.pin_order) = (AdmissionRead::Direct, order);
+            let (tensors, hit) = pool
+                .checkout_path_using(&ckpt.dir, &|_| {}, |pooled, hit| {
+                    (pooled.load_tensors(&Device::Cpu, DType::F32), hit)
+                })
+                .unwrap();
+            assert!(!hit);
+            let tensors = tensors.unwrap();
+            for file in &ckpt.weight_files {
+                for (name, t) in &candle_core::safetensors::load(file, &Device::Cpu).unwrap() {
+                    let crate::network::Weight::Dense(ours) = &tensors[name] else { panic!("{name} is not dense") };
+                    let diff = (ours - t.to_dtype(DType::F32).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
+                    assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{order:?}: {name}");
+                }
+            }
+            let cells: usize = (ckpt.weight_files.iter())
+                .map(|f| (std::fs::metadata(f).unwrap().len() as usize).div_ceil(64 << 10))
+                .sum();
+            assert_eq!(pinner.pinned.lock().unwrap().len(), cells, "{order:?}: every cell registered once");
+        }
+    }
+
+    /// Rewrites the single `model.safetensors` in `dir` as `n` shards with an index, as large
+    /// checkpoints come.
+    fn shard(dir: &Path, n: usize) {
+        let whole = dir.join("model.safetensors");
+        let bytes = std::fs::read(&whole).unwrap();
+        let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut names: Vec<String> = tensors.names().into_iter().map(str::to_string).collect();
+        names.sort();
+        let mut weight_map = serde_json::Map::new();
+        for (k, part) in names.chunks(names.len().div_ceil(n)).enumerate() {
+            let file = format!("model-{:05}-of-{n:05}.safetensors", k + 1);
+            let views: Vec<_> = part.iter().map(|name| (name.clone(), tensors.tensor(name).unwrap())).collect();
+            safetensors::serialize_to_file(views, None, &dir.join(&file)).unwrap();
+            part.iter().for_each(|name| drop(weight_map.insert(name.clone(), file.clone().into())));
+        }
+        std::fs::remove_file(&whole).unwrap();
+        let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+        std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    }
+
+    /// Drops `files` from the page cache, so the readers read them direct (where the file
+    /// system allows).
+    fn drop_from_page_cache(files: &[PathBuf]) {
+        use std::os::fd::AsRawFd;
+        for path in files {
+            let file = File::open(path).unwrap();
+            file.sync_all().unwrap();
+            // SAFETY: a valid open descriptor; the call only advises the kernel.
+            unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        }
     }
 
     fn until(done: impl Fn() -> bool) {
