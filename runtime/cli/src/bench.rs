@@ -268,12 +268,14 @@ pub fn coldstart(args: ColdstartArgs) -> anyhow::Result<()> {
     if let Some(out) = &args.out {
         std::fs::write(out, serde_json::to_string_pretty(&results)?)?;
     }
+    // After the results are written, so the timings of a run that failed here are kept.
+    let wrong = misses_with_other_text(&results);
+    anyhow::ensure!(wrong.is_empty(), "pool misses of {wrong:?} gave other text than their pooled copies");
     Ok(())
 }
 
-/// Scale to zero asleep (weights kept on the device), then the first request wakes it: each run's
-/// time to first token.
-/// Greedy text of a few tokens, to compare a split model's decode with the whole one's.
+/// Greedy text of a few tokens, to compare two loads of one model (split and whole, miss and
+/// hit).
 fn text_check_params() -> SamplingParams {
     SamplingParams { max_tokens: 24, temperature: 0.0, ..SamplingParams::default() }
 }
@@ -404,6 +406,8 @@ fn compare_texts(name: &str, ranks: usize, label: &str, whole: String, split: St
     json!({ "whole": whole, "split": split, "same": same, "common_prefix_chars": common })
 }
 
+/// Scale to zero asleep (weights kept on the device), then the first request wakes it: each run's
+/// time to first token.
 async fn wake_from_sleep(registry: &ModelRegistry, name: &str, runs: usize) -> anyhow::Result<Value> {
     let (mut walls, mut rows) = (Vec::new(), Vec::new());
     for run in 0..runs {
@@ -552,10 +556,6 @@ async fn pool_miss(
         let load = acquired.engine.info.load;
         anyhow::ensure!(!load.pool_hit, "{name} was a pool hit");
         let text = acquired.engine.generate(PROMPT.into(), text_check_params()).await?.0;
-        anyhow::ensure!(
-            text == pooled_text,
-            "{name}: the miss's text {text:?} differs from the pooled checkpoint's {pooled_text:?}"
-        );
         drop(acquired);
         // The last cell may still be registering; wait for it to report (a CPU pool pins
         // nothing).
@@ -576,19 +576,44 @@ async fn pool_miss(
             wall - page_in,
             wall - best
         );
+        let same_text = text == pooled_text;
+        if !same_text {
+            eprintln!(
+                "[{name}] round {round}: the miss's text {text:?} differs from the pooled copy's {pooled_text:?}"
+            );
+        }
         over.push(wall - best);
         tails.push(wall - page_in);
         results.push(json!({
             "disk": disk, "cached_fraction": cached_before, "best_disk_s": best, "miss_s": wall,
             "admit_s": secs(load.admit), "page_in_s": page_in, "pin_s": pin, "h2d_s": secs(load.h2d),
-            "over_disk_s": wall - best, "after_read_s": wall - page_in,
+            "over_disk_s": wall - best, "after_read_s": wall - page_in, "text_as_pooled": same_text,
         }));
     }
     let (over, tail) = (median(&mut over), median(&mut tails));
     eprintln!(
         "[{name}] pool miss over the disk read: median {over:.3} s; first token after the read: median {tail:.3} s"
     );
-    Ok(json!({ "bytes": bytes, "rounds": results, "over_disk_median_s": over, "after_read_median_s": tail }))
+    let admission = ["KINDLING_POOL_READ", "KINDLING_POOL_PIN", "KINDLING_POOL_HUGEPAGES"]
+        .map(|var| (var, std::env::var(var).unwrap_or_else(|_| "default".into())));
+    Ok(json!({
+        "bytes": bytes, "rounds": results, "over_disk_median_s": over, "after_read_median_s": tail,
+        "admission": serde_json::Map::from_iter(admission.map(|(k, v)| (k.to_string(), json!(v)))),
+        "pooled_text": pooled_text,
+    }))
+}
+
+/// Models whose pool misses (`--pool-miss`) gave other greedy text than their pooled copy: a
+/// miss that loaded other weights than a hit does.
+fn misses_with_other_text(results: &Value) -> Vec<String> {
+    let models = results["models"].as_object().into_iter().flatten();
+    models
+        .filter(|(_, m)| {
+            let rounds = m["pool_miss"]["rounds"].as_array().into_iter().flatten();
+            rounds.clone().any(|r| r["text_as_pooled"] == false)
+        })
+        .map(|(name, _)| name.clone())
+        .collect()
 }
 
 /// Starts every model of `models` from zero at once: for each, its name, the seconds from
