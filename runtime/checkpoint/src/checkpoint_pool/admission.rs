@@ -134,9 +134,8 @@ impl Landed {
 /// piece before it, have all been read is handed on, in order: to the pinning thread
 /// (`pin_cells`), which marks it landed once registered, or straight to landed. With
 /// `KINDLING_POOL_READ=direct`, files not in the page cache are read with `O_DIRECT`, straight
-/// into the pool's pages. Faulting an mmap of
-/// the file in page by page ran at 1.7 GB/s on the lent H100 host, where parallel reads of the
-/// same (cached) file ran at 36 GB/s.
+/// into the pool's pages. Faulting an mmap of the file in page by page ran at 1.7 GB/s on the
+/// lent H100 host, where parallel reads of the same (cached) file ran at 36 GB/s.
 pub(super) fn fill(
     pooled: &Arc<PooledCheckpoint>,
     started: Instant,
@@ -149,7 +148,7 @@ pub(super) fn fill(
         (0..len).step_by(cell).map(move |a| (i, a, (a + cell).min(len)))
     };
     let cells: Vec<_> = (0..pooled.pages.len()).flat_map(cells_of).collect();
-    let mapped = matches!(pooled.pages.first().map(|p| &p.owner), Some(PagesOwner::Mapped(_)));
+    let mapped = pooled.read == AdmissionRead::Mapped;
     let direct = pooled.read == AdmissionRead::Direct;
     let opened: Vec<Source> = if mapped {
         Vec::new()
