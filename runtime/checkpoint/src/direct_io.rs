@@ -35,6 +35,17 @@ pub fn cached_fraction(file: &File) -> io::Result<f64> {
     Ok(resident.iter().filter(|&&r| r & 1 == 1).count() as f64 / resident.len() as f64)
 }
 
+/// Drops `file`'s pages from the page cache (those of a file nobody maps), writing out dirty ones
+/// first (a file just written would otherwise keep them): its next read comes from the disk.
+pub fn drop_cached(file: &File) -> io::Result<()> {
+    file.sync_all()?;
+    // SAFETY: a valid open descriptor; the call only advises the kernel.
+    match unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) } {
+        0 => Ok(()),
+        rc => Err(io::Error::from_raw_os_error(rc)),
+    }
+}
+
 /// `path` opened for direct reads, or why not (a file system without `O_DIRECT`: tmpfs before
 /// Linux 6.6, some network file systems).
 pub fn open_direct(path: &Path) -> io::Result<File> {

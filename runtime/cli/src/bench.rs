@@ -439,15 +439,10 @@ async fn wake_from_sleep(registry: &ModelRegistry, name: &str, runs: usize) -> a
 /// Returns the fraction of their pages still cached afterwards (`mincore`): the kernel may keep
 /// some, and a measurement "from disk" says how far that held.
 fn drop_from_page_cache(files: &[PathBuf]) -> anyhow::Result<f64> {
-    use std::os::fd::AsRawFd;
     let (mut cached, mut total) = (0.0, 0u64);
     for path in files {
         let file = std::fs::File::open(path)?;
-        // Dirty pages (a file just written) are not dropped: write them out first.
-        file.sync_all()?;
-        // SAFETY: a valid open descriptor; the call only advises the kernel.
-        let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-        anyhow::ensure!(rc == 0, "posix_fadvise({}) failed: {rc}", path.display());
+        direct_io::drop_cached(&file).with_context(|| format!("dropping {} from the page cache", path.display()))?;
         let len = file.metadata()?.len();
         cached += direct_io::cached_fraction(&file)? * len as f64;
         total += len;
@@ -505,8 +500,8 @@ fn read_with(files: &[PathBuf], readers: usize, direct: bool) -> anyhow::Result<
 
 /// Pool misses from disk, `rounds` times: each round reads the model's files with 8 buffered
 /// readers and with the admission's own number (and, the first time, 1), and with that number of
-/// direct readers, each after dropping them from the page cache, then unloads the model, drops its checkpoint from the pool and its files from the
-/// page cache, and sends the first request. Disk speed drifts between reads, so each miss is set
+/// direct readers, each after dropping them from the page cache, then unloads the model, drops
+/// its checkpoint from the pool and its files from the page cache, and sends the first request. Disk speed drifts between reads, so each miss is set
 /// against the best read of its own round, and the medians over rounds are reported.
 async fn pool_miss(
     registry: &ModelRegistry,
@@ -522,13 +517,13 @@ async fn pool_miss(
     // Each miss's greedy text must be what the pooled copy gives: a read that put a byte wrong
     // would show here, not in the timings.
     let pooled_text = registry.acquire(name).await?.engine.generate(PROMPT.into(), text_check_params()).await?.0;
+    // Direct reads only where the file system takes them (not tmpfs before Linux 6.6).
+    let direct = files.iter().all(|f| direct_io::open_direct(f).is_ok()).then_some((admission_readers, true));
     let (mut results, mut over, mut tails) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds.max(1) {
         let mut disk = serde_json::Map::new();
         let mut cached_before = serde_json::Map::new();
         let buffered: &[usize] = if round == 0 { &[1, 8, admission_readers] } else { &[8, admission_readers] };
-        // Direct reads only where the file system takes them (not tmpfs before Linux 6.6).
-        let direct = files.iter().all(|f| direct_io::open_direct(f).is_ok()).then_some((admission_readers, true));
         let reads = buffered.iter().map(|&n| (n, false)).chain(direct).filter(|_| disk_reads);
         for (readers, direct) in reads {
             let cached = drop_from_page_cache(&files)?;
@@ -609,8 +604,8 @@ fn misses_with_other_text(results: &Value) -> Vec<String> {
     let models = results["models"].as_object().into_iter().flatten();
     models
         .filter(|(_, m)| {
-            let rounds = m["pool_miss"]["rounds"].as_array().into_iter().flatten();
-            rounds.clone().any(|r| r["text_as_pooled"] == false)
+            let mut rounds = m["pool_miss"]["rounds"].as_array().into_iter().flatten();
+            rounds.any(|r| r["text_as_pooled"] == false)
         })
         .map(|(name, _)| name.clone())
         .collect()

@@ -930,13 +930,7 @@ mod tests {
     /// Drops `files` from the page cache, so the readers read them direct (where the file
     /// system allows).
     fn drop_from_page_cache(files: &[PathBuf]) {
-        use std::os::fd::AsRawFd;
-        for path in files {
-            let file = File::open(path).unwrap();
-            file.sync_all().unwrap();
-            // SAFETY: a valid open descriptor; the call only advises the kernel.
-            unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-        }
+        files.iter().for_each(|path| crate::direct_io::drop_cached(&File::open(path).unwrap()).unwrap());
     }
 
     fn until(done: impl Fn() -> bool) {
