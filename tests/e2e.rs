@@ -688,6 +688,7 @@ fn bench_coldstart_measures_a_pool_miss_hits_wakes_splits_and_models_started_tog
         // copy's greedy text.
         let rounds = m["pool_miss"]["rounds"].as_array().unwrap();
         assert_eq!(rounds.len(), 2, "{m}");
+        assert_eq!(m["pool_miss"]["pooled_text_repeats"], true, "greedy text repeats on a CPU: {m}");
         for round in rounds {
             assert!(round["miss_s"].as_f64().unwrap() > 0.0, "{m}");
             assert!(round["page_in_s"].as_f64().unwrap() <= round["miss_s"].as_f64().unwrap(), "{m}");

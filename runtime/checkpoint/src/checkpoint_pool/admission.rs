@@ -321,19 +321,21 @@ fn pin_cells(pooled: Arc<PooledCheckpoint>, ahead: Vec<Registration>) -> Option<
     }
 }
 
-/// When an admission's cells are registered: once each is read (the default), or, for direct
-/// reads, before the readers reach them (`KINDLING_POOL_PIN=ahead`).
+/// When an admission's cells are registered: for direct reads, before the readers reach them
+/// (the default), so that the last cell lands registered as the disk delivers it; otherwise, or
+/// with `KINDLING_POOL_PIN=behind`, once each is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum PinOrder {
     Ahead,
     Behind,
 }
 
-/// How admission makes a checkpoint resident: parallel reads into the pool's own memory through
-/// the page cache (the default); the same reads, direct from the disk for files not in the page
-/// cache (`KINDLING_POOL_READ=direct`); or the file's own pages, mapped and faulted in
-/// (`KINDLING_POOL_READ=mmap`). Direct reads measured faster on the lent H200 host, and are not
-/// the default until a miss read that way is shown to give the pooled copy's text (BENCHMARKS.md).
+/// How admission makes a checkpoint resident: parallel reads into the pool's own memory, direct
+/// from the disk for files not in the page cache and through it for the others (the default);
+/// the same reads all through the page cache (`KINDLING_POOL_READ=buffered`); or the file's own
+/// pages, mapped and faulted in (`KINDLING_POOL_READ=mmap`). Direct reads were the disk's best
+/// on the lent H200 host, and a miss read that way put every byte on the GPU as in the files
+/// (`KINDLING_POOL_VERIFY=1`; BENCHMARKS.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum AdmissionRead {
     Buffered,
@@ -345,12 +347,12 @@ pub(super) enum AdmissionRead {
 pub(super) fn admission_from_env() -> (AdmissionRead, PinOrder) {
     let read = match std::env::var("KINDLING_POOL_READ").as_deref() {
         Ok("mmap") => AdmissionRead::Mapped,
-        Ok("direct") => AdmissionRead::Direct,
-        _ => AdmissionRead::Buffered,
+        Ok("buffered") => AdmissionRead::Buffered,
+        _ => AdmissionRead::Direct,
     };
     let pin = match std::env::var("KINDLING_POOL_PIN").as_deref() {
-        Ok("ahead") => PinOrder::Ahead,
-        _ => PinOrder::Behind,
+        Ok("behind") => PinOrder::Behind,
+        _ => PinOrder::Ahead,
     };
     (read, pin)
 }

@@ -5,9 +5,9 @@
 //!
 //! A miss overlaps reading with loading: the load starts as the first bytes are read and copies
 //! each tensor once the bytes under it have landed (`Landed`), so it ends a moment after the read
-//! does. The pages are pinned in cells (256 MiB), each registered as it is read (or, for direct
-//! reads with `KINDLING_POOL_PIN=ahead`, before) and before it is marked landed, so a miss's
-//! copies are DMA like a hit's.
+//! does. Files not in the page cache are read direct from the disk. The pages are pinned in
+//! cells (256 MiB), each registered before it is marked landed, so a miss's copies are DMA like
+//! a hit's: ahead of the readers when every file is read direct, otherwise as each is read.
 //!
 //! Invariant: the driver refuses a copy that reads across two registrations, so every copy from
 //! the pool's pages onto a GPU is cut at the cells' edges (`network::host_copy`), and cells are
@@ -93,6 +93,8 @@ pub struct PooledCheckpoint {
     cell: usize,
     read: AdmissionRead,
     pin_order: PinOrder,
+    /// Every tensor put on a device is read back and compared with these pages.
+    verify: bool,
     /// What the pinner has registered, unpinned when the checkpoint goes.
     registered: Mutex<Vec<Registration>>,
     /// Every cell registered.
@@ -194,6 +196,33 @@ impl PooledCheckpoint {
         Ok(unsafe { pages.range(a, b) })
     }
 
+    /// The first byte at which the pooled pages differ from the files on disk, as (file, offset),
+    /// or `None` when they are equal: checks an admission's read independently of any load.
+    /// Waits for the read to end; reads every file through the page cache.
+    pub fn first_byte_unlike_files(&self) -> Result<Option<(PathBuf, u64)>> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; 64 << 20];
+        for (file, (path, pages)) in self.ckpt.weight_files.iter().zip(&self.pages).enumerate() {
+            self.landed.wait(file, pages.len)?;
+            let opened =
+                std::fs::File::open(path).map_err(|e| CheckpointError::Load(format!("{}: {e}", path.display())))?;
+            let mut offset = 0;
+            while offset < pages.len {
+                let len = buf.len().min(pages.len - offset);
+                opened
+                    .read_exact_at(&mut buf[..len], offset as u64)
+                    .map_err(|e| CheckpointError::Load(format!("{}: {e}", path.display())))?;
+                // SAFETY: in bounds, and landed (waited for above).
+                let pooled = unsafe { pages.range(offset, offset + len) };
+                if let Some(i) = pooled.iter().zip(&buf[..len]).position(|(a, b)| a != b) {
+                    return Ok(Some((path.clone(), (offset + i) as u64)));
+                }
+                offset += len;
+            }
+        }
+        Ok(None)
+    }
+
     /// Gives up on a miss from inside its `using` (the load failed): the admission's readers stop
     /// after the piece they are reading, the checkout returns `using`'s result at once instead of
     /// after the whole read, and the checkpoint is not pooled. No effect on a hit.
@@ -256,6 +285,7 @@ impl PooledCheckpoint {
                 return Err(crate::network::tensor_parallel::quantized(name).into());
             }
             if let Some(copied) = self.copied_to_gpu(entry, part, device).map_err(err)? {
+                self.verify_copy(name, entry, part, &copied)?;
                 out.insert(name.clone(), Weight::Dense(copied.to_dtype(dtype).map_err(err)?));
                 continue;
             }
@@ -290,9 +320,9 @@ impl PooledCheckpoint {
                 // Non-float tensors (e.g. quantization metadata) are not read by our networks.
                 WeightDType::Safetensors(_) => continue,
             }
-            .and_then(|t| t.to_dtype(dtype))
             .map_err(err)?;
-            out.insert(name.clone(), Weight::Dense(weight));
+            self.verify_copy(name, entry, part, &weight)?;
+            out.insert(name.clone(), Weight::Dense(weight.to_dtype(dtype).map_err(err)?));
         }
         let _gate = crate::network::graphs::shared();
         device.synchronize().map_err(CheckpointError::load)?;
@@ -335,6 +365,26 @@ impl PooledCheckpoint {
         host_copy::to_device(bytes, cells, block, dtype, &shape, device).transpose()
     }
 
+    /// With `verify` on, reads `copied` (a tensor's `part`, as stored) back from its device and
+    /// fails the load at the first byte that differs from the pool's.
+    fn verify_copy(&self, name: &str, entry: &TensorEntry, part: Part, copied: &Tensor) -> Result<()> {
+        if !self.verify {
+            return Ok(());
+        }
+        let (expected, _) = part_bytes(self.bytes(entry)?, &entry.shape, part)
+            .map_err(|e| CheckpointError::Load(format!("tensor {name}: {e}")))?;
+        let _gate = crate::network::graphs::shared();
+        let unlike = first_byte_unlike(copied, &expected)
+            .map_err(|e| CheckpointError::Load(format!("tensor {name}: reading it back: {e}")))?;
+        match unlike {
+            None => Ok(()),
+            Some(at) => Err(CheckpointError::Load(format!(
+                "tensor {name}: byte {at} on {:?} differs from the pool's (KINDLING_POOL_VERIFY)",
+                copied.device()
+            ))),
+        }
+    }
+
     /// Whether cells of these pages are (or are about to be) registered with a pinner.
     fn may_pin(&self) -> bool {
         self.pinner.is_some() && crate::network::host_copy::cells_honoured()
@@ -367,6 +417,20 @@ impl PooledCheckpoint {
             }
         }
     }
+}
+
+/// The first byte at which `tensor` (a float tensor, as stored) differs from `expected`, read
+/// back from its device; a length that differs counts from the shorter one's end.
+fn first_byte_unlike(tensor: &Tensor, expected: &[u8]) -> candle_core::Result<Option<usize>> {
+    let flat = tensor.flatten_all()?;
+    let bytes: Vec<u8> = match tensor.dtype() {
+        DType::BF16 => flat.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect(),
+        DType::F16 => flat.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect(),
+        DType::F32 => flat.to_vec1::<f32>()?.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect(),
+        other => return Err(candle_core::Error::Msg(format!("cannot compare {other:?} tensors byte for byte"))),
+    };
+    let differs = bytes.iter().zip(expected).position(|(a, b)| a != b);
+    Ok(differs.or((bytes.len() != expected.len()).then(|| bytes.len().min(expected.len()))))
 }
 
 /// The bytes of `part` of a tensor of `shape` stored row-major in `bytes`, and its shape: the
@@ -419,6 +483,9 @@ pub struct CheckpointPool {
     cell: usize,
     read: AdmissionRead,
     pin_order: PinOrder,
+    /// `KINDLING_POOL_VERIFY=1`: loads read every tensor back from the device and compare it
+    /// with the pool's bytes (a check of a way of reading and copying; it slows loads down).
+    verify: bool,
     entries: Mutex<HashMap<PathBuf, Entry>>,
     /// Admissions read whole files; one at a time keeps them from fighting over the disk.
     admit_lock: Mutex<()>,
@@ -427,8 +494,9 @@ pub struct CheckpointPool {
 impl CheckpointPool {
     pub fn new(capacity_bytes: u64, pinner: Option<Arc<dyn HostPinner>>) -> Self {
         let (read, pin_order) = admission_from_env();
+        let verify = std::env::var("KINDLING_POOL_VERIFY").as_deref() == Ok("1");
         let (entries, admit_lock) = (Mutex::default(), Mutex::new(()));
-        Self { capacity_bytes, pinner, cell: CELL, read, pin_order, entries, admit_lock }
+        Self { capacity_bytes, pinner, cell: CELL, read, pin_order, verify, entries, admit_lock }
     }
 
     /// Reads and pins in cells of `bytes` (rounded up to whole 4 KiB pages) instead of 256 MiB.
@@ -638,6 +706,7 @@ impl CheckpointPool {
             cell: self.cell,
             read: self.read,
             pin_order: self.pin_order,
+            verify: self.verify,
             registered: Mutex::default(),
             pinned: AtomicBool::new(false),
             abandoned: AtomicBool::new(false),
@@ -864,6 +933,34 @@ mod tests {
     }
 
     #[test]
+    fn a_byte_that_differs_from_the_file_is_found_where_it_is() {
+        let (_d, ckpt) = tiny(Architecture::Llama);
+        let pool = CheckpointPool::new(1 << 30, None);
+        let pooled = pool.checkout(ckpt, &|_| {}).unwrap().0;
+        assert_eq!(pooled.first_byte_unlike_files().unwrap(), None);
+        let at = pooled.pages[0].len / 2;
+        // SAFETY: in bounds; the admission is over and nothing else reads the pages here.
+        unsafe { *pooled.pages[0].ptr.add(at) ^= 1 };
+        let (file, offset) = pooled.first_byte_unlike_files().unwrap().expect("the flipped byte");
+        assert_eq!((file, offset), (pooled.ckpt.weight_files[0].clone(), at as u64));
+    }
+
+    #[test]
+    fn a_copy_read_back_is_compared_byte_for_byte() {
+        let values = [1.5f32, -2.0, 3.25];
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let t = Tensor::new(&values, &Device::Cpu).unwrap();
+        assert_eq!(first_byte_unlike(&t, &bytes).unwrap(), None);
+        let mut wrong = bytes.clone();
+        wrong[9] ^= 0x80;
+        assert_eq!(first_byte_unlike(&t, &wrong).unwrap(), Some(9));
+        assert_eq!(first_byte_unlike(&t, &bytes[..8]).unwrap(), Some(8), "a short copy");
+        let bf16 = t.to_dtype(DType::BF16).unwrap();
+        let halves: Vec<u8> = values.iter().flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes()).collect();
+        assert_eq!(first_byte_unlike(&bf16, &halves).unwrap(), None);
+    }
+
+    #[test]
     fn a_sharded_checkpoint_equals_candles_reading_whichever_way_it_is_read_and_pinned() {
         let dir = tempfile::tempdir().unwrap();
         let mut spec = TinySpec::new(Architecture::Llama);
@@ -883,13 +980,15 @@ mod tests {
             let pinner = Arc::new(RecordingPinner::default());
             // Many cells per file, each several read pieces' worth of pages.
             let mut pool = CheckpointPool::new(1 << 40, Some(pinner.clone())).with_cell_bytes(64 << 10);
-            (pool.read, pool.pin_order) = (read, order);
+            (pool.read, pool.pin_order, pool.verify) = (read, order, true);
             let (tensors, hit) = pool
                 .checkout_path_using(&ckpt.dir, &|_| {}, |pooled, hit| {
                     (pooled.load_tensors(&Device::Cpu, DType::F32), hit)
                 })
                 .unwrap();
             assert!(!hit);
+            let pooled = pool.checkout_path(&ckpt.dir, &|_| {}).unwrap().0;
+            assert_eq!(pooled.first_byte_unlike_files().unwrap(), None, "{read:?}, {order:?}");
             let tensors = tensors.unwrap();
             for file in &ckpt.weight_files {
                 for (name, t) in &candle_core::safetensors::load(file, &Device::Cpu).unwrap() {
