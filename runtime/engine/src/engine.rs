@@ -444,6 +444,16 @@ pub fn wake_engine(dormant: Dormant, device: &Device, config: &EngineConfig) -> 
     spawn_engine(info, parts, config)
 }
 
+/// Waits for the GPU work this thread has queued. candle queues each host thread's CUDA work on
+/// that thread's own stream (CUDA's per-thread default stream), and a warm worker turns off
+/// cudarc's events that would otherwise order one stream's use of a buffer after another's, so
+/// device memory that passes from one thread to another must have its work finished first: the
+/// pool's loads end so, and so do an engine's start (before its thread takes the parts) and its
+/// end (before its weights go to a sleeping slot or are freed). No-op on a CPU.
+pub fn settle(device: &Device) -> Result<()> {
+    device.synchronize().map_err(EngineError::runtime)
+}
+
 /// Starts the actor thread around an already-built network.
 pub fn spawn_engine(info: ModelInfo, parts: EngineParts, config: &EngineConfig) -> Result<EngineHandle> {
     let (jobs, rx) = mpsc::unbounded_channel::<Job>();
@@ -461,6 +471,9 @@ pub fn spawn_engine(info: ModelInfo, parts: EngineParts, config: &EngineConfig) 
     // engine sleep: it hands no dormant weights over (`take_dormant` gives nothing).
     let split = parts.ranks.is_some();
     let graphs = if split { None } else { DecodeGraphs::new(&parts.network, config.max_running) };
+    // The parts were made on this thread, and the engine thread must see them finished: see
+    // `settle`.
+    settle(&parts.network.device)?;
     let actor = Actor {
         graphs,
         parts,
@@ -547,6 +560,11 @@ impl Actor {
         // A split engine does not sleep: its other ranks end here, freeing their parts.
         let split = ranks.is_some();
         drop(ranks);
+        // Whoever takes the weights next (a waking engine, or the thread that frees them) must
+        // find this thread's work on them done.
+        if let Err(e) = settle(&network.device) {
+            tracing::warn!(engine = %info.name, "waiting for the engine's last GPU work failed: {e}");
+        }
         let _gate = graphs::shared();
         #[allow(clippy::drop_non_drop, reason = "without CUDA there are no graphs to drop")]
         drop(graphs);

@@ -198,11 +198,14 @@ mod cuda {
             let cuda = device.as_cuda_device().map_err(EngineError::load)?;
             let stream = cuda.cuda_stream();
             let ctx = stream.context().clone();
-            // Every engine on this GPU queues its work on this one stream, in order, so cudarc's
-            // per-buffer events (two made per allocation, waited on and recorded around each
-            // launch) guard nothing here; they cost host time per op and cannot be captured
-            // into a CUDA graph.
-            // SAFETY: nothing in this process queues GPU work on any other stream.
+            // cudarc's per-buffer events (two made per allocation, waited on and recorded around
+            // each launch) cost host time per op and cannot be captured into a CUDA graph, so
+            // they are off. Each host thread queues its work on its own stream (candle's device
+            // uses CUDA's per-thread default stream), so nothing then orders one thread's use of
+            // a buffer after another's: device memory passes between threads only where the
+            // thread that queued work on it has waited for that work (`engine::settle`).
+            // SAFETY: the loads, the engines' starts and the engines' ends wait so; a thread's
+            // own work on its own stream is in order.
             unsafe { ctx.disable_event_tracking() };
             ctx.bind_to_thread().map_err(EngineError::load)?;
             let (free, total) = ctx.mem_get_info().map_err(EngineError::load)?;
