@@ -528,8 +528,8 @@ async fn pool_miss(
     let admission_readers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(16);
     // Each miss's greedy text must be what the pooled copy gives: a read that put a byte wrong
     // would show here, not in the timings. That judges only where the engine's greedy text
-    // repeats: random weights of a large vocabulary leave logits so close that the last bit of
-    // a sum picks the token.
+    // repeats from one load (for the 8B it did not while an engine's first step could race its
+    // construction on another thread's stream; BENCHMARKS.md).
     let pooled_text = registry.acquire(name).await?.engine.generate(PROMPT.into(), text_check_params()).await?.0;
     // Twice from one load: a difference here is the engine's, not the read's.
     let pooled_text_repeats =
