@@ -292,6 +292,11 @@ fn text_check_params() -> SamplingParams {
     SamplingParams { max_tokens: 24, temperature: 0.0, ..SamplingParams::default() }
 }
 
+/// `engine`'s greedy text for the bench's prompt (`text_check_params`).
+async fn greedy_text_of(engine: &kindling_engine::EngineHandle) -> anyhow::Result<String> {
+    Ok(engine.generate(PROMPT.into(), text_check_params()).await?.0)
+}
+
 /// `name` split over `devices` (one rank each) from the pool, `runs` times: pool hit to first
 /// token, each rank loading its part over its own link at once; and its greedy text against the
 /// same model whole on one worker.
@@ -305,7 +310,7 @@ async fn tensor_parallel(
 ) -> anyhow::Result<Value> {
     let ranks = devices.len();
     let whole = registry.acquire(name).await?;
-    let (whole_text, _) = whole.engine.generate(PROMPT.into(), text_check_params()).await?;
+    let whole_text = greedy_text_of(&whole.engine).await?;
     drop(whole);
     registry.unload(name);
     tokio::time::sleep(Duration::from_millis(300)).await; // let the whole engine free its memory
@@ -355,7 +360,7 @@ async fn tensor_parallel(
             "first_token_s": secs(finish.timing.first_token),
         }));
         if run == runs {
-            split_text = engine.generate(PROMPT.into(), text_check_params()).await?.0;
+            split_text = greedy_text_of(&engine).await?;
         }
         retired(engine).await;
     }
@@ -374,7 +379,7 @@ async fn tensor_parallel(
             })
             .await??
         };
-        let whole_text = whole.generate(PROMPT.into(), text_check_params()).await?.0;
+        let whole_text = greedy_text_of(&whole).await?;
         retired(whole).await;
         let split = {
             let (name, devices, groups) = (name.to_string(), devices.to_vec(), groups.clone());
@@ -383,7 +388,7 @@ async fn tensor_parallel(
             })
             .await??
         };
-        let split_text = split.generate(PROMPT.into(), text_check_params()).await?.0;
+        let split_text = greedy_text_of(&split).await?;
         retired(split).await;
         compare_texts(name, ranks, " (f32)", whole_text, split_text)
     } else {
@@ -530,10 +535,9 @@ async fn pool_miss(
     // would show here, not in the timings. That judges only where the engine's greedy text
     // repeats from one load (for the 8B it did not while an engine's first step could race its
     // construction on another thread's stream; BENCHMARKS.md).
-    let pooled_text = registry.acquire(name).await?.engine.generate(PROMPT.into(), text_check_params()).await?.0;
+    let pooled_text = greedy_text_of(&registry.acquire(name).await?.engine).await?;
     // Twice from one load: a difference here is the engine's, not the read's.
-    let pooled_text_repeats =
-        registry.acquire(name).await?.engine.generate(PROMPT.into(), text_check_params()).await?.0 == pooled_text;
+    let pooled_text_repeats = greedy_text_of(&registry.acquire(name).await?.engine).await? == pooled_text;
     // Direct reads only where the file system takes them (not tmpfs before Linux 6.6).
     let direct = files.iter().all(|f| direct_io::open_direct(f).is_ok()).then_some((admission_readers, true));
     let (mut results, mut over, mut tails) = (Vec::new(), Vec::new(), Vec::new());
@@ -567,7 +571,7 @@ async fn pool_miss(
         let wall = secs(started.elapsed());
         let load = acquired.engine.info.load;
         anyhow::ensure!(!load.pool_hit, "{name} was a pool hit");
-        let text = acquired.engine.generate(PROMPT.into(), text_check_params()).await?.0;
+        let text = greedy_text_of(&acquired.engine).await?;
         drop(acquired);
         // The last cell may still be registering; wait for it to report (a CPU pool pins
         // nothing).
